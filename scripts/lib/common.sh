@@ -70,10 +70,13 @@ cache_prune() {
 # The Debian mirror this machine's apt uses (never written in the repo).
 debian_mirror() {
     local uri
-    uri=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-              /etc/apt/sources.list.d/*.sources 2>/dev/null \
-          | grep -E '/debian/?( |$)' | grep -v security | head -n1 \
-          | sed -E 's/^URIs:[[:space:]]*//; s/^deb (\[[^]]*\] )?//; s/[[:space:]].*$//')
+    local f files=()
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f && $f != */svmgpu-extra.sources ]] && files+=("$f")
+    done
+    uri=$({ grep -hE '^(URIs:|deb )' "${files[@]}" 2>/dev/null || true; } \
+          | grep -E '/debian/?([[:space:]]|$)' | grep -v security \
+          | sed -E 's/^URIs:[[:space:]]*//; s/^deb (\[[^]]*\] )?//; s/[[:space:]].*$//' | head -n1)
     [[ -n $uri ]] || die "no Debian mirror found in /etc/apt sources"
     echo "${uri%/}"
 }
@@ -86,4 +89,74 @@ kernel_toolchain_env() {
     export LIBCLANG_PATH="/usr/lib/llvm${LLVM_SUFFIX}/lib"
     export RUST_LIB_SRC="$SVMGPU_CACHE/toolchain/rust-src-$RUST_SRC_VER/usr/src/rustc-1.95.0/library"
     export PATH="$SVMGPU_CACHE/toolchain/bindgen-$BINDGEN_VER/bin:$PATH"
+}
+
+# run_logged LOG CMD...: run CMD with its output in LOG, printing a heartbeat
+# (elapsed time and the log's last line) every 30 s; on failure, show the log's tail.
+run_logged() {
+    local logf=$1; shift
+    local t0 pid rc=0
+    t0=$(date +%s)
+    mkdir -p "$(dirname "$logf")"
+    "$@" >"$logf" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        kill -0 "$pid" 2>/dev/null || break
+        log "    ... $(( $(date +%s) - t0 )) s: $(tail -n1 "$logf" | cut -c1-100)"
+    done
+    wait "$pid" || rc=$?
+    if [[ $rc -ne 0 ]]; then
+        tail -n 60 "$logf" >&2
+        die "failed (exit $rc): $* (full log: $logf)"
+    fi
+}
+
+# ensure_packages PKG...: apt-get install whichever of PKG are not installed yet.
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "${p%%=*}" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    log "installing Debian packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+        || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+                 apt-get install -y -qq "${missing[@]}" >/dev/null; }
+}
+
+# fetch_deb PKG=VER DESTDIR: download a .deb from the configured mirror into the
+# download cache (once) and print its path.
+fetch_deb() {
+    local spec=$1 dl="$SVMGPU_CACHE/dl" name ver f
+    name=${spec%%=*}; ver=${spec#*=}
+    mkdir -p "$dl"
+    f=$(ls "$dl/${name}_${ver#*:}"_*.deb 2>/dev/null | head -n1 || true)
+    if [[ -z $f ]]; then
+        (cd "$dl" && apt-get download "$spec" >/dev/null 2>&1) \
+            || { as_root apt-get update -qq; (cd "$dl" && apt-get download "$spec" >/dev/null); }
+        f=$(ls "$dl/${name}_${ver#*:}"_*.deb | head -n1)
+    fi
+    echo "$f"
+}
+
+# ensure_apt_suites: make the mirror's bookworm-backports, trixie and
+# trixie-backports suites (deb and deb-src) known to apt, pinned low so that
+# nothing installed is upgraded from them unless asked for by version.
+ensure_apt_suites() {
+    local src=/etc/apt/sources.list.d/svmgpu-extra.sources pin=/etc/apt/preferences.d/svmgpu-extra
+    local mirror want
+    mirror=$(debian_mirror)
+    want="Types: deb deb-src
+URIs: $mirror
+Suites: bookworm-backports trixie trixie-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
+    if [[ ! -f $src || "$(cat "$src")" != "$want" || ! -f $pin ]]; then
+        log "adding Debian suites bookworm-backports, trixie, trixie-backports (pinned low)"
+        printf '%s\n' "$want" | as_root tee "$src" >/dev/null
+        printf 'Package: *\nPin: release n=trixie\nPin-Priority: 100\n\nPackage: *\nPin: release n=trixie-backports\nPin-Priority: 100\n\nPackage: *\nPin: release n=bookworm-backports\nPin-Priority: 100\n' \
+            | as_root tee "$pin" >/dev/null
+        as_root apt-get update -qq
+    fi
 }

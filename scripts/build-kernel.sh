@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Build the svmgpu guest kernel: Debian's linux-source-7.3 + the project's patches
+# (guest-driver/kernel/patches) + config fragment (guest-driver/kernel/svmgpu.config).
+#
+# The build tree lives in $SVMGPU_CACHE/kernel/work and carries the hash of its
+# inputs in work/.key: when the key matches, nothing is done; when it does not,
+# only files whose content changed are replaced, so kbuild rebuilds incrementally.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+usage() {
+    cat <<EOF
+Usage: scripts/build-kernel.sh [--print-dir] [--help]
+
+Builds (or reuses) the guest kernel. Afterwards:
+  \$SVMGPU_CACHE/kernel/work/build/arch/x86/boot/bzImage   the kernel
+  \$SVMGPU_CACHE/kernel/work/build                         KBUILD_OUTPUT for modules
+  --print-dir   only print the build directory if it is up to date (exit 1 if not)
+Environment: SVMGPU_CACHE (default ~/.cache/svmgpu), SVMGPU_JOBS (default nproc).
+EOF
+}
+
+KDIR="$SVMGPU_CACHE/kernel/work"
+PATCHES="$SVMGPU_ROOT/guest-driver/kernel/patches"
+FRAGMENT="$SVMGPU_ROOT/guest-driver/kernel/svmgpu.config"
+
+kernel_key() {
+    hash_inputs "$LINUX_SOURCE_PKG=$LINUX_SOURCE_VER" "rust-src=$RUST_SRC_VER" \
+        "bindgen=$BINDGEN_VER" "llvm=$LLVM_SUFFIX" "$(rustc --version)" \
+        "$PATCHES" "$FRAGMENT" "${BASH_SOURCE[0]}"
+}
+
+ensure_toolchain() {
+    ensure_apt_suites
+    ensure_packages "clang$LLVM_SUFFIX" "lld$LLVM_SUFFIX" "llvm$LLVM_SUFFIX" "libclang$LLVM_SUFFIX-dev" \
+        flex bison bc libelf-dev libssl-dev cpio xz-utils rsync make
+    local rs="$SVMGPU_CACHE/toolchain/rust-src-$RUST_SRC_VER"
+    if [[ ! -d $rs/usr/src ]]; then
+        log "unpacking Debian rust-src $RUST_SRC_VER (the kernel needs the library sources of rustc's own version)"
+        local deb; deb=$(fetch_deb "rust-src=$RUST_SRC_VER")
+        rm -rf "$rs.tmp"; mkdir -p "$rs.tmp"; dpkg-deb -x "$deb" "$rs.tmp"; mv "$rs.tmp" "$rs"
+    fi
+    local bg="$SVMGPU_CACHE/toolchain/bindgen-$BINDGEN_VER"
+    if [[ ! -x $bg/bin/bindgen ]]; then
+        log "cargo install bindgen-cli $BINDGEN_VER"
+        run_logged "$SVMGPU_CACHE/logs/bindgen.log" \
+            cargo install bindgen-cli --version "$BINDGEN_VER" --locked --root "$bg"
+    fi
+    kernel_toolchain_env
+}
+
+pristine_source() {
+    local src="$SVMGPU_CACHE/src/linux-$LINUX_SOURCE_VER"
+    if [[ ! -f $src/Makefile ]]; then
+        local deb tmp; deb=$(fetch_deb "$LINUX_SOURCE_PKG=$LINUX_SOURCE_VER")
+        tmp=$(mktemp -d "$SVMGPU_CACHE/src/.x.XXXX")
+        log "unpacking $LINUX_SOURCE_PKG $LINUX_SOURCE_VER"
+        dpkg-deb -x "$deb" "$tmp/deb"
+        tar -C "$tmp" -xf "$tmp/deb/usr/src/$LINUX_SOURCE_PKG.tar.xz"
+        rm -rf "$src"; mv "$tmp/$LINUX_SOURCE_PKG" "$src"; rm -rf "$tmp"
+    fi
+    echo "$src"
+}
+
+# Patched source in work/src, touching only files whose content changed.
+prepare_source() {
+    local pristine=$1 staging="$SVMGPU_CACHE/kernel/staging" p
+    rm -rf "$staging"; mkdir -p "$staging"
+    cp -a "$pristine/." "$staging/"
+    for p in "$PATCHES"/*.patch; do
+        [[ -e $p ]] || continue
+        log "applying $(basename "$p")"
+        patch -d "$staging" -p1 --quiet --forward <"$p"
+    done
+    mkdir -p "$KDIR/src"
+    rsync -rl --checksum --delete "$staging/" "$KDIR/src/"
+    rm -rf "$staging"
+}
+
+configure() {
+    local b="$KDIR/build" line missing=0
+    make -s -C "$KDIR/src" O="$b" LLVM="$LLVM_SUFFIX" tinyconfig >/dev/null
+    (cd "$b" && "$KDIR/src/scripts/kconfig/merge_config.sh" -m .config "$FRAGMENT" >/dev/null)
+    make -s -C "$KDIR/src" O="$b" LLVM="$LLVM_SUFFIX" olddefconfig >/dev/null
+    while read -r line; do
+        [[ $line =~ ^CONFIG_ ]] || continue
+        grep -qx "$line" "$b/.config" || { log "config: '$line' did not survive Kconfig"; missing=1; }
+    done <"$FRAGMENT"
+    [[ $missing -eq 0 ]] || die "config fragment not satisfied (see above); fix $FRAGMENT"
+    make -s -C "$KDIR/src" O="$b" LLVM="$LLVM_SUFFIX" rustavailable >/dev/null \
+        || die "Rust is not available to the kernel build (make rustavailable)"
+}
+
+main() {
+    local print_only=0
+    case "${1:-}" in
+        -h|--help) usage; exit 0 ;;
+        --print-dir) print_only=1 ;;
+        "") ;;
+        *) usage >&2; exit 2 ;;
+    esac
+    local key; key=$(kernel_key)
+    if [[ -f $KDIR/.key && $(cat "$KDIR/.key") == "$key" && -f $KDIR/build/arch/x86/boot/bzImage ]]; then
+        [[ $print_only -eq 1 ]] && { echo "$KDIR/build"; exit 0; }
+        log "kernel up to date (key $key): $KDIR/build/arch/x86/boot/bzImage"
+        return 0
+    fi
+    [[ $print_only -eq 1 ]] && exit 1
+    step "kernel toolchain (clang/lld $LLVM_SUFFIX, rust-src, bindgen)" ensure_toolchain
+    local pristine; pristine=$(pristine_source)
+    rm -f "$KDIR/.key"
+    step "patched kernel source" prepare_source "$pristine"
+    step "kernel config (tinyconfig + svmgpu.config)" configure
+    step "kernel build (-j$SVMGPU_JOBS; a cold build takes ~10 min)" \
+        run_logged "$SVMGPU_CACHE/logs/kernel-build.log" \
+        make -C "$KDIR/src" O="$KDIR/build" LLVM="$LLVM_SUFFIX" -j"$SVMGPU_JOBS" bzImage modules_prepare
+    echo "$key" >"$KDIR/.key"
+    log "kernel built in $(elapsed) s (key $key)"
+}
+
+main "$@"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set up everything svmgpu needs on this machine, idempotently: Debian packages (extra
+# suites from the machine's own mirror, pinned low), the kernel's Rust toolchain pieces,
+# QEMU with the svmgpu device, the guest kernel, the device backend, the module, the guest
+# programs and the initramfs. Every built artifact is cached under $SVMGPU_CACHE, keyed by
+# the hash of its inputs, and rebuilt only when those change.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+usage() {
+    cat <<EOF
+Usage: scripts/setup.sh [--quiet] [--help]
+
+  --quiet   print little when everything is cached
+Environment: SVMGPU_CACHE (default ~/.cache/svmgpu), SVMGPU_JOBS (default nproc).
+EOF
+}
+QUIET=0
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    --quiet) QUIET=1 ;;
+    "") ;;
+    *) usage >&2; exit 2 ;;
+esac
+
+host_packages() {
+    ensure_apt_suites
+    ensure_packages build-essential pkg-config git rsync cpio xz-utils gzip busybox-static \
+        python3 python3-venv "clang$LLVM_SUFFIX" "lld$LLVM_SUFFIX" "llvm$LLVM_SUFFIX" \
+        "libclang$LLVM_SUFFIX-dev" flex bison bc libelf-dev libssl-dev \
+        ninja-build libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
+}
+
+device_build() {
+    run_logged "$SVMGPU_CACHE/logs/device-build.log" \
+        cargo build --release --manifest-path "$SVMGPU_ROOT/Cargo.toml" -p svmgpu-device
+}
+
+mkdir -p "$SVMGPU_CACHE/logs"
+if [[ $QUIET -eq 1 ]] && "$SVMGPU_ROOT/scripts/build-kernel.sh" --print-dir >/dev/null 2>&1 \
+    && "$SVMGPU_ROOT/scripts/build-qemu.sh" --check >/dev/null 2>&1; then
+    # Fast path: kernel and QEMU cached; the rest is incremental and quick.
+    device_build
+    "$SVMGPU_ROOT/scripts/build-guest.sh"
+    exit 0
+fi
+step "host packages" host_packages
+step "QEMU with vhost-user-svmgpu-pci" "$SVMGPU_ROOT/scripts/build-qemu.sh"
+step "guest kernel" "$SVMGPU_ROOT/scripts/build-kernel.sh"
+step "svmgpu-device (release)" device_build
+step "guest module, programs and initramfs" "$SVMGPU_ROOT/scripts/build-guest.sh"
+log "set-up complete in $(elapsed) s"
