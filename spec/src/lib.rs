@@ -324,7 +324,8 @@ mod tests {
         assert_eq!(AccessKind::Read.as_u32(), 1);
         assert_eq!(AccessKind::Exec.as_u32(), 4);
         assert_eq!(FaultReason::NotPresent.as_u32(), 1);
-        assert_eq!(FaultReason::NoPageTable.as_u32(), 8);
+        assert_eq!(FaultReason::VaRange.as_u32(), 7);
+        assert_eq!(FaultReason::from_u32(8), None);
         assert_eq!(FaultAction::Resume.as_u32(), 1);
         assert_eq!(FaultAction::Cancel.as_u32(), 2);
     }

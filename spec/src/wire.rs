@@ -102,6 +102,8 @@ pub const MAX_ASYNC_OUTSTANDING: u32 = 256;
 pub const MAX_BULK_LEN: u64 = 1 << 20;
 /// Deepest nesting of LOOP instructions.
 pub const LOOP_MAX_DEPTH: usize = 4;
+/// The event backlog holds at least `max_outstanding_faults` + this many records.
+pub const EVENT_BACKLOG_EXTRA: u32 = 64;
 /// Largest batch length in bytes.
 pub const MAX_BATCH_LEN: u32 = 1 << 24;
 /// "No context" in context-id fields.
@@ -344,7 +346,10 @@ wire_enum! {
 impl Opcode {
     /// True for commands whose effect completes later with a COMMAND_DONE completion.
     pub const fn is_async(self) -> bool {
-        matches!(self, Opcode::CtxPreempt | Opcode::CtxResume | Opcode::TlbInvalidate)
+        matches!(
+            self,
+            Opcode::CtxPreempt | Opcode::CtxResume | Opcode::TlbInvalidate
+        )
     }
 
     /// Size of the request body (after the 16-byte header).
@@ -379,13 +384,15 @@ wire_enum! {
         Ok = 0,
         /// Unknown opcode, or an opcode this device does not implement.
         Unsupported = 1,
-        /// Request length wrong for the opcode, or response buffer too small.
+        /// Request length wrong for the opcode, response buffer too small, or the chain is
+        /// not `[readable...][writable...]`.
         BadLength = 2,
         /// A field is out of range, misaligned, or a reserved field/flag is nonzero.
         InvalidArgument = 3,
         /// A guest-physical address is not readable/writable guest RAM.
         BadAddress = 4,
-        /// The device has no room (e.g. job queue of a context full is BUSY, not this).
+        /// The device cannot allocate what the command needs (a full job queue or too many
+        /// outstanding asynchronous commands is BUSY instead).
         NoResources = 5,
         /// The object (context, ASID binding, fault id) does not exist.
         NotFound = 6,
@@ -708,13 +715,8 @@ wire_enum! {
         BadPageAddress = 6,
         /// The virtual address is `>= 2^48`.
         VaRange = 7,
-        /// The context's ASID has no page table bound.
-        NoPageTable = 8,
     }
 }
-
-/// PAGE_FAULT flag: more than one stalled access waits on this fault (coalescing).
-pub const FAULT_F_COALESCED: u32 = 1 << 0;
 
 wire_struct! {
     /// PAGE_FAULT event body (48 bytes, at [`EVENT_BODY_OFFSET`]).
@@ -735,7 +737,7 @@ wire_struct! {
         reason: u32 = OFFSET_REASON @ 32,
         /// Page-table level (3..0) of the entry that stopped the walk.
         level: u32 = OFFSET_LEVEL @ 36,
-        /// [`FAULT_F_COALESCED`].
+        /// Reserved, zero.
         flags: u32 = OFFSET_FLAGS @ 40,
         /// Reserved, zero.
         reserved: u32 = OFFSET_RESERVED @ 44,
