@@ -113,7 +113,7 @@ main() {
     step "kernel config (tinyconfig + svmgpu.config)" configure
     step "kernel build (-j$SVMGPU_JOBS; a cold build takes ~10 min)" \
         run_logged "$SVMGPU_CACHE/logs/kernel-build.log" \
-        make -C "$KDIR/src" O="$KDIR/build" LLVM="$LLVM_SUFFIX" -j"$SVMGPU_JOBS" bzImage modules_prepare
+        make -C "$KDIR/src" O="$KDIR/build" LLVM="$LLVM_SUFFIX" -j"$SVMGPU_JOBS" bzImage modules
     echo "$key" >"$KDIR/.key"
     log "kernel built in $(elapsed) s (key $key)"
 }

@@ -16,7 +16,7 @@ use kernel::{
 };
 
 /// `struct svmgpu_ctl_query` is 16 bytes of header, the config space and the info body.
-const QUERY_SIZE: usize = 16 + crate::wire::Config::SIZE + crate::wire::InfoResponse::SIZE;
+const QUERY_SIZE: usize = 16 + crate::wire::Config::SIZE + crate::wire::GetInfoResp::SIZE;
 const IOCTL_NUM_DEVICES: u32 = _IOR::<u32>(b'S' as u32, 0x00);
 const IOCTL_QUERY: u32 = _IOWR::<[u8; QUERY_SIZE]>(b'S' as u32, 0x01);
 
@@ -36,7 +36,9 @@ impl MiscDevice for CtlNode {
         match cmd {
             IOCTL_NUM_DEVICES => {
                 let n = Gpu::count() as u32;
-                UserSlice::new(arg, 4).writer().write_slice(&n.to_ne_bytes())?;
+                UserSlice::new(arg, 4)
+                    .writer()
+                    .write_slice(&n.to_ne_bytes())?;
                 Ok(0)
             }
             IOCTL_QUERY => query(arg),

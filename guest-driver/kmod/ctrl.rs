@@ -58,7 +58,12 @@ pub(crate) struct CtrlQueue {
 impl CtrlQueue {
     pub(crate) fn new() -> Result<impl PinInit<Self>> {
         let bufs = KVec::from_elem(0u8, 2 * SLOTS * BUF_SIZE, GFP_KERNEL)?;
-        let inner = Inner { vq: None, states: [SlotState::Free; SLOTS], bufs, bogus_completions: 0 };
+        let inner = Inner {
+            vq: None,
+            states: [SlotState::Free; SLOTS],
+            bufs,
+            bogus_completions: 0,
+        };
         Ok(pin_init!(Self {
             inner <- new_spinlock_irq!(inner, "svmgpu_ctrl"),
             done <- new_condvar!("svmgpu_ctrl_done"),
@@ -94,11 +99,18 @@ impl CtrlQueue {
             return Err(EINVAL);
         }
         let mut inner = self.inner.lock();
-        let idx = inner.states.iter().position(|s| *s == SlotState::Free).ok_or(EBUSY)?;
+        let idx = inner
+            .states
+            .iter()
+            .position(|s| *s == SlotState::Free)
+            .ok_or(EBUSY)?;
         {
-            let Inner { vq, states, bufs, .. } = &mut *inner;
+            let Inner {
+                vq, states, bufs, ..
+            } = &mut *inner;
             let vq = vq.as_mut().ok_or(ENODEV)?;
-            let (reqbuf, respbuf) = bufs[2 * idx * BUF_SIZE..][..2 * BUF_SIZE].split_at_mut(BUF_SIZE);
+            let (reqbuf, respbuf) =
+                bufs[2 * idx * BUF_SIZE..][..2 * BUF_SIZE].split_at_mut(BUF_SIZE);
             reqbuf[..req.len()].copy_from_slice(req);
             respbuf[..resp.len()].fill(0);
             // SAFETY: The slot's buffers live in `bufs`, which is never resized and only
@@ -115,7 +127,11 @@ impl CtrlQueue {
                 let off = (2 * idx + 1) * BUF_SIZE;
                 resp[..len].copy_from_slice(&inner.bufs[off..off + len]);
                 inner.states[idx] = SlotState::Free;
-                return if inner.vq.is_none() { Err(ENODEV) } else { Ok(len) };
+                return if inner.vq.is_none() {
+                    Err(ENODEV)
+                } else {
+                    Ok(len)
+                };
             }
             use kernel::sync::CondVarTimeoutResult as R;
             match self.done.wait_interruptible_timeout(&mut inner, remaining) {
@@ -135,7 +151,12 @@ impl CtrlQueue {
     /// The queue's interrupt callback: retire every used chain and wake the waiters.
     pub(crate) fn complete(&self) {
         let mut inner = self.inner.lock();
-        let Inner { vq, states, bogus_completions, .. } = &mut *inner;
+        let Inner {
+            vq,
+            states,
+            bogus_completions,
+            ..
+        } = &mut *inner;
         let Some(vq) = vq.as_mut() else { return };
         loop {
             vq.disable_cb();

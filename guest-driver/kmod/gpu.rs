@@ -7,7 +7,7 @@
 //! across a concurrent removal (it then fails with `ENODEV`).
 
 use crate::{ctrl::CtrlQueue, virtio, wire};
-use kernel::{bindings, prelude::*, sync::Arc, sync::Mutex};
+use kernel::{bindings, prelude::*, sync::Arc};
 
 /// How long a control command may take before the driver gives up on it.
 pub(crate) const CTRL_TIMEOUT_MS: u32 = 5000;
@@ -35,19 +35,25 @@ pub(crate) struct Gpu {
 
 impl Gpu {
     /// Sends GET_INFO and returns the raw response body.
-    pub(crate) fn get_info(&self, seqno: u64) -> Result<[u8; wire::InfoResponse::SIZE]> {
+    pub(crate) fn get_info(&self, seqno: u64) -> Result<[u8; wire::GetInfoResp::SIZE]> {
         let mut req = [0u8; wire::CtrlHeader::SIZE];
-        wire::CtrlHeader { opcode: wire::OP_GET_INFO, flags: 0, seqno }.encode(&mut req).ok_or(EINVAL)?;
-        let mut resp = [0u8; wire::RespHeader::SIZE + wire::InfoResponse::SIZE];
+        wire::CtrlHeader {
+            opcode: wire::Opcode::GetInfo.as_u32(),
+            flags: 0,
+            seqno,
+        }
+        .encode(&mut req)
+        .ok_or(EINVAL)?;
+        let mut resp = [0u8; wire::RespHeader::SIZE + wire::GetInfoResp::SIZE];
         let len = self.ctrl.call(&req, &mut resp, CTRL_TIMEOUT_MS)?;
         let hdr = wire::RespHeader::decode(&resp[..len]).ok_or(EIO)?;
-        if hdr.status != wire::STATUS_OK || hdr.seqno != seqno {
+        if hdr.status != wire::Status::Ok.as_u32() || hdr.seqno != seqno {
             return Err(EIO);
         }
         if len < resp.len() {
             return Err(EIO);
         }
-        let mut body = [0u8; wire::InfoResponse::SIZE];
+        let mut body = [0u8; wire::GetInfoResp::SIZE];
         body.copy_from_slice(&resp[wire::RespHeader::SIZE..]);
         Ok(body)
     }
@@ -94,7 +100,11 @@ impl virtio::Driver for GpuDriver {
             return Err(ENODEV);
         }
         if config.version >> 16 != wire::SPEC_VERSION >> 16 {
-            dev_err!(dev.as_dev(), "unsupported spec version {:#x}\n", config.version);
+            dev_err!(
+                dev.as_dev(),
+                "unsupported spec version {:#x}\n",
+                config.version
+            );
             return Err(ENODEV);
         }
         dev_info!(
@@ -142,7 +152,7 @@ impl virtio::Driver for GpuDriver {
             e
         };
         let info = gpu.get_info(1).map_err(fail)?;
-        let info = wire::InfoResponse::decode(&info).ok_or(EIO).map_err(fail)?;
+        let info = wire::GetInfoResp::decode(&info).ok_or(EIO).map_err(fail)?;
         dev_info!(
             dev.as_dev(),
             "GET_INFO: spec {:#x} index {} engines {} commands completed {}\n",
@@ -154,13 +164,25 @@ impl virtio::Driver for GpuDriver {
 
         let slot = {
             let mut gpus = GPUS.lock();
-            let slot = gpus.iter().position(|g| g.is_none()).ok_or(ENOSPC).map_err(fail)?;
+            let slot = gpus
+                .iter()
+                .position(|g| g.is_none())
+                .ok_or(ENOSPC)
+                .map_err(fail)?;
             gpus[slot] = Some(gpu.clone());
             slot
         };
-        KBox::pin(Bound { gpu, slot }, GFP_KERNEL)
-            .inspect_err(|_| GPUS.lock()[slot] = None)
-            .map_err(|e| fail(e.into()))
+        KBox::pin(
+            Bound {
+                gpu: gpu.clone(),
+                slot,
+            },
+            GFP_KERNEL,
+        )
+        .map_err(|e| {
+            GPUS.lock()[slot] = None;
+            fail(e.into())
+        })
     }
 
     fn remove(dev: &virtio::Device, data: Pin<KBox<Bound>>) {

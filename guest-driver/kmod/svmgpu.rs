@@ -30,7 +30,7 @@ mod ctrl;
 mod gpu;
 mod virtio;
 #[path = "../../spec/src/wire.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub, missing_docs)]
 mod wire;
 
 module! {

@@ -11,7 +11,11 @@
 //! one queue; [`Virtqueue`] is therefore only reachable through `&mut`, and its owner keeps
 //! it under a lock that is also taken by the queue's interrupt callback.
 
-use core::{ffi::c_void, marker::PhantomData, ptr::NonNull};
+use core::{
+    ffi::{c_int, c_void},
+    marker::PhantomData,
+    ptr::NonNull,
+};
 use kernel::{bindings, error::to_result, prelude::*, types::Opaque};
 
 /// A table matching one virtio device ID (any vendor), as the virtio core wants it.
@@ -25,8 +29,14 @@ impl IdTable {
     /// A table for `device`, terminated by the zero entry the core expects.
     pub(crate) const fn new(device: u32) -> Self {
         Self([
-            bindings::virtio_device_id { device, vendor: u32::MAX },
-            bindings::virtio_device_id { device: 0, vendor: 0 },
+            bindings::virtio_device_id {
+                device,
+                vendor: u32::MAX,
+            },
+            bindings::virtio_device_id {
+                device: 0,
+                vendor: 0,
+            },
         ])
     }
 }
@@ -62,7 +72,10 @@ unsafe impl<T: Driver> Send for Registration<T> {}
 
 impl<T: Driver + 'static> Registration<T> {
     /// Registers the driver `name` on behalf of `module`.
-    pub(crate) fn new(name: &'static CStr, module: &'static ThisModule) -> impl PinInit<Self, Error> {
+    pub(crate) fn new(
+        name: &'static CStr,
+        module: &'static ThisModule,
+    ) -> impl PinInit<Self, Error> {
         try_pin_init!(Self {
             drv <- Opaque::try_ffi_init(|drv: *mut bindings::virtio_driver| {
                 // SAFETY: `drv` points to uninitialised memory of the right type; all-zero is a
@@ -119,8 +132,6 @@ impl<T: Driver> PinnedDrop for Registration<T> {
         unsafe { bindings::unregister_virtio_driver(self.drv.get()) };
     }
 }
-
-use core::ffi::c_int;
 
 /// A virtio device, borrowed from the virtio core for the duration of a callback.
 #[repr(transparent)]
@@ -253,11 +264,6 @@ pub(crate) struct Virtqueue(NonNull<bindings::virtqueue>);
 unsafe impl Send for Virtqueue {}
 
 impl Virtqueue {
-    /// Whether this is the queue a callback was called for.
-    pub(crate) fn is(&self, vq: *mut bindings::virtqueue) -> bool {
-        self.0.as_ptr() == vq
-    }
-
     /// Queues one chain: `out` is read by the device, `inb` written by it. `token` (not
     /// zero) comes back from [`Virtqueue::get_buf`].
     ///

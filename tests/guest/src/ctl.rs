@@ -1,11 +1,11 @@
 //! The driver's control node, `/dev/svmgpu` (guest-driver/uapi/svmgpu_ctl.h).
 
 use std::{fs::File, io, os::fd::AsRawFd};
-use svmgpu_spec::{Config, InfoResponse};
+use svmgpu_spec::{Config, GetInfoResp};
 
 pub const CTL_PATH: &str = "/dev/svmgpu";
 
-const QUERY_SIZE: usize = 16 + Config::SIZE + InfoResponse::SIZE;
+const QUERY_SIZE: usize = 16 + Config::SIZE + GetInfoResp::SIZE;
 
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | ((b'S' as u64) << 8) | nr
@@ -21,7 +21,7 @@ pub struct Query {
     pub bus_index: u32,
     pub round_trip_ns: u64,
     pub config: Config,
-    pub info: InfoResponse,
+    pub info: GetInfoResp,
 }
 
 /// An open control node.
@@ -30,7 +30,10 @@ pub struct Ctl(File);
 
 impl Ctl {
     pub fn open() -> io::Result<Self> {
-        Ok(Ctl(File::options().read(true).write(true).open(CTL_PATH)?))
+        Ok(Ctl(File::options()
+            .read(true)
+            .write(true)
+            .open(CTL_PATH)?))
     }
 
     /// Issues `cmd` with a raw pointer argument.
@@ -62,7 +65,7 @@ impl Ctl {
         unsafe { self.raw_ioctl(IOCTL_QUERY, q.as_mut_ptr())? };
         let bad = |what| io::Error::new(io::ErrorKind::InvalidData, what);
         let config = Config::decode(&q[16..16 + Config::SIZE]).ok_or_else(|| bad("config"))?;
-        let info = InfoResponse::decode(&q[16 + Config::SIZE..]).ok_or_else(|| bad("info"))?;
+        let info = GetInfoResp::decode(&q[16 + Config::SIZE..]).ok_or_else(|| bad("info"))?;
         Ok(Query {
             bus_index: u32::from_ne_bytes(q[4..8].try_into().unwrap_or_default()),
             round_trip_ns: u64::from_ne_bytes(q[8..16].try_into().unwrap_or_default()),

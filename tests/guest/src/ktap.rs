@@ -37,7 +37,12 @@ impl<W: Write> Ktap<W> {
         let _ = writeln!(out, "KTAP version 1");
         let _ = writeln!(out, "1..{planned}");
         let _ = out.flush();
-        Ktap { out, indent: 0, next: 1, failed: 0 }
+        Ktap {
+            out,
+            indent: 0,
+            next: 1,
+            failed: 0,
+        }
     }
 
     fn line(&mut self, s: &str) {
@@ -115,7 +120,10 @@ mod tests {
             k.result("a", &Outcome::Pass);
             k.suite(
                 "s",
-                vec![("x".into(), Outcome::Pass), ("y".into(), Outcome::Fail("boom".into()))],
+                vec![
+                    ("x".into(), Outcome::Pass),
+                    ("y".into(), Outcome::Fail("boom".into())),
+                ],
             );
             k.result("c", &Outcome::Skip("no device".into()));
             assert_eq!(k.failed(), 1);

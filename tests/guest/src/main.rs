@@ -17,7 +17,11 @@ fn main() {
         match a.as_str() {
             "--out" => {
                 let path = args.next().unwrap_or_default();
-                match std::fs::OpenOptions::new().append(true).create(true).open(&path) {
+                match std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&path)
+                {
                     Ok(f) => out = Box::new(f),
                     Err(e) => {
                         eprintln!("svmgpu-ktap: cannot open {path}: {e}");
@@ -40,8 +44,10 @@ fn main() {
         }
     }
     let env = tests::Env::new();
-    let selected: Vec<_> =
-        tests::ALL.iter().filter(|t| only.as_deref().is_none_or(|o| o == t.0)).collect();
+    let selected: Vec<_> = tests::ALL
+        .iter()
+        .filter(|t| only.as_deref().is_none_or(|o| o == t.0))
+        .collect();
     let mut k = ktap::Ktap::new(out, selected.len());
     for (name, test) in selected {
         test(&env, name, &mut k);

@@ -26,7 +26,10 @@ pub const ALL: &[(&str, Test)] = &[
     ("driver_binds_all_devices", driver_binds_all_devices),
     ("config_matches_backend", config_matches_backend),
     ("get_info_round_trip", get_info_round_trip),
-    ("control_node_rejects_bad_input", control_node_rejects_bad_input),
+    (
+        "control_node_rejects_bad_input",
+        control_node_rejects_bad_input,
+    ),
     ("module_unload_reload", module_unload_reload),
 ];
 
@@ -50,10 +53,16 @@ fn driver_binds_all_devices(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>)
         }
         let bound = bound_devices();
         if bound != env.gpus as usize {
-            return Outcome::Fail(format!("{DRIVER_DIR} lists {bound} devices, want {}", env.gpus));
+            return Outcome::Fail(format!(
+                "{DRIVER_DIR} lists {bound} devices, want {}",
+                env.gpus
+            ));
         }
         match Ctl::open().and_then(|c| c.num_devices()) {
-            Ok(n) => Outcome::check(n == env.gpus, format!("NUM_DEVICES says {n}, want {}", env.gpus)),
+            Ok(n) => Outcome::check(
+                n == env.gpus,
+                format!("NUM_DEVICES says {n}, want {}", env.gpus),
+            ),
             Err(e) => Outcome::Fail(format!("NUM_DEVICES: {e}")),
         }
     })();
@@ -90,9 +99,21 @@ fn config_matches_backend(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
                 want("tlb_ways", c.tlb_ways.into(), "tlb_ways");
                 want("page_size_mask", c.page_size_mask, "page_size_mask");
                 want("va_bits", c.va_bits.into(), "va_bits");
-                want("max_outstanding_faults", c.max_outstanding_faults.into(), "max_faults");
-                want("tlb_inval_latency_ns", c.tlb_inval_latency_ns.into(), "tlb_inval_latency_ns");
-                want("preempt_latency_ns", c.preempt_latency_ns.into(), "preempt_latency_ns");
+                want(
+                    "max_outstanding_faults",
+                    c.max_outstanding_faults.into(),
+                    "max_faults",
+                );
+                want(
+                    "tlb_inval_latency_ns",
+                    c.tlb_inval_latency_ns.into(),
+                    "tlb_inval_latency_ns",
+                );
+                want(
+                    "preempt_latency_ns",
+                    c.preempt_latency_ns.into(),
+                    "preempt_latency_ns",
+                );
                 if c.magic != svmgpu_spec::CONFIG_MAGIC {
                     bad.push(format!("magic {:#x} is not the spec's", c.magic));
                 }
@@ -104,7 +125,10 @@ fn config_matches_backend(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
     let all: BTreeSet<u32> = (0..env.gpus).collect();
     cases.push((
         "device_indices_distinct".into(),
-        Outcome::check(indices == all, format!("device_index values {indices:?}, want {all:?}")),
+        Outcome::check(
+            indices == all,
+            format!("device_index values {indices:?}, want {all:?}"),
+        ),
     ));
     k.suite(name, cases);
 }
@@ -125,7 +149,8 @@ fn get_info_round_trip(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
                     a.info.device_index, a.config.device_index
                 ));
             }
-            if a.info.spec_version != a.config.version || a.info.num_engines != a.config.num_engines {
+            if a.info.spec_version != a.config.version || a.info.num_engines != a.config.num_engines
+            {
                 return Err("GET_INFO disagrees with the config space".into());
             }
             if b.info.commands_completed != a.info.commands_completed + 1 {
@@ -134,7 +159,10 @@ fn get_info_round_trip(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
                     a.info.commands_completed, b.info.commands_completed
                 ));
             }
-            Ok(format!("round trip {} ns, {} ns", a.round_trip_ns, b.round_trip_ns))
+            Ok(format!(
+                "virtio{}: GET_INFO round trip {} ns, {} ns",
+                a.bus_index, a.round_trip_ns, b.round_trip_ns
+            ))
         })();
         let outcome = match outcome {
             Ok(diag) => {
@@ -167,20 +195,33 @@ fn control_node_rejects_bad_input(env: &Env, name: &str, k: &mut Ktap<Box<dyn Wr
     }
     // SAFETY: A null argument must be refused by the kernel with EFAULT.
     let got = errno_of(unsafe { ctl.raw_ioctl(IOCTL_QUERY, std::ptr::null_mut()) });
-    cases.push(("null_pointer_is_efault".into(), Outcome::check(got == Some(libc::EFAULT), format!("got {got:?}"))));
+    cases.push((
+        "null_pointer_is_efault".into(),
+        Outcome::check(got == Some(libc::EFAULT), format!("got {got:?}")),
+    ));
     let mut junk = [0u8; 256];
     // SAFETY: An unknown command must be refused without touching the argument.
     let got = errno_of(unsafe { ctl.raw_ioctl(0x5300_00ff, junk.as_mut_ptr()) });
-    cases.push(("unknown_ioctl_is_enotty".into(), Outcome::check(got == Some(libc::ENOTTY), format!("got {got:?}"))));
+    cases.push((
+        "unknown_ioctl_is_enotty".into(),
+        Outcome::check(got == Some(libc::ENOTTY), format!("got {got:?}")),
+    ));
     k.suite(name, cases);
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd} {args:?}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{cmd} {args:?}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -194,19 +235,28 @@ fn module_unload_reload(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
                 Ok(())
             }
         });
-        cases.push((format!("unload_{round}"), Outcome::check(unload.is_ok(), unload.err().unwrap_or_default())));
+        cases.push((
+            format!("unload_{round}"),
+            Outcome::check(unload.is_ok(), unload.err().unwrap_or_default()),
+        ));
         let reload = run("insmod", &[MODULE_PATH]).and_then(|()| {
-            let n = Ctl::open().and_then(|c| c.num_devices()).map_err(|e| e.to_string())?;
+            let n = Ctl::open()
+                .and_then(|c| c.num_devices())
+                .map_err(|e| e.to_string())?;
             if n != env.gpus || bound_devices() != env.gpus as usize {
                 return Err(format!("{n} devices after reload, want {}", env.gpus));
             }
             let ctl = Ctl::open().map_err(|e| e.to_string())?;
             for slot in 0..env.gpus {
-                ctl.query(slot).map_err(|e| format!("QUERY {slot} after reload: {e}"))?;
+                ctl.query(slot)
+                    .map_err(|e| format!("QUERY {slot} after reload: {e}"))?;
             }
             Ok(())
         });
-        cases.push((format!("reload_{round}"), Outcome::check(reload.is_ok(), reload.err().unwrap_or_default())));
+        cases.push((
+            format!("reload_{round}"),
+            Outcome::check(reload.is_ok(), reload.err().unwrap_or_default()),
+        ));
     }
     k.suite(name, cases);
 }
