@@ -1,0 +1,351 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The control-request dispatcher: request bytes in, response bytes out
+//! (spec/svmgpu.md sections 5 and 6). Pure with respect to guest memory, so it is tested by
+//! feeding bytes and checking bytes; `chain` moves the bytes between descriptors and here.
+
+use log::debug;
+use svmgpu_spec::{
+    CtrlHeader, GetInfoResp, Opcode, RespHeader, StatsResp, Status, MAX_REQUEST_SIZE, SPEC_VERSION,
+};
+use thiserror::Error;
+
+use crate::gpu::Gpu;
+use crate::stats::Counter;
+
+/// Largest response of spec v0.1 (GET_STATS).
+pub const MAX_RESPONSE_SIZE: usize = RespHeader::SIZE + StatsResp::SIZE;
+
+/// Why a control request failed; each maps to a spec status code.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum ControlError {
+    /// Shorter than the request header.
+    #[error("request is {0} bytes, shorter than the 16-byte header")]
+    ShortRequest(usize),
+    /// Longer than `MAX_REQUEST_SIZE`.
+    #[error("request is longer than {MAX_REQUEST_SIZE} bytes")]
+    LongRequest,
+    /// Opcode not defined by the spec.
+    #[error("unknown opcode {0:#06x}")]
+    UnknownOpcode(u32),
+    /// Opcode defined by the spec but not implemented yet.
+    #[error("{0:?} is not implemented by this device")]
+    NotImplemented(Opcode),
+    /// Nonzero header flags.
+    #[error("header flags {0:#x} must be zero")]
+    HeaderFlags(u32),
+    /// Request length does not match the opcode.
+    #[error("{op:?} request is {got} bytes, expected {want}")]
+    RequestLength {
+        /// Opcode.
+        op: Opcode,
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// Response buffer too small for the opcode's response.
+    #[error("{op:?} needs a {want}-byte response buffer, got {got}")]
+    ResponseBuffer {
+        /// Opcode.
+        op: Opcode,
+        /// Buffer size.
+        got: usize,
+        /// Bytes needed.
+        want: usize,
+    },
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("chain has a device-readable descriptor after a device-writable one")]
+    ChainLayout,
+    /// A request descriptor is not guest RAM.
+    #[error("request buffer is not guest RAM")]
+    RequestNotInRam,
+}
+
+impl ControlError {
+    /// The status code the driver sees.
+    pub fn status(self) -> Status {
+        match self {
+            ControlError::ShortRequest(_)
+            | ControlError::LongRequest
+            | ControlError::RequestLength { .. }
+            | ControlError::ResponseBuffer { .. }
+            | ControlError::ChainLayout => Status::BadLength,
+            ControlError::UnknownOpcode(_) | ControlError::NotImplemented(_) => Status::Unsupported,
+            ControlError::HeaderFlags(_) => Status::InvalidArgument,
+            ControlError::RequestNotInRam => Status::BadAddress,
+        }
+    }
+}
+
+/// A response: header plus body, at most [`MAX_RESPONSE_SIZE`] bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    buf: [u8; MAX_RESPONSE_SIZE],
+    len: usize,
+}
+
+impl Response {
+    fn new(status: Status, seqno: u64, body: &[u8]) -> Self {
+        let mut buf = [0u8; MAX_RESPONSE_SIZE];
+        let hdr = RespHeader {
+            status: status.as_u32(),
+            reserved: 0,
+            seqno,
+        };
+        let body = &body[..body.len().min(MAX_RESPONSE_SIZE - RespHeader::SIZE)];
+        buf[..RespHeader::SIZE].copy_from_slice(&hdr.to_bytes());
+        buf[RespHeader::SIZE..RespHeader::SIZE + body.len()].copy_from_slice(body);
+        Self {
+            buf,
+            len: RespHeader::SIZE + body.len(),
+        }
+    }
+
+    /// An error response (header only).
+    pub fn error(status: Status, seqno: u64) -> Self {
+        Self::new(status, seqno, &[])
+    }
+
+    /// The bytes to write into the response buffer.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// The status in the header.
+    pub fn status(&self) -> u32 {
+        // The header is always present.
+        u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+    }
+}
+
+/// Handles one control request. `req` holds the request bytes (the chain layer reads at most
+/// `MAX_REQUEST_SIZE + 1` bytes, so that an over-long request is detected); `resp_cap` is
+/// the size of the response buffer, at least 16. The request counts as completed.
+pub fn handle_request(gpu: &Gpu, req: &[u8], resp_cap: usize) -> Response {
+    let before = gpu.stats().inc(Counter::CommandsCompleted);
+    let seqno = CtrlHeader::decode(req).map_or(0, |h| h.seqno);
+    match execute(gpu, req, resp_cap, before) {
+        Ok(resp) => resp,
+        Err(e) => fail(gpu, e, seqno),
+    }
+}
+
+/// Answers a request that the chain layer rejected before reading it (bad layout, request
+/// not in guest RAM). The request counts as completed.
+pub fn reject(gpu: &Gpu, err: ControlError, seqno: u64) -> Response {
+    gpu.stats().inc(Counter::CommandsCompleted);
+    fail(gpu, err, seqno)
+}
+
+fn fail(gpu: &Gpu, err: ControlError, seqno: u64) -> Response {
+    gpu.stats().inc(Counter::CommandsFailed);
+    debug!(
+        "svmgpu{}: control request seqno {seqno} failed: {err} ({:?})",
+        gpu.index(),
+        err.status()
+    );
+    Response::error(err.status(), seqno)
+}
+
+fn execute(gpu: &Gpu, req: &[u8], resp_cap: usize, before: u64) -> Result<Response, ControlError> {
+    let hdr = CtrlHeader::decode(req).ok_or(ControlError::ShortRequest(req.len()))?;
+    if req.len() > MAX_REQUEST_SIZE {
+        return Err(ControlError::LongRequest);
+    }
+    let op = Opcode::from_u32(hdr.opcode).ok_or(ControlError::UnknownOpcode(hdr.opcode))?;
+    if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
+        return Err(ControlError::NotImplemented(op));
+    }
+    if hdr.flags != 0 {
+        return Err(ControlError::HeaderFlags(hdr.flags));
+    }
+    let want = CtrlHeader::SIZE + op.request_body_size();
+    if req.len() != want {
+        return Err(ControlError::RequestLength {
+            op,
+            got: req.len(),
+            want,
+        });
+    }
+    let want = RespHeader::SIZE + op.response_body_size();
+    if resp_cap < want {
+        return Err(ControlError::ResponseBuffer {
+            op,
+            got: resp_cap,
+            want,
+        });
+    }
+    let ok = |body: &[u8]| Ok(Response::new(Status::Ok, hdr.seqno, body));
+    match op {
+        Opcode::GetInfo => ok(&get_info(gpu, before).to_bytes()),
+        Opcode::GetStats => {
+            let mut s = gpu.stats().snapshot();
+            s.commands_completed = before;
+            ok(&s.to_bytes())
+        }
+        _ => Err(ControlError::NotImplemented(op)),
+    }
+}
+
+fn get_info(gpu: &Gpu, commands_completed: u64) -> GetInfoResp {
+    let c = gpu.config();
+    GetInfoResp {
+        spec_version: SPEC_VERSION,
+        device_index: c.device_index,
+        num_engines: c.num_engines,
+        num_asids: c.num_asids,
+        max_contexts: c.max_contexts,
+        tlb_entries: c.tlb_entries,
+        tlb_ways: c.tlb_ways,
+        reserved: 0,
+        commands_completed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeviceOptions;
+
+    fn gpu() -> Gpu {
+        Gpu::new(
+            1,
+            &DeviceOptions {
+                engines: 4,
+                asids: 8,
+                max_contexts: 16,
+                tlb_entries: 32,
+                tlb_ways: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn req(opcode: u32, flags: u32, seqno: u64, body: &[u8]) -> Vec<u8> {
+        let mut v = CtrlHeader {
+            opcode,
+            flags,
+            seqno,
+        }
+        .to_bytes()
+        .to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn header(r: &Response) -> RespHeader {
+        RespHeader::decode(r.bytes()).unwrap()
+    }
+
+    #[test]
+    fn get_info_bytes() {
+        let g = gpu();
+        let r = handle_request(&g, &req(1, 0, 0xabcd, &[]), 56);
+        let expect_hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0];
+        assert_eq!(&r.bytes()[..16], &expect_hdr);
+        assert_eq!(r.bytes().len(), 56);
+        let body = &r.bytes()[16..];
+        let words: Vec<u32> = body[..32]
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, [0x0000_0001, 1, 4, 8, 16, 32, 2, 0]);
+        assert_eq!(&body[32..40], &0u64.to_le_bytes());
+
+        // The next one sees one completed command; errors count as completed too.
+        let r = handle_request(&g, &req(0x9999, 0, 1, &[]), 56);
+        assert_eq!(header(&r).status, Status::Unsupported.as_u32());
+        let r = handle_request(&g, &req(1, 0, 2, &[]), 100);
+        assert_eq!(r.bytes().len(), 56);
+        let info = GetInfoResp::decode(&r.bytes()[16..]).unwrap();
+        assert_eq!(info.commands_completed, 2);
+        assert_eq!(g.stats().get(Counter::CommandsCompleted), 3);
+        assert_eq!(g.stats().get(Counter::CommandsFailed), 1);
+    }
+
+    #[test]
+    fn get_stats() {
+        let g = gpu();
+        handle_request(&g, &req(0x77, 0, 0, &[]), 16);
+        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 192);
+        assert_eq!(header(&r).status, 0);
+        assert_eq!(header(&r).seqno, 9);
+        let s = StatsResp::decode(&r.bytes()[16..]).unwrap();
+        assert_eq!(s.commands_completed, 1);
+        assert_eq!(s.commands_failed, 1);
+    }
+
+    #[test]
+    fn errors() {
+        let g = gpu();
+        let check = |request: &[u8], cap: usize, status: Status, seqno: u64| {
+            let r = handle_request(&g, request, cap);
+            assert_eq!(r.bytes().len(), 16, "{request:?}");
+            let h = header(&r);
+            assert_eq!(h.status, status.as_u32(), "{request:?}");
+            assert_eq!(h.seqno, seqno);
+            assert_eq!(h.reserved, 0);
+        };
+        // Too short for a header: seqno unknown.
+        check(&[1, 0, 0, 0, 0, 0, 0, 0], 56, Status::BadLength, 0);
+        check(&[], 56, Status::BadLength, 0);
+        // Unknown opcode.
+        check(&req(0, 0, 5, &[]), 56, Status::Unsupported, 5);
+        check(&req(0xffff_ffff, 0, 6, &[]), 56, Status::Unsupported, 6);
+        // Defined but not implemented in this step.
+        for op in Opcode::ALL {
+            if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
+                let body = vec![0u8; op.request_body_size()];
+                check(&req(op.as_u32(), 0, 7, &body), 56, Status::Unsupported, 7);
+            }
+        }
+        // Flags must be zero.
+        check(&req(1, 1, 8, &[]), 56, Status::InvalidArgument, 8);
+        // Exact length.
+        check(&req(1, 0, 9, &[0]), 56, Status::BadLength, 9);
+        // Response buffer too small for the body.
+        check(&req(1, 0, 10, &[]), 55, Status::BadLength, 10);
+        check(&req(2, 0, 11, &[]), 200, Status::BadLength, 11);
+        // Over-long request (the chain layer hands over MAX+1 bytes).
+        check(
+            &req(1, 0, 12, &vec![0u8; MAX_REQUEST_SIZE]),
+            56,
+            Status::BadLength,
+            12,
+        );
+    }
+
+    #[test]
+    fn reject_counts() {
+        let g = gpu();
+        let r = reject(&g, ControlError::RequestNotInRam, 0);
+        assert_eq!(header(&r).status, Status::BadAddress.as_u32());
+        let r = reject(&g, ControlError::ChainLayout, 3);
+        assert_eq!(header(&r).status, Status::BadLength.as_u32());
+        assert_eq!(header(&r).seqno, 3);
+        assert_eq!(g.stats().get(Counter::CommandsCompleted), 2);
+        assert_eq!(g.stats().get(Counter::CommandsFailed), 2);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let g = gpu();
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        for n in 0..2000usize {
+            // xorshift
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x as usize) % 64;
+            let mut b: Vec<u8> = (0..len).map(|i| (x >> (i % 56)) as u8).collect();
+            if n % 3 == 0 && b.len() >= 4 {
+                b[..4].copy_from_slice(&((x % 4) as u32).to_le_bytes());
+            }
+            let cap = 16 + (x as usize >> 8) % 300;
+            let r = handle_request(&g, &b, cap);
+            assert!(r.bytes().len() >= 16 && r.bytes().len() <= cap);
+        }
+    }
+}

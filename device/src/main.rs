@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! `svmgpu-device`: serve svmgpu virtual GPUs on vhost-user sockets.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use svmgpu_device::config::DeviceOptions;
+use svmgpu_device::daemon::{self, DaemonConfig};
+
+/// svmgpu: a virtual GPU with device page tables, TLBs and recoverable page faults, served
+/// as vhost-user devices (virtio ID 62).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Socket path prefix: device i listens on `<SOCKET_PATH><i>` (P0, P1, ...).
+    #[arg(short, long, value_name = "PATH")]
+    socket_path: PathBuf,
+
+    /// Number of devices (sockets) to serve, one thread each.
+    #[arg(short = 'c', long, default_value_t = 1)]
+    socket_count: u32,
+
+    /// Engines per device.
+    #[arg(long, default_value_t = 2)]
+    engines: u32,
+
+    /// Address spaces (ASIDs) per device.
+    #[arg(long, default_value_t = 64)]
+    asids: u32,
+
+    /// Contexts per device.
+    #[arg(long, default_value_t = 256)]
+    max_contexts: u32,
+
+    /// TLB entries per engine.
+    #[arg(long, default_value_t = 64)]
+    tlb_entries: u32,
+
+    /// TLB associativity; must divide --tlb-entries.
+    #[arg(long, default_value_t = 4)]
+    tlb_ways: u32,
+
+    /// Page faults that can be outstanding at once.
+    #[arg(long, default_value_t = 64)]
+    max_faults: u32,
+
+    /// Nominal TLB invalidation latency, in nanoseconds.
+    #[arg(long, default_value_t = 10_000)]
+    tlb_inval_latency_ns: u32,
+
+    /// Nominal preemption latency, in nanoseconds.
+    #[arg(long, default_value_t = 50_000)]
+    preempt_latency_ns: u32,
+}
+
+impl From<Args> for DaemonConfig {
+    fn from(a: Args) -> Self {
+        DaemonConfig {
+            socket_path: a.socket_path,
+            socket_count: a.socket_count,
+            options: DeviceOptions {
+                engines: a.engines,
+                asids: a.asids,
+                max_contexts: a.max_contexts,
+                tlb_entries: a.tlb_entries,
+                tlb_ways: a.tlb_ways,
+                max_faults: a.max_faults,
+                tlb_inval_latency_ns: a.tlb_inval_latency_ns,
+                preempt_latency_ns: a.preempt_latency_ns,
+            },
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let config = DaemonConfig::from(Args::parse());
+    if let Err(e) = config.validate() {
+        eprintln!("svmgpu-device: {e}");
+        return ExitCode::from(2);
+    }
+    match daemon::run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svmgpu-device: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = DaemonConfig::from(Args::parse_from(["svmgpu-device", "-s", "/tmp/x"]));
+        assert_eq!(c.socket_path, PathBuf::from("/tmp/x"));
+        assert_eq!(c.socket_count, 1);
+        assert_eq!(c.options, DeviceOptions::default());
+    }
+
+    #[test]
+    fn all_options() {
+        let c = DaemonConfig::from(Args::parse_from([
+            "svmgpu-device",
+            "--socket-path",
+            "/tmp/y",
+            "--socket-count",
+            "4",
+            "--engines",
+            "3",
+            "--asids",
+            "16",
+            "--max-contexts",
+            "8",
+            "--tlb-entries",
+            "32",
+            "--tlb-ways",
+            "8",
+            "--max-faults",
+            "5",
+            "--tlb-inval-latency-ns",
+            "1",
+            "--preempt-latency-ns",
+            "2",
+        ]));
+        assert_eq!(c.socket_count, 4);
+        assert_eq!(
+            c.options,
+            DeviceOptions {
+                engines: 3,
+                asids: 16,
+                max_contexts: 8,
+                tlb_entries: 32,
+                tlb_ways: 8,
+                max_faults: 5,
+                tlb_inval_latency_ns: 1,
+                preempt_latency_ns: 2,
+            }
+        );
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_geometry_is_reported() {
+        let c = DaemonConfig::from(Args::parse_from([
+            "svmgpu-device",
+            "-s",
+            "/tmp/z",
+            "--tlb-entries",
+            "10",
+        ]));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--tlb-entries (10) must be a multiple of --tlb-ways (4)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_socket_is_an_error() {
+        assert!(Args::try_parse_from(["svmgpu-device"]).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Per-device statistics: lock-free counters in the order of the spec's GET_STATS body
+//! (spec/svmgpu.md section 18), readable as the wire struct and as JSON.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use svmgpu_spec::StatsResp;
+
+/// Defines the counter enum, its names and the mapping onto [`StatsResp`] in one place, so
+/// that the three can never disagree.
+macro_rules! counters {
+    ($($var:ident => $field:ident),* $(,)?) => {
+        /// One statistics counter.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[repr(usize)]
+        pub enum Counter {
+            $(
+                #[doc = concat!("`", stringify!($field), "`")]
+                $var,
+            )*
+        }
+
+        impl Counter {
+            /// Every counter, in wire order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$var),*];
+
+            /// The counter's name, as in the spec, GET_STATS and the JSON dump.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$var => stringify!($field),)*
+                }
+            }
+        }
+
+        impl Stats {
+            /// A snapshot as the GET_STATS wire struct.
+            pub fn snapshot(&self) -> StatsResp {
+                StatsResp {
+                    $($field: self.get(Counter::$var),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    CommandsCompleted => commands_completed,
+    CommandsFailed => commands_failed,
+    MalformedChains => malformed_chains,
+    EventsPosted => events_posted,
+    EventsLost => events_lost,
+    CompletionsPosted => completions_posted,
+    PageFaults => page_faults,
+    FaultsResumed => faults_resumed,
+    FaultsCanceled => faults_canceled,
+    TlbHits => tlb_hits,
+    TlbMisses => tlb_misses,
+    TlbInvalidations => tlb_invalidations,
+    TlbEntriesInvalidated => tlb_entries_invalidated,
+    PageWalks => page_walks,
+    PteErrors => pte_errors,
+    Preemptions => preemptions,
+    JobsCompleted => jobs_completed,
+    JobsFailed => jobs_failed,
+    Instructions => instructions,
+    EngineHangs => engine_hangs,
+    Resets => resets,
+    InjectedFaults => injected_faults,
+    StaleAccesses => stale_accesses,
+    AuditChecks => audit_checks,
+}
+
+/// Number of counters (24 in spec v0.1).
+pub const NUM_COUNTERS: usize = StatsResp::SIZE / 8;
+
+/// The statistics of one device. Counters are monotonic from backend start.
+#[derive(Debug, Default)]
+pub struct Stats {
+    counters: [AtomicU64; NUM_COUNTERS],
+}
+
+impl Stats {
+    /// All counters zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one; returns the value before.
+    pub fn inc(&self, c: Counter) -> u64 {
+        self.add(c, 1)
+    }
+
+    /// Adds `n`; returns the value before.
+    pub fn add(&self, c: Counter, n: u64) -> u64 {
+        self.counters[c as usize].fetch_add(n, Ordering::Relaxed)
+    }
+
+    /// Current value.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters[c as usize].load(Ordering::Relaxed)
+    }
+
+    /// A one-line JSON object `{"device_index":N,"commands_completed":N,...}`.
+    pub fn to_json(&self, device_index: u32) -> String {
+        let mut s = format!("{{\"device_index\":{device_index}");
+        for &c in Counter::ALL {
+            // Writing to a String cannot fail.
+            let _ = write!(s, ",\"{}\":{}", c.name(), self.get(c));
+        }
+        s.push('}');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_match_wire_order() {
+        assert_eq!(NUM_COUNTERS, 24);
+        assert_eq!(Counter::ALL.len(), NUM_COUNTERS);
+        let s = Stats::new();
+        for (i, &c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c as usize, i);
+            s.add(c, i as u64 + 1);
+        }
+        let bytes = s.snapshot().to_bytes();
+        for i in 0..NUM_COUNTERS {
+            let v = u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+            assert_eq!(v, i as u64 + 1, "counter {}", Counter::ALL[i].name());
+        }
+        assert_eq!(
+            StatsResp::OFFSET_AUDIT_CHECKS,
+            Counter::AuditChecks as usize * 8
+        );
+        assert_eq!(StatsResp::OFFSET_RESETS, Counter::Resets as usize * 8);
+    }
+
+    #[test]
+    fn inc_returns_previous() {
+        let s = Stats::new();
+        assert_eq!(s.inc(Counter::CommandsCompleted), 0);
+        assert_eq!(s.inc(Counter::CommandsCompleted), 1);
+        assert_eq!(s.get(Counter::CommandsCompleted), 2);
+    }
+
+    #[test]
+    fn json() {
+        let s = Stats::new();
+        s.inc(Counter::MalformedChains);
+        let j = s.to_json(3);
+        assert!(j.starts_with("{\"device_index\":3,\"commands_completed\":0,"));
+        assert!(j.contains("\"malformed_chains\":1"));
+        assert!(j.ends_with("\"audit_checks\":0}"));
+    }
+}

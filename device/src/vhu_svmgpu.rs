@@ -1,0 +1,366 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The vhost-user face of one svmgpu device: features, config space, queues. One
+//! [`VhostUserSvmgpuBackend`] lives for one frontend connection and borrows the long-lived
+//! [`Gpu`]. It implements `VhostUserBackend` (interior locking, served as `Arc<T>`), so the
+//! vring worker threads never serialise on one big lock.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use log::{debug, error, info, warn};
+use svmgpu_spec::{MAX_QUEUE_SIZE, NUM_QUEUES, QUEUE_COMPLETION, QUEUE_CONTROL, QUEUE_EVENT};
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::chain::{serve_control_chain, Desc};
+use crate::gpu::Gpu;
+use crate::stats::Counter;
+
+/// Guest memory as the backend sees it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Errors of the vhost-user layer. Guest-caused problems are never returned to the vhost
+/// machinery (that would end the worker thread or the connection): they are logged.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Creating the exit eventfd failed.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// The vhost-user backend of one device for one connection.
+#[derive(Debug)]
+pub struct VhostUserSvmgpuBackend {
+    gpu: Arc<Gpu>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
+    event_idx: AtomicBool,
+    acked_features: AtomicU64,
+}
+
+impl VhostUserSvmgpuBackend {
+    /// Virtio features offered: `VIRTIO_F_VERSION_1` and `VHOST_USER_F_PROTOCOL_FEATURES`.
+    pub const FEATURES: u64 =
+        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+
+    /// A backend serving `gpu`.
+    pub fn new(gpu: Arc<Gpu>) -> Self {
+        Self {
+            gpu,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            acked_features: AtomicU64::new(0),
+        }
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Features the frontend acknowledged.
+    pub fn negotiated_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Relaxed)
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemory>> {
+        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner());
+        mem.as_ref().map(|m| m.memory())
+    }
+
+    /// Takes every available control chain, answers it, returns it to the used ring, and
+    /// notifies the driver.
+    fn process_controlq(&self, vring: &VringRwLock) {
+        let Some(mem) = self.memory() else {
+            warn!(
+                "svmgpu{}: controlq kick before SET_MEM_TABLE",
+                self.gpu.index()
+            );
+            return;
+        };
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    error!("svmgpu{}: controlq: {e}", self.gpu.index());
+                    return;
+                }
+            }
+            let chains: Vec<_> = match vring.get_mut().get_queue_mut().iter(mem.clone()) {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    // The driver put the ring somewhere unusable: nothing to answer.
+                    error!("svmgpu{}: controlq unusable: {e}", self.gpu.index());
+                    return;
+                }
+            };
+            for chain in chains {
+                let head = chain.head_index();
+                let descs: Vec<Desc> = chain
+                    .map(|d| Desc {
+                        addr: d.addr().0,
+                        len: d.len(),
+                        writable: d.is_write_only(),
+                    })
+                    .collect();
+                let used = serve_control_chain(&self.gpu, &*mem, &descs);
+                if let Err(e) = vring.add_used(head, used) {
+                    error!("svmgpu{}: controlq add_used: {e}", self.gpu.index());
+                }
+            }
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("svmgpu{}: controlq notify: {e}", self.gpu.index());
+            }
+            if !event_idx {
+                return;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    error!("svmgpu{}: controlq: {e}", self.gpu.index());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserSvmgpuBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE as usize
+    }
+
+    fn features(&self) -> u64 {
+        Self::FEATURES
+    }
+
+    fn acked_features(&self, features: u64) {
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            warn!(
+                "svmgpu{}: frontend did not accept VIRTIO_F_VERSION_1 (features {features:#x})",
+                self.gpu.index()
+            );
+        }
+        self.acked_features.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+    }
+
+    fn reset_device(&self) {
+        info!("svmgpu{}: device reset by the frontend", self.gpu.index());
+        self.gpu.stats().inc(Counter::Resets);
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.gpu.read_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Read-only config space. Returning Err would end the whole connection, and a guest
+        // must not be able to kill its device with a config write: ignore it.
+        warn!(
+            "svmgpu{}: ignored a write of {} bytes at config offset {offset}",
+            self.gpu.index(),
+            buf.len()
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // A fresh eventfd per worker thread and connection, so no stale count can stop the
+        // workers of a later connection.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!("svmgpu{}: {}", self.gpu.index(), Error::EventFd(e));
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("svmgpu{}: unexpected event set {evset:?}", self.gpu.index());
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            warn!(
+                "svmgpu{}: event for unknown queue {device_event}",
+                self.gpu.index()
+            );
+            return Ok(());
+        };
+        match device_event {
+            QUEUE_CONTROL => self.process_controlq(vring),
+            // New empty buffers; used once events and completions exist.
+            QUEUE_EVENT | QUEUE_COMPLETION => {
+                debug!(
+                    "svmgpu{}: buffers posted on queue {device_event}",
+                    self.gpu.index()
+                )
+            }
+            _ => warn!(
+                "svmgpu{}: event for unknown queue {device_event}",
+                self.gpu.index()
+            ),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeviceOptions;
+    use svmgpu_spec::{CtrlHeader, GetInfoResp, RespHeader, Status};
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    fn backend() -> VhostUserSvmgpuBackend {
+        let gpu = Arc::new(Gpu::new(0, &DeviceOptions::default()).unwrap());
+        VhostUserSvmgpuBackend::new(gpu)
+    }
+
+    #[test]
+    fn features_and_config() {
+        let b = backend();
+        assert_eq!(b.num_queues(), 3);
+        assert_eq!(b.max_queue_size(), 1024);
+        assert_eq!(b.features(), (1 << 32) | (1 << 30));
+        assert_eq!(
+            b.protocol_features(),
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        );
+        assert_eq!(b.get_config(0, 64), b.gpu().config_bytes().to_vec());
+        assert_eq!(b.get_config(0, 4), b"SVMG".to_vec());
+        assert!(b.set_config(0, &[1, 2, 3]).is_ok());
+        assert_eq!(b.get_config(0, 4), b"SVMG".to_vec());
+        assert!(b.exit_event(0).is_some());
+        VhostUserBackend::acked_features(&b, 1 << 32);
+        assert_eq!(b.negotiated_features(), 1 << 32);
+    }
+
+    #[test]
+    fn handle_event_never_fails() {
+        let b = backend();
+        let mem = GuestMemoryAtomic::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let vrings: Vec<_> = (0..3)
+            .map(|_| VringRwLock::new(mem.clone(), 16).unwrap())
+            .collect();
+        // No memory yet, unknown queue, odd event set, unready ring.
+        assert!(b.handle_event(0, EventSet::IN, &vrings, 0).is_ok());
+        assert!(b.handle_event(7, EventSet::IN, &vrings, 0).is_ok());
+        assert!(b.handle_event(0, EventSet::OUT, &vrings, 0).is_ok());
+        b.update_memory(mem).unwrap();
+        assert!(b.handle_event(0, EventSet::IN, &vrings, 0).is_ok());
+        assert!(b.handle_event(1, EventSet::IN, &vrings, 0).is_ok());
+    }
+
+    #[test]
+    fn controlq_round_trip_on_mock_queue() {
+        let b = backend();
+        let mem = GuestMemoryAtomic::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let guard = mem.memory();
+        let vq = MockSplitQueue::new(&*guard, 16);
+        let req_addr = 0x4000u64;
+        let resp_addr = 0x5000u64;
+        let req = CtrlHeader {
+            opcode: 1,
+            flags: 0,
+            seqno: 42,
+        }
+        .to_bytes();
+        guard.write_slice(&req, GuestAddress(req_addr)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(
+                req_addr,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                1,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                resp_addr,
+                64,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )),
+        ];
+        vq.build_desc_chain(&descs).unwrap();
+        guard
+            .write_obj(0u16, vq.avail_addr().unchecked_add(4))
+            .unwrap();
+        guard
+            .write_obj(1u16, vq.avail_addr().unchecked_add(2))
+            .unwrap();
+
+        let vring = VringRwLock::new(mem.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        b.update_memory(mem.clone()).unwrap();
+        let vrings = [vring.clone(), vring.clone(), vring];
+        b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+
+        // used.idx == 1, used.ring[0] = (0, 56)
+        let used_idx: u16 = guard.read_obj(vq.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used_idx, 1);
+        let used_len: u32 = guard.read_obj(vq.used_addr().unchecked_add(8)).unwrap();
+        assert_eq!(used_len, 56);
+        let mut resp = [0u8; 56];
+        guard
+            .read_slice(&mut resp, GuestAddress(resp_addr))
+            .unwrap();
+        let h = RespHeader::decode(&resp).unwrap();
+        assert_eq!((h.status, h.seqno), (Status::Ok.as_u32(), 42));
+        let info = GetInfoResp::decode(&resp[16..]).unwrap();
+        assert_eq!(info.commands_completed, 0);
+    }
+}
