@@ -247,6 +247,44 @@ mod tests {
     }
 
     #[test]
+    fn random_chains_never_panic() {
+        let (gpu, mem) = setup();
+        put(&mem, BASE, &get_info(1));
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let addrs = [
+            0,
+            BASE,
+            BASE + 0x800,
+            BASE + SIZE as u64 - 16,
+            u64::MAX - 8,
+            0xdead_0000,
+        ];
+        let lens = [0, 1, 15, 16, 56, 4097, 0x8000, u32::MAX];
+        for _ in 0..3000 {
+            let n = (next() % 5) as usize;
+            let descs: Vec<Desc> = (0..n)
+                .map(|_| {
+                    let r = next();
+                    Desc {
+                        addr: addrs[(r % addrs.len() as u64) as usize],
+                        len: lens[((r >> 8) % lens.len() as u64) as usize],
+                        writable: (r >> 16) & 1 == 1,
+                    }
+                })
+                .collect();
+            if let Ok(len) = process_control_chain(&gpu, &mem, &descs) {
+                assert!(len as usize >= RespHeader::SIZE && len <= 208, "{descs:?}");
+            }
+        }
+    }
+
+    #[test]
     fn malformed_chains() {
         let (gpu, mem) = setup();
         put(&mem, BASE, &get_info(9));

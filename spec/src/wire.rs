@@ -448,7 +448,7 @@ wire_struct! {
         status: u32 = OFFSET_STATUS @ 0,
         /// Reserved, zero.
         reserved: u32 = OFFSET_RESERVED @ 4,
-        /// Echo of the request's seqno (0 if the request header could not be read).
+        /// Echo of the request's seqno (0 if the device did not read a complete header).
         seqno: u64 = OFFSET_SEQNO @ 8,
     }
 }
