@@ -134,6 +134,31 @@ impl DeviceOptions {
     }
 }
 
+impl DeviceOptions {
+    /// The config values the devices will present, as `key=value` lines (the format of the
+    /// guest tests' `/etc/svmgpu-expect`; `device_index` differs per device and is left out).
+    pub fn expected_config(&self) -> String {
+        let c = self.config_space(0);
+        format!(
+            "magic={:#x}\nversion={:#x}\nengines={}\nasids={}\nmax_contexts={}\n\
+             tlb_entries={}\ntlb_ways={}\npage_size_mask={:#x}\nva_bits={}\nmax_faults={}\n\
+             tlb_inval_latency_ns={}\npreempt_latency_ns={}\n",
+            c.magic,
+            c.version,
+            c.num_engines,
+            c.num_asids,
+            c.max_contexts,
+            c.tlb_entries,
+            c.tlb_ways,
+            c.page_size_mask,
+            c.va_bits,
+            c.max_outstanding_faults,
+            c.tlb_inval_latency_ns,
+            c.preempt_latency_ns
+        )
+    }
+}
+
 /// Answers a vhost-user GET_CONFIG: exactly `size` bytes starting at `offset`, zero beyond
 /// the config space (vhost-user treats any other length as a failure).
 pub fn read_config(space: &[u8; CONFIG_SIZE], offset: u32, size: u32) -> Vec<u8> {

@@ -72,6 +72,8 @@ pub struct DaemonConfig {
     pub socket_count: u32,
     /// Options shared by every device.
     pub options: DeviceOptions,
+    /// Where to write every device's statistics as a JSON array on exit.
+    pub stats_json: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -253,12 +255,17 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
         }
     };
 
-    for gpu in &gpus {
-        info!(
-            "svmgpu{} statistics: {}",
-            gpu.index(),
-            gpu.stats().to_json(gpu.index())
-        );
+    let stats: Vec<String> = gpus
+        .iter()
+        .map(|gpu| gpu.stats().to_json(gpu.index()))
+        .collect();
+    for (gpu, json) in gpus.iter().zip(&stats) {
+        info!("svmgpu{} statistics: {json}", gpu.index());
+    }
+    if let Some(path) = &config.stats_json {
+        if let Err(e) = std::fs::write(path, format!("[{}]\n", stats.join(",\n"))) {
+            error!("cannot write statistics to {}: {e}", path.display());
+        }
     }
     // The listener threads are blocked in accept(); remove their sockets and let process
     // exit end them.
@@ -278,6 +285,7 @@ mod tests {
             socket_path: PathBuf::from("/tmp/svmgpu.sock"),
             socket_count: 3,
             options: DeviceOptions::default(),
+            stats_json: None,
         };
         assert_eq!(
             c.socket_paths(),

@@ -15,8 +15,21 @@ use svmgpu_device::daemon::{self, DaemonConfig};
 #[command(version, about, long_about = None)]
 struct Args {
     /// Socket path prefix: device i listens on `<SOCKET_PATH><i>` (P0, P1, ...).
-    #[arg(short, long, value_name = "PATH")]
-    socket_path: PathBuf,
+    #[arg(
+        short,
+        long,
+        value_name = "PATH",
+        required_unless_present = "print_config"
+    )]
+    socket_path: Option<PathBuf>,
+
+    /// Print the config values the devices would present (`key=value` lines) and exit.
+    #[arg(long)]
+    print_config: bool,
+
+    /// On exit, write every device's statistics to this file as a JSON array.
+    #[arg(long, value_name = "PATH")]
+    stats_json: Option<PathBuf>,
 
     /// Number of devices (sockets) to serve, one thread each.
     #[arg(short = 'c', long, default_value_t = 1)]
@@ -58,8 +71,9 @@ struct Args {
 impl From<Args> for DaemonConfig {
     fn from(a: Args) -> Self {
         DaemonConfig {
-            socket_path: a.socket_path,
+            socket_path: a.socket_path.unwrap_or_default(),
             socket_count: a.socket_count,
+            stats_json: a.stats_json,
             options: DeviceOptions {
                 engines: a.engines,
                 asids: a.asids,
@@ -76,7 +90,17 @@ impl From<Args> for DaemonConfig {
 
 fn main() -> ExitCode {
     env_logger::init();
-    let config = DaemonConfig::from(Args::parse());
+    let args = Args::parse();
+    let print_config = args.print_config;
+    let config = DaemonConfig::from(args);
+    if print_config {
+        if let Err(e) = config.options.validate() {
+            eprintln!("svmgpu-device: {e}");
+            return ExitCode::from(2);
+        }
+        print!("{}", config.options.expected_config());
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = config.validate() {
         eprintln!("svmgpu-device: {e}");
         return ExitCode::from(2);
@@ -98,6 +122,7 @@ mod tests {
     fn defaults() {
         let c = DaemonConfig::from(Args::parse_from(["svmgpu-device", "-s", "/tmp/x"]));
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x"));
+        assert_eq!(c.stats_json, None);
         assert_eq!(c.socket_count, 1);
         assert_eq!(c.options, DeviceOptions::default());
     }

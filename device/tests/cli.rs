@@ -100,3 +100,17 @@ fn invalid_options_are_rejected_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn print_config_lists_the_config_values() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_svmgpu-device"))
+        .args(["--print-config", "--engines", "3", "--tlb-entries", "128"])
+        .output()
+        .expect("run svmgpu-device");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(text.contains("engines=3\n"), "{text}");
+    assert!(text.contains("tlb_entries=128\n"), "{text}");
+    assert!(text.contains("magic=0x474d5653\n"), "{text}");
+    assert!(text.contains("page_size_mask=0x201000\n"), "{text}");
+}
