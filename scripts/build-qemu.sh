@@ -77,6 +77,7 @@ build() {
         python3-venv xz-utils gcc make
     src=$(tarball)
     venv=$(python_env)
+    rm -rf "$SVMGPU_CACHE"/qemu/.build.*   # leftovers of a failed build
     work=$(mktemp -d "$SVMGPU_CACHE/qemu/.build.XXXXXX")
     log "unpacking $(basename "$src")"
     tar -C "$work" -xf "$src"

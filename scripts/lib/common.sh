@@ -131,11 +131,14 @@ fetch_deb() {
     local spec=$1 dl="$SVMGPU_CACHE/dl" name ver f
     name=${spec%%=*}; ver=${spec#*=}
     mkdir -p "$dl"
-    f=$(ls "$dl/${name}_${ver#*:}"_*.deb 2>/dev/null | head -n1 || true)
+    # apt-get download writes an epoch "E:" as "E%3a" in the file name.
+    find_it() { ls "$dl/${name}_${ver/:/%3a}"_*.deb "$dl/${name}_${ver#*:}"_*.deb 2>/dev/null | head -n1 || true; }
+    f=$(find_it)
     if [[ -z $f ]]; then
         (cd "$dl" && apt-get download "$spec" >/dev/null 2>&1) \
             || { as_root apt-get update -qq; (cd "$dl" && apt-get download "$spec" >/dev/null); }
-        f=$(ls "$dl/${name}_${ver#*:}"_*.deb | head -n1)
+        f=$(find_it)
+        [[ -n $f ]] || die "apt-get download $spec left no .deb in $dl"
     fi
     echo "$f"
 }
