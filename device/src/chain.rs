@@ -9,7 +9,7 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::control::{handle_request, reject, ControlError, Response};
-use crate::gpu::Gpu;
+use crate::gpu::{Deferred, Gpu};
 use crate::stats::Counter;
 
 /// One descriptor of a chain as the device sees it (indirect tables already resolved).
@@ -67,14 +67,19 @@ fn in_ram<M: GuestMemory>(mem: &M, d: &Desc, access: Permissions) -> bool {
 }
 
 /// Serves one controlq chain: returns the used length to report (0 if the chain could not
-/// be answered; then it is logged and counted as malformed). Never panics on guest input.
-pub fn serve_control_chain<M: GuestMemory>(gpu: &Gpu, mem: &M, descs: &[Desc]) -> u32 {
+/// be answered; then it is logged and counted as malformed) and the work to start once the
+/// chain is in the used ring. Never panics on guest input.
+pub fn serve_control_chain<M: GuestMemory>(
+    gpu: &Gpu,
+    mem: &M,
+    descs: &[Desc],
+) -> (u32, Option<Deferred>) {
     match process_control_chain(gpu, mem, descs) {
-        Ok(len) => len,
+        Ok(r) => r,
         Err(e) => {
             gpu.stats().inc(Counter::MalformedChains);
             warn!("svmgpu{}: dropped a control chain: {e}", gpu.index());
-            0
+            (0, None)
         }
     }
 }
@@ -84,7 +89,7 @@ pub fn process_control_chain<M: GuestMemory>(
     gpu: &Gpu,
     mem: &M,
     descs: &[Desc],
-) -> Result<u32, ChainError> {
+) -> Result<(u32, Option<Deferred>), ChainError> {
     let first_w = descs.iter().position(|d| d.writable).unwrap_or(descs.len());
     let (readable, rest) = descs.split_at(first_w);
     let layout_ok = rest.iter().all(|d| d.writable);
@@ -107,17 +112,17 @@ pub fn process_control_chain<M: GuestMemory>(
 
     // 2..4. Layout, readability, then the request bytes (at most MAX + 1, so that an
     // over-long request is seen as such by the dispatcher).
-    let response = if !layout_ok {
-        reject(gpu, ControlError::ChainLayout, 0)
+    let (response, deferred) = if !layout_ok {
+        (reject(gpu, ControlError::ChainLayout, 0), None)
     } else if !readable.iter().all(|d| in_ram(mem, d, Permissions::Read)) {
-        reject(gpu, ControlError::RequestNotInRam, 0)
+        (reject(gpu, ControlError::RequestNotInRam, 0), None)
     } else {
         match gather(mem, readable, MAX_REQUEST_SIZE + 1) {
             Some(req) => handle_request(gpu, &req, cap),
-            None => reject(gpu, ControlError::RequestNotInRam, 0),
+            None => (reject(gpu, ControlError::RequestNotInRam, 0), None),
         }
     };
-    scatter(mem, rest, &response)
+    Ok((scatter(mem, rest, &response)?, deferred))
 }
 
 /// Reads up to `limit` bytes from the readable descriptors.
@@ -157,6 +162,33 @@ fn scatter<M: GuestMemory>(
         written += n as u32;
     }
     Ok(written)
+}
+
+/// Writes a device → driver record (event or completion) at the start of a chain's
+/// device-writable descriptors, which are treated as one buffer (readable ones are ignored).
+/// Returns the used length, or `None` if the writable part is shorter than the record or not
+/// writable guest RAM (spec/svmgpu.md section 4).
+pub fn write_record<M: GuestMemory>(mem: &M, descs: &[Desc], record: &[u8]) -> Option<u32> {
+    let mut room: u64 = 0;
+    for d in descs.iter().filter(|d| d.writable) {
+        if !in_ram(mem, d, Permissions::Write) {
+            return None;
+        }
+        room = room.saturating_add(u64::from(d.len));
+    }
+    if room < record.len() as u64 {
+        return None;
+    }
+    let mut bytes = record;
+    for d in descs.iter().filter(|d| d.writable) {
+        if bytes.is_empty() {
+            break;
+        }
+        let n = (d.len as usize).min(bytes.len());
+        mem.write_slice(&bytes[..n], GuestAddress(d.addr)).ok()?;
+        bytes = &bytes[n..];
+    }
+    u32::try_from(record.len()).ok()
 }
 
 /// The seqno of a request, if its header is complete (for log lines).
@@ -213,7 +245,8 @@ mod tests {
             &mem,
             &[Desc::readable(BASE, 16), Desc::writable(BASE + 0x100, 64)],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 56);
         assert_eq!(status_at(&mem, BASE + 0x100), (Status::Ok, 77));
         let info = GetInfoResp::decode(&get(&mem, BASE + 0x110, 40)).unwrap();
@@ -238,12 +271,31 @@ mod tests {
                 Desc::writable(BASE + 0x300, 100),
             ],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 56);
         let mut resp = get(&mem, BASE + 0x200, 10);
         resp.extend(get(&mem, BASE + 0x300, 46));
         let h = RespHeader::decode(&resp).unwrap();
         assert_eq!((h.status, h.seqno), (0, 5));
+    }
+
+    #[test]
+    fn records_into_split_buffers() {
+        let (_, mem) = setup();
+        let rec: Vec<u8> = (0..32).collect();
+        let d = [
+            Desc::readable(BASE, 8),
+            Desc::writable(BASE + 0x100, 10),
+            Desc::writable(BASE + 0x200, 30),
+        ];
+        assert_eq!(write_record(&mem, &d, &rec), Some(32));
+        let mut got = get(&mem, BASE + 0x100, 10);
+        got.extend(get(&mem, BASE + 0x200, 22));
+        assert_eq!(got, rec);
+        assert_eq!(write_record(&mem, &d[..2], &rec), None, "too short");
+        assert_eq!(write_record(&mem, &[Desc::writable(0x10, 64)], &rec), None);
+        assert_eq!(write_record(&mem, &[Desc::readable(BASE, 64)], &rec), None);
     }
 
     #[test]
@@ -278,7 +330,7 @@ mod tests {
                     }
                 })
                 .collect();
-            if let Ok(len) = process_control_chain(&gpu, &mem, &descs) {
+            if let Ok((len, _)) = process_control_chain(&gpu, &mem, &descs) {
                 assert!(len as usize >= RespHeader::SIZE && len <= 208, "{descs:?}");
             }
         }
@@ -322,12 +374,14 @@ mod tests {
             ),
             Err(ChainError::ResponseNotInRam { .. })
         ));
-        assert_eq!(serve_control_chain(&gpu, &mem, &[]), 0);
+        assert_eq!(serve_control_chain(&gpu, &mem, &[]).0, 0);
         assert_eq!(gpu.stats().get(Counter::MalformedChains), 1);
         assert_eq!(gpu.stats().get(Counter::CommandsCompleted), 0);
 
         // Only writable: an empty request.
-        let n = process_control_chain(&gpu, &mem, &[Desc::writable(w, 64)]).unwrap();
+        let n = process_control_chain(&gpu, &mem, &[Desc::writable(w, 64)])
+            .unwrap()
+            .0;
         assert_eq!(n, 16);
         assert_eq!(status_at(&mem, w), (Status::BadLength, 0));
 
@@ -341,7 +395,8 @@ mod tests {
                 Desc::readable(BASE + 8, 8),
             ],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 16);
         assert_eq!(status_at(&mem, w), (Status::BadLength, 0));
 
@@ -351,7 +406,8 @@ mod tests {
             &mem,
             &[Desc::readable(0xdead_0000, 16), Desc::writable(w, 64)],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 16);
         assert_eq!(status_at(&mem, w), (Status::BadAddress, 0));
 
@@ -361,7 +417,8 @@ mod tests {
             &mem,
             &[Desc::readable(BASE, 16), Desc::writable(w, 20)],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 16);
         assert_eq!(status_at(&mem, w), (Status::BadLength, 9));
 
@@ -371,7 +428,8 @@ mod tests {
             &mem,
             &[Desc::readable(BASE, 0x8000), Desc::writable(w, 64)],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 16);
         assert_eq!(status_at(&mem, w), (Status::BadLength, 9));
 
@@ -385,7 +443,8 @@ mod tests {
                 Desc::writable(w, 0),
             ],
         )
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(n, 56);
         assert_eq!(request_seqno(&get_info(3)), Some(3));
         assert_eq!(request_seqno(&[0; 4]), None);

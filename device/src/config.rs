@@ -8,6 +8,8 @@ use svmgpu_spec::{
 };
 use thiserror::Error;
 
+use crate::timing::Timing;
+
 /// Upper bounds that keep a mistyped option from making the device allocate without bound.
 pub mod limits {
     /// Most engines.
@@ -67,6 +69,14 @@ pub struct DeviceOptions {
     pub tlb_inval_latency_ns: u32,
     /// Nominal preemption latency.
     pub preempt_latency_ns: u32,
+    /// Modelled cost of one page walk (TLB miss).
+    pub walk_latency_ns: u32,
+    /// Modelled cost of one instruction.
+    pub insn_cost_ns: u32,
+    /// Time-slice length.
+    pub timeslice_us: u32,
+    /// Audit every access even if the driver did not accept `SVMGPU_F_AUDIT`.
+    pub audit: bool,
 }
 
 impl Default for DeviceOptions {
@@ -78,10 +88,28 @@ impl Default for DeviceOptions {
             tlb_entries: 64,
             tlb_ways: 4,
             max_faults: 64,
-            tlb_inval_latency_ns: 10_000,
-            preempt_latency_ns: 50_000,
+            tlb_inval_latency_ns: defaults::TLB_INVAL_LATENCY_NS,
+            preempt_latency_ns: defaults::PREEMPT_LATENCY_NS,
+            walk_latency_ns: defaults::WALK_LATENCY_NS,
+            insn_cost_ns: defaults::INSN_COST_NS,
+            timeslice_us: defaults::TIMESLICE_US,
+            audit: false,
         }
     }
+}
+
+/// Default latencies (device/README.md, "Timing model", says where each comes from).
+pub mod defaults {
+    /// TLB invalidation, acceptance to completion.
+    pub const TLB_INVAL_LATENCY_NS: u32 = 10_000;
+    /// Preemption, acceptance to the context stopped.
+    pub const PREEMPT_LATENCY_NS: u32 = 50_000;
+    /// One page walk.
+    pub const WALK_LATENCY_NS: u32 = 500;
+    /// One instruction.
+    pub const INSN_COST_NS: u32 = 20;
+    /// Time slice.
+    pub const TIMESLICE_US: u32 = 1_000;
 }
 
 impl DeviceOptions {
@@ -102,6 +130,9 @@ impl DeviceOptions {
             if value > max {
                 return Err(OptionsError::TooLarge { name, value, max });
             }
+        }
+        if self.timeslice_us == 0 {
+            return Err(OptionsError::Zero("timeslice-us"));
         }
         if self.tlb_entries % self.tlb_ways != 0 {
             return Err(OptionsError::TlbGeometry {
@@ -135,6 +166,17 @@ impl DeviceOptions {
 }
 
 impl DeviceOptions {
+    /// The timing model of these options.
+    pub fn timing(&self) -> Timing {
+        Timing {
+            tlb_inval_ns: u64::from(self.tlb_inval_latency_ns),
+            preempt_ns: u64::from(self.preempt_latency_ns),
+            walk_ns: u64::from(self.walk_latency_ns),
+            insn_ns: u64::from(self.insn_cost_ns),
+            timeslice_ns: u64::from(self.timeslice_us) * 1000,
+        }
+    }
+
     /// The config values the devices will present, as `key=value` lines (the format of the
     /// guest tests' `/etc/svmgpu-expect`; `device_index` differs per device and is left out).
     pub fn expected_config(&self) -> String {
@@ -252,6 +294,7 @@ mod tests {
             max_faults: 7,
             tlb_inval_latency_ns: 123,
             preempt_latency_ns: 456,
+            ..Default::default()
         };
         let b = o.config_space(5).to_bytes();
         let u32_at = |off: usize| u32::from_le_bytes(b[off..off + 4].try_into().unwrap());

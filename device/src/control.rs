@@ -6,11 +6,18 @@
 
 use log::debug;
 use svmgpu_spec::{
-    CtrlHeader, GetInfoResp, Opcode, RespHeader, StatsResp, Status, MAX_REQUEST_SIZE, SPEC_VERSION,
+    AsidBindReq, AsidUnbindReq, CtrlHeader, CtxCreateReq, CtxReq, FaultAction, FaultReplyReq,
+    GetInfoResp, JobSubmitReq, Opcode, ResetReason, ResetReq, RespHeader, StatsResp, Status,
+    TlbInvalidateReq, ASID_ALL, CTX_CREATE_FLAGS_MASK, MAX_ASYNC_OUTSTANDING, MAX_BATCH_LEN,
+    MAX_REQUEST_SIZE, PAGE_SIZE_4K, SPEC_VERSION, TLB_INVAL_FLAGS_MASK, TLB_INVAL_F_WHOLE_ASID,
+    VA_BITS,
 };
 use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::gpu::Gpu;
+use crate::context::{Context, Job};
+use crate::gpu::{Deferred, Gpu, Shared};
+use crate::mmu::tlb::Scope;
 use crate::stats::Counter;
 
 /// Largest response of spec v0.1 (GET_STATS).
@@ -28,9 +35,6 @@ pub enum ControlError {
     /// Opcode not defined by the spec.
     #[error("unknown opcode {0:#06x}")]
     UnknownOpcode(u32),
-    /// Opcode defined by the spec but not implemented yet.
-    #[error("{0:?} is not implemented by this device")]
-    NotImplemented(Opcode),
     /// Nonzero header flags.
     #[error("header flags {0:#x} must be zero")]
     HeaderFlags(u32),
@@ -60,6 +64,16 @@ pub enum ControlError {
     /// A request descriptor is not guest RAM.
     #[error("request buffer is not guest RAM")]
     RequestNotInRam,
+    /// The command's own checks failed (section 6).
+    #[error("{op:?}: {why} ({status:?})")]
+    Rejected {
+        /// Opcode.
+        op: Opcode,
+        /// Status returned.
+        status: Status,
+        /// What was wrong.
+        why: &'static str,
+    },
 }
 
 impl ControlError {
@@ -71,9 +85,10 @@ impl ControlError {
             | ControlError::RequestLength { .. }
             | ControlError::ResponseBuffer { .. }
             | ControlError::ChainLayout => Status::BadLength,
-            ControlError::UnknownOpcode(_) | ControlError::NotImplemented(_) => Status::Unsupported,
+            ControlError::UnknownOpcode(_) => Status::Unsupported,
             ControlError::HeaderFlags(_) => Status::InvalidArgument,
             ControlError::RequestNotInRam => Status::BadAddress,
+            ControlError::Rejected { status, .. } => status,
         }
     }
 }
@@ -122,12 +137,15 @@ impl Response {
 /// Handles one control request. `req` holds the request bytes (the chain layer reads at most
 /// `MAX_REQUEST_SIZE + 1` bytes, so that an over-long request is detected); `resp_cap` is
 /// the size of the response buffer, at least 16. The request counts as completed.
-pub fn handle_request(gpu: &Gpu, req: &[u8], resp_cap: usize) -> Response {
+///
+/// The returned [`Deferred`] work must be started with [`Gpu::start`] once the response is in
+/// the used ring (spec section 5.3: no completion before its command's response).
+pub fn handle_request(gpu: &Gpu, req: &[u8], resp_cap: usize) -> (Response, Option<Deferred>) {
     let before = gpu.stats().inc(Counter::CommandsCompleted);
     let seqno = CtrlHeader::decode(req).map_or(0, |h| h.seqno);
     match execute(gpu, req, resp_cap, before) {
-        Ok(resp) => resp,
-        Err(e) => fail(gpu, e, seqno),
+        Ok(r) => r,
+        Err(e) => (fail(gpu, e, seqno), None),
     }
 }
 
@@ -148,15 +166,17 @@ fn fail(gpu: &Gpu, err: ControlError, seqno: u64) -> Response {
     Response::error(err.status(), seqno)
 }
 
-fn execute(gpu: &Gpu, req: &[u8], resp_cap: usize, before: u64) -> Result<Response, ControlError> {
+fn execute(
+    gpu: &Gpu,
+    req: &[u8],
+    resp_cap: usize,
+    before: u64,
+) -> Result<(Response, Option<Deferred>), ControlError> {
     let hdr = CtrlHeader::decode(req).ok_or(ControlError::ShortRequest(req.len()))?;
     if req.len() > MAX_REQUEST_SIZE {
         return Err(ControlError::LongRequest);
     }
     let op = Opcode::from_u32(hdr.opcode).ok_or(ControlError::UnknownOpcode(hdr.opcode))?;
-    if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
-        return Err(ControlError::NotImplemented(op));
-    }
     if hdr.flags != 0 {
         return Err(ControlError::HeaderFlags(hdr.flags));
     }
@@ -176,15 +196,258 @@ fn execute(gpu: &Gpu, req: &[u8], resp_cap: usize, before: u64) -> Result<Respon
             want,
         });
     }
-    let ok = |body: &[u8]| Ok(Response::new(Status::Ok, hdr.seqno, body));
+    let body = &req[CtrlHeader::SIZE..];
+    let ok = |body: &[u8], d: Option<Deferred>| Ok((Response::new(Status::Ok, hdr.seqno, body), d));
+    let sh = gpu.shared();
+    let c = Cmd { sh, op };
     match op {
-        Opcode::GetInfo => ok(&get_info(gpu, before).to_bytes()),
+        Opcode::GetInfo => ok(&get_info(gpu, before).to_bytes(), None),
         Opcode::GetStats => {
             let mut s = gpu.stats().snapshot();
             s.commands_completed = before;
-            ok(&s.to_bytes())
+            ok(&s.to_bytes(), None)
         }
-        _ => Err(ControlError::NotImplemented(op)),
+        Opcode::Reset => {
+            let r = ResetReq::decode(body).ok_or(c.bad("short body"))?;
+            c.check(r.flags == 0 && r.reserved == 0, "flags or reserved nonzero")?;
+            sh.reset(Some(ResetReason::DriverRequest));
+            ok(&[], None)
+        }
+        Opcode::CtxCreate => {
+            c.ctx_create(CtxCreateReq::decode(body).ok_or(c.bad("short body"))?)?;
+            ok(&[], None)
+        }
+        Opcode::CtxDestroy => {
+            let r = c.ctx_req(body)?;
+            if !sh.destroy(r.ctx_id) {
+                return Err(c.reject(Status::NotFound, "no such context"));
+            }
+            ok(&[], None)
+        }
+        Opcode::CtxPreempt | Opcode::CtxResume => {
+            let r = c.ctx_req(body)?;
+            let uid = {
+                let st = sh.lock();
+                st.contexts
+                    .get(&r.ctx_id)
+                    .map(|x| x.uid)
+                    .ok_or(c.reject(Status::NotFound, "no such context"))?
+            };
+            c.async_slot()?;
+            ok(
+                &[],
+                Some(Deferred::CtxOp {
+                    ctx: r.ctx_id,
+                    uid,
+                    seqno: hdr.seqno,
+                    preempt: op == Opcode::CtxPreempt,
+                }),
+            )
+        }
+        Opcode::AsidBind => {
+            c.asid_bind(AsidBindReq::decode(body).ok_or(c.bad("short body"))?)?;
+            ok(&[], None)
+        }
+        Opcode::AsidUnbind => {
+            c.asid_unbind(AsidUnbindReq::decode(body).ok_or(c.bad("short body"))?)?;
+            ok(&[], None)
+        }
+        Opcode::TlbInvalidate => {
+            let scope =
+                c.inval_scope(TlbInvalidateReq::decode(body).ok_or(c.bad("short body"))?)?;
+            c.async_slot()?;
+            ok(
+                &[],
+                Some(Deferred::Invalidate {
+                    seqno: hdr.seqno,
+                    scope,
+                }),
+            )
+        }
+        Opcode::JobSubmit => {
+            let r = JobSubmitReq::decode(body).ok_or(c.bad("short body"))?;
+            let d = c.job_submit(r, hdr.seqno)?;
+            ok(&[], Some(d))
+        }
+        Opcode::FaultReply => {
+            let r = FaultReplyReq::decode(body).ok_or(c.bad("short body"))?;
+            c.check(r.flags == 0, "flags nonzero")?;
+            let action = FaultAction::from_u32(r.action).ok_or(c.bad("undefined action"))?;
+            if !sh.fault_reply(r.fault_id, action == FaultAction::Resume) {
+                return Err(c.reject(Status::NotFound, "no such outstanding fault"));
+            }
+            ok(&[], None)
+        }
+    }
+}
+
+/// One command's checks and effects (section 6).
+struct Cmd<'a> {
+    sh: &'a Shared,
+    op: Opcode,
+}
+
+impl Cmd<'_> {
+    fn reject(&self, status: Status, why: &'static str) -> ControlError {
+        ControlError::Rejected {
+            op: self.op,
+            status,
+            why,
+        }
+    }
+
+    fn bad(&self, why: &'static str) -> ControlError {
+        self.reject(Status::InvalidArgument, why)
+    }
+
+    fn check(&self, cond: bool, why: &'static str) -> Result<(), ControlError> {
+        if cond {
+            Ok(())
+        } else {
+            Err(self.bad(why))
+        }
+    }
+
+    fn check_ctx_id(&self, id: u32) -> Result<(), ControlError> {
+        self.check(id < self.sh.config.max_contexts, "context id out of range")
+    }
+
+    fn check_asid(&self, asid: u32) -> Result<(), ControlError> {
+        self.check(asid < self.sh.config.num_asids, "ASID out of range")
+    }
+
+    fn ctx_req(&self, body: &[u8]) -> Result<CtxReq, ControlError> {
+        let r = CtxReq::decode(body).ok_or(self.bad("short body"))?;
+        self.check(r.flags == 0, "flags nonzero")?;
+        self.check_ctx_id(r.ctx_id)?;
+        Ok(r)
+    }
+
+    fn async_slot(&self) -> Result<(), ControlError> {
+        if self.sh.outbox.async_pending() >= MAX_ASYNC_OUTSTANDING {
+            return Err(self.reject(Status::Busy, "too many asynchronous commands outstanding"));
+        }
+        self.sh.outbox.async_accepted();
+        Ok(())
+    }
+
+    fn ctx_create(&self, r: CtxCreateReq) -> Result<(), ControlError> {
+        self.check_ctx_id(r.ctx_id)?;
+        self.check_asid(r.asid)?;
+        self.check(r.flags & !CTX_CREATE_FLAGS_MASK == 0, "undefined flag")?;
+        self.check(r.reserved == 0, "reserved nonzero")?;
+        let mut st = self.sh.lock();
+        if st.contexts.contains_key(&r.ctx_id) {
+            return Err(self.reject(Status::AlreadyExists, "context id in use"));
+        }
+        if self.sh.root(r.asid).is_none() {
+            return Err(self.reject(Status::BadState, "ASID not bound"));
+        }
+        let uid = st.next_uid;
+        st.next_uid += 1;
+        st.contexts
+            .insert(r.ctx_id, Context::new(r.ctx_id, uid, r.asid, r.flags));
+        Ok(())
+    }
+
+    fn asid_bind(&self, r: AsidBindReq) -> Result<(), ControlError> {
+        self.check_asid(r.asid)?;
+        self.check(r.flags == 0, "flags nonzero")?;
+        self.check(
+            r.pt_root % PAGE_SIZE_4K == 0 && r.pt_root < 1 << 52,
+            "root unaligned or too wide",
+        )?;
+        let in_ram = self
+            .sh
+            .memory()
+            .is_some_and(|m| m.check_range(GuestAddress(r.pt_root), PAGE_SIZE_4K as usize));
+        if !in_ram {
+            return Err(self.reject(Status::BadAddress, "root table is not guest RAM"));
+        }
+        if let Some(slot) = self.sh.roots.get(r.asid as usize) {
+            slot.store(r.pt_root | 1, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn asid_unbind(&self, r: AsidUnbindReq) -> Result<(), ControlError> {
+        self.check_asid(r.asid)?;
+        self.check(r.flags == 0, "flags nonzero")?;
+        let st = self.sh.lock();
+        if self.sh.root(r.asid).is_none() {
+            return Err(self.reject(Status::NotFound, "ASID not bound"));
+        }
+        if st.contexts.values().any(|c| c.asid == r.asid) {
+            return Err(self.reject(Status::BadState, "a context uses the ASID"));
+        }
+        if let Some(slot) = self.sh.roots.get(r.asid as usize) {
+            slot.store(0, std::sync::atomic::Ordering::Release);
+        }
+        for e in 0..self.sh.mmus.len() {
+            self.sh.mmu(e).tlb_mut().invalidate(Scope::Asid(r.asid));
+        }
+        Ok(())
+    }
+
+    fn inval_scope(&self, r: TlbInvalidateReq) -> Result<Scope, ControlError> {
+        self.check(r.flags & !TLB_INVAL_FLAGS_MASK == 0, "undefined flag")?;
+        if r.flags & TLB_INVAL_F_WHOLE_ASID != 0 {
+            self.check(r.va == 0 && r.size == 0, "WHOLE_ASID with a range")?;
+            if r.asid == ASID_ALL {
+                return Ok(Scope::All);
+            }
+            self.check_asid(r.asid)?;
+            return Ok(Scope::Asid(r.asid));
+        }
+        self.check_asid(r.asid)?;
+        let end = r.va.checked_add(r.size);
+        self.check(
+            r.va % PAGE_SIZE_4K == 0
+                && r.size != 0
+                && r.size % PAGE_SIZE_4K == 0
+                && end.is_some_and(|e| e <= 1 << VA_BITS),
+            "range unaligned, empty or beyond 2^48",
+        )?;
+        Ok(Scope::Range {
+            asid: r.asid,
+            start: r.va,
+            end: r.va + r.size,
+        })
+    }
+
+    fn job_submit(&self, r: JobSubmitReq, seqno: u64) -> Result<Deferred, ControlError> {
+        self.check(r.flags == 0 && r.reserved == 0, "flags or reserved nonzero")?;
+        self.check_ctx_id(r.ctx_id)?;
+        self.check(
+            r.batch_va % 8 == 0
+                && r.batch_len != 0
+                && r.batch_len % 8 == 0
+                && r.batch_len <= MAX_BATCH_LEN
+                && r.batch_va
+                    .checked_add(u64::from(r.batch_len))
+                    .is_some_and(|e| e <= 1 << VA_BITS),
+            "batch unaligned, empty, too long or beyond 2^48",
+        )?;
+        let st = self.sh.lock();
+        let c = st
+            .contexts
+            .get(&r.ctx_id)
+            .ok_or(self.reject(Status::NotFound, "no such context"))?;
+        if c.error.is_some() {
+            return Err(self.reject(Status::BadState, "context in the error state"));
+        }
+        if !c.has_job_room() {
+            return Err(self.reject(Status::Busy, "job queue full"));
+        }
+        Ok(Deferred::Job {
+            ctx: r.ctx_id,
+            uid: c.uid,
+            job: Job {
+                seqno,
+                batch_va: r.batch_va,
+                batch_len: r.batch_len,
+            },
+        })
     }
 }
 
@@ -242,7 +505,7 @@ mod tests {
     #[test]
     fn get_info_bytes() {
         let g = gpu();
-        let r = handle_request(&g, &req(1, 0, 0xabcd, &[]), 56);
+        let r = handle_request(&g, &req(1, 0, 0xabcd, &[]), 56).0;
         let expect_hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0];
         assert_eq!(&r.bytes()[..16], &expect_hdr);
         assert_eq!(r.bytes().len(), 56);
@@ -255,9 +518,9 @@ mod tests {
         assert_eq!(&body[32..40], &0u64.to_le_bytes());
 
         // The next one sees one completed command; errors count as completed too.
-        let r = handle_request(&g, &req(0x9999, 0, 1, &[]), 56);
+        let r = handle_request(&g, &req(0x9999, 0, 1, &[]), 56).0;
         assert_eq!(header(&r).status, Status::Unsupported.as_u32());
-        let r = handle_request(&g, &req(1, 0, 2, &[]), 100);
+        let r = handle_request(&g, &req(1, 0, 2, &[]), 100).0;
         assert_eq!(r.bytes().len(), 56);
         let info = GetInfoResp::decode(&r.bytes()[16..]).unwrap();
         assert_eq!(info.commands_completed, 2);
@@ -269,7 +532,7 @@ mod tests {
     fn get_stats() {
         let g = gpu();
         handle_request(&g, &req(0x77, 0, 0, &[]), 16);
-        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 192);
+        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 192).0;
         assert_eq!(header(&r).status, 0);
         assert_eq!(header(&r).seqno, 9);
         let s = StatsResp::decode(&r.bytes()[16..]).unwrap();
@@ -281,7 +544,7 @@ mod tests {
     fn errors() {
         let g = gpu();
         let check = |request: &[u8], cap: usize, status: Status, seqno: u64| {
-            let r = handle_request(&g, request, cap);
+            let r = handle_request(&g, request, cap).0;
             assert_eq!(r.bytes().len(), 16, "{request:?}");
             let h = header(&r);
             assert_eq!(h.status, status.as_u32(), "{request:?}");
@@ -294,13 +557,6 @@ mod tests {
         // Unknown opcode.
         check(&req(0, 0, 5, &[]), 56, Status::Unsupported, 5);
         check(&req(0xffff_ffff, 0, 6, &[]), 56, Status::Unsupported, 6);
-        // Defined but not implemented in this step.
-        for op in Opcode::ALL {
-            if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
-                let body = vec![0u8; op.request_body_size()];
-                check(&req(op.as_u32(), 0, 7, &body), 56, Status::Unsupported, 7);
-            }
-        }
         // Flags must be zero.
         check(&req(1, 1, 8, &[]), 56, Status::InvalidArgument, 8);
         // Exact length.
@@ -344,7 +600,7 @@ mod tests {
                 b[..4].copy_from_slice(&((x % 4) as u32).to_le_bytes());
             }
             let cap = 16 + (x as usize >> 8) % 300;
-            let r = handle_request(&g, &b, cap);
+            let r = handle_request(&g, &b, cap).0;
             assert!(r.bytes().len() >= 16 && r.bytes().len() <= cap);
         }
     }

@@ -165,8 +165,11 @@ impl DeviceServer {
             Ok(()) => info!("svmgpu{}: frontend disconnected", self.gpu.index()),
             Err(e) => warn!("svmgpu{}: connection ended: {e}", self.gpu.index()),
         }
-        // Dropping the daemon stops and joins its vring workers.
+        // Dropping the daemon stops and joins its vring workers; the next connection finds
+        // a freshly reset device.
         drop(daemon);
+        self.gpu.virtio_reset();
+        self.gpu.set_memory(None);
         Ok(())
     }
 
@@ -255,10 +258,7 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
         }
     };
 
-    let stats: Vec<String> = gpus
-        .iter()
-        .map(|gpu| gpu.stats().to_json(gpu.index()))
-        .collect();
+    let stats: Vec<String> = gpus.iter().map(|gpu| gpu.stats_json()).collect();
     for (gpu, json) in gpus.iter().zip(&stats) {
         info!("svmgpu{} statistics: {json}", gpu.index());
     }

@@ -1,14 +1,41 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The emulated GPU's state that outlives vhost-user connections: identity, config space and
-//! statistics. (Engines, MMU, contexts and queues of events/completions join it in later
-//! steps; a connection only borrows it.)
+//! The emulated GPU: state that outlives vhost-user connections (identity, config space,
+//! statistics, ASIDs, contexts, faults, TLBs, engines) and the rules that tie them together
+//! (scheduling, preemption, page faults, context errors, resets).
+//!
+//! Threads: one per engine ([`crate::engine`]) and one timer ([`crate::timer`]) per device,
+//! plus the vhost-user worker that serves the control queue. Locks, always taken in this
+//! order: `state` → an engine's MMU → the outbox → a vring. An engine holds its MMU only for
+//! one instruction, so whoever takes it (invalidation, reset) waits for at most the
+//! instruction in flight.
 
-use svmgpu_spec::{Config, CONFIG_SIZE};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{debug, info};
+use svmgpu_spec::{
+    Completion, CompletionKind, Config, ContextErrorEvent, DeviceResetEvent, Event, Opcode,
+    PageFaultEvent, ResetReason, Status, CONFIG_SIZE, SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE,
+};
 use thiserror::Error;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 
 use crate::config::{read_config, DeviceOptions, OptionsError};
-use crate::stats::Stats;
+use crate::context::{Context, CtxOp, ExecState, Job, Stall};
+use crate::fault::{FaultReport, FaultTable, Raised, Waiter};
+use crate::mmu::audit::InvalLog;
+use crate::mmu::tlb::Scope;
+use crate::mmu::{Fault, Mmu};
+use crate::outbox::Outbox;
+use crate::stats::{Counter, Extra, Stats};
+use crate::timing::Timing;
+
+/// Guest memory as the device sees it.
+pub type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
 /// Errors creating a GPU.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -16,60 +43,828 @@ pub enum GpuError {
     /// Invalid options.
     #[error("invalid device options: {0}")]
     Options(#[from] OptionsError),
+    /// A thread could not be started.
+    #[error("cannot start a device thread: {0}")]
+    Thread(String),
+}
+
+/// An invalidation accepted and not yet completed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PendingInval {
+    pub seqno: u64,
+    pub scope: Scope,
+    pub seq: u64,
+    pub deadline: Instant,
+}
+
+/// Work started after a control response is in the used ring (so that no completion can
+/// overtake the response that accepted its command).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred {
+    /// Start a TLB invalidation.
+    Invalidate {
+        /// Command seqno.
+        seqno: u64,
+        /// Coverage.
+        scope: Scope,
+    },
+    /// Start a CTX_PREEMPT (`preempt`) or CTX_RESUME.
+    CtxOp {
+        /// Context id.
+        ctx: u32,
+        /// Context uid.
+        uid: u64,
+        /// Command seqno.
+        seqno: u64,
+        /// Preempt (else resume).
+        preempt: bool,
+    },
+    /// Queue a job.
+    Job {
+        /// Context id.
+        ctx: u32,
+        /// Context uid.
+        uid: u64,
+        /// The job.
+        job: Job,
+    },
+}
+
+/// Mutable device state, under one lock.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// Reset generation (equal to the outbox's).
+    pub generation: u64,
+    pub contexts: HashMap<u32, Context>,
+    pub runq: VecDeque<u32>,
+    /// The context uid each engine runs.
+    pub engines: Vec<Option<u64>>,
+    pub faults: FaultTable,
+    pub invals: Vec<PendingInval>,
+    /// Preemption deadlines: (deadline, ctx, uid).
+    pub preempt_timers: Vec<(Instant, u32, u64)>,
+    pub fence_waiters: Vec<u32>,
+    pub next_uid: u64,
+    pub reset_count: u64,
+    /// A connection has used the device since the last virtio reset.
+    pub active: bool,
+}
+
+/// What an engine took from the run queue.
+#[derive(Clone, Debug)]
+pub(crate) struct Pick {
+    pub ctx: u32,
+    pub uid: u64,
+    pub asid: u32,
+    pub generation: u64,
+    pub exec: ExecState,
+    pub attention: Arc<AtomicBool>,
+}
+
+/// How an engine's time slice ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SliceEnd {
+    /// The slice ran out.
+    Expired,
+    /// Asked to stop (preemption, destroy, reset, shutdown).
+    Stopped,
+    /// END.
+    Done,
+    /// The job failed.
+    Failed { status: Status, address: u64 },
+    /// A translation failed.
+    Fault(Fault),
+    /// A FENCE with NOTIFY waits for completion room.
+    FenceBlocked,
+}
+
+/// Why and where a job failed (the CONTEXT_ERROR event's fields).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Failure {
+    pub job: Job,
+    pub status: Status,
+    pub engine: u32,
+    pub pc: u64,
+    pub address: u64,
+}
+
+/// A JOB_DONE record.
+pub(crate) fn job_done(seqno: u64, ctx: u32, status: Status) -> Completion {
+    Completion {
+        kind: CompletionKind::JobDone.as_u32(),
+        status: status.as_u32(),
+        seqno,
+        ctx_id: ctx,
+        opcode: Opcode::JobSubmit.as_u32(),
+        value: 0,
+    }
+}
+
+/// A COMMAND_DONE record.
+pub(crate) fn command_done(
+    seqno: u64,
+    ctx: u32,
+    op: Opcode,
+    status: Status,
+    value: u64,
+) -> Completion {
+    Completion {
+        kind: CompletionKind::CommandDone.as_u32(),
+        status: status.as_u32(),
+        seqno,
+        ctx_id: ctx,
+        opcode: op.as_u32(),
+        value,
+    }
+}
+
+/// A FENCE record.
+pub(crate) fn fence_done(seqno: u64, ctx: u32, value: u64) -> Completion {
+    Completion {
+        kind: CompletionKind::Fence.as_u32(),
+        status: Status::Ok.as_u32(),
+        seqno,
+        ctx_id: ctx,
+        opcode: Opcode::JobSubmit.as_u32(),
+        value,
+    }
+}
+
+/// Everything the device's threads share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub index: u32,
+    pub options: DeviceOptions,
+    pub config: Config,
+    pub config_bytes: [u8; CONFIG_SIZE],
+    pub stats: Stats,
+    pub timing: Timing,
+    pub mem: RwLock<Option<Memory>>,
+    pub state: Mutex<State>,
+    /// Engines wait here for runnable contexts.
+    pub work: Condvar,
+    /// The timer waits here for the next deadline.
+    pub timer: Condvar,
+    /// Control waits here for engines to let go of contexts.
+    pub idle: Condvar,
+    pub mmus: Vec<Mutex<Mmu>>,
+    /// Per ASID: `root | 1` when bound, 0 when not (read by engines on every walk).
+    pub roots: Vec<AtomicU64>,
+    pub log: InvalLog,
+    pub outbox: Outbox,
+    /// Device feature bits the driver accepted.
+    pub features: AtomicU64,
+    pub shutdown: AtomicBool,
 }
 
 /// One emulated svmgpu device.
 #[derive(Debug)]
 pub struct Gpu {
-    index: u32,
-    options: DeviceOptions,
-    config: Config,
-    config_bytes: [u8; CONFIG_SIZE],
-    stats: Stats,
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn memory(&self) -> Option<GuestMemoryLoadGuard<GuestMemoryMmap<()>>> {
+        let m = self.mem.read().unwrap_or_else(|p| p.into_inner());
+        m.as_ref().map(|m| m.memory())
+    }
+
+    pub fn mmu(&self, e: usize) -> MutexGuard<'_, Mmu> {
+        self.mmus[e].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn audit(&self) -> bool {
+        self.options.audit || self.features.load(Ordering::Relaxed) & (1 << SVMGPU_F_AUDIT) != 0
+    }
+
+    pub fn coalesce(&self) -> bool {
+        self.features.load(Ordering::Relaxed) & (1 << SVMGPU_F_FAULT_COALESCE) != 0
+    }
+
+    /// The root of a bound ASID.
+    pub fn root(&self, asid: u32) -> Option<u64> {
+        let v = self.roots.get(asid as usize)?.load(Ordering::Acquire);
+        (v & 1 != 0).then_some(v & !1)
+    }
+
+    /// Delivers held records; wakes contexts waiting for completion room.
+    pub fn flush(&self) {
+        let Some(mem) = self.memory() else { return };
+        let freed = self.outbox.flush(&mem, &self.stats);
+        if freed && self.outbox.fence_room() {
+            let mut st = self.lock();
+            if !st.fence_waiters.is_empty() {
+                let waiters = std::mem::take(&mut st.fence_waiters);
+                for id in waiters {
+                    if let Some(c) = st.contexts.get_mut(&id) {
+                        if c.stall == Stall::Completions {
+                            c.stall = Stall::None;
+                        }
+                    }
+                    self.make_runnable(&mut st, id);
+                }
+            }
+        }
+    }
+
+    /// Queues a completion record of the current generation.
+    pub fn complete(&self, st: &State, rec: Completion) {
+        self.outbox.push_completion(st.generation, rec);
+    }
+
+    /// Puts a context in the run queue if it can run and is not there yet.
+    pub fn make_runnable(&self, st: &mut State, id: u32) {
+        let Some(c) = st.contexts.get_mut(&id) else {
+            return;
+        };
+        if c.runnable() && !c.queued {
+            c.queued = true;
+            st.runq.push_back(id);
+            self.work.notify_one();
+        }
+    }
+
+    /// Takes the next runnable context for engine `e`.
+    pub fn pick(&self, st: &mut State, e: usize) -> Option<Pick> {
+        while let Some(id) = st.runq.pop_front() {
+            let generation = st.generation;
+            let Some(c) = st.contexts.get_mut(&id) else {
+                continue;
+            };
+            c.queued = false;
+            if !c.runnable() {
+                continue;
+            }
+            let exec = match c.exec.take() {
+                Some(x) => x,
+                None => match c.jobs.pop_front() {
+                    Some(job) => ExecState::start(job),
+                    None => continue,
+                },
+            };
+            c.running = Some(e);
+            let pick = Pick {
+                ctx: id,
+                uid: c.uid,
+                asid: c.asid,
+                generation,
+                exec,
+                attention: c.attention.clone(),
+            };
+            st.engines[e] = Some(c.uid);
+            return Some(pick);
+        }
+        None
+    }
+
+    /// Takes back a context from engine `e` after its slice.
+    pub fn finish(&self, st: &mut State, e: usize, pick: Pick, exec: ExecState, end: SliceEnd) {
+        st.engines[e] = None;
+        self.idle.notify_all();
+        if st.generation != pick.generation {
+            return;
+        }
+        let Some(c) = st.contexts.get_mut(&pick.ctx).filter(|c| c.uid == pick.uid) else {
+            return;
+        };
+        c.running = None;
+        c.attention.store(false, Ordering::Release);
+        let id = pick.ctx;
+        match end {
+            SliceEnd::Expired | SliceEnd::Stopped => c.exec = Some(exec),
+            SliceEnd::Done => {
+                c.exec = None;
+                self.stats.inc(Counter::JobsCompleted);
+                self.complete(st, job_done(exec.job.seqno, id, Status::Ok));
+            }
+            SliceEnd::Failed { status, address } => {
+                c.exec = None;
+                let f = Failure {
+                    job: exec.job,
+                    status,
+                    engine: e as u32,
+                    pc: exec.pc,
+                    address,
+                };
+                self.fail_context(st, id, f);
+            }
+            SliceEnd::Fault(f) => {
+                c.exec = Some(exec);
+                self.raise_fault(st, id, e as u32, f);
+            }
+            SliceEnd::FenceBlocked => {
+                c.exec = Some(exec);
+                c.stall = Stall::Completions;
+                st.fence_waiters.push(id);
+                // Room may have appeared between the engine's check and now.
+                if self.outbox.fence_room() {
+                    if let Some(c) = st.contexts.get_mut(&id) {
+                        c.stall = Stall::None;
+                    }
+                }
+            }
+        }
+        self.advance_ops(st, id);
+        self.make_runnable(st, id);
+    }
+
+    /// Raises (or coalesces, or defers) the fault of context `id`'s access.
+    pub fn raise_fault(&self, st: &mut State, id: u32, engine: u32, fault: Fault) {
+        let coalesce = self.coalesce();
+        let Some(c) = st.contexts.get_mut(&id) else {
+            return;
+        };
+        let w = Waiter {
+            ctx: id,
+            uid: c.uid,
+        };
+        let report = FaultReport {
+            asid: c.asid,
+            engine,
+            fault,
+        };
+        match st.faults.raise(w, report, coalesce) {
+            Raised::New(fid) => {
+                c.stall = Stall::Fault(fid);
+                self.post_fault(st, fid, id, report);
+            }
+            Raised::Attached(fid) => {
+                c.stall = Stall::Fault(fid);
+                self.stats.inc_extra(Extra::FaultsCoalesced);
+            }
+            Raised::Deferred => c.stall = Stall::NoFaultSlot,
+        }
+    }
+
+    fn post_fault(&self, st: &State, fid: u64, ctx: u32, r: FaultReport) {
+        self.stats.inc(Counter::PageFaults);
+        debug!(
+            "svmgpu{}: fault {fid}: ctx {ctx} asid {} va {:#x} {:?} {:?} level {}",
+            self.index, r.asid, r.fault.va, r.fault.access, r.fault.reason, r.fault.level
+        );
+        self.outbox.push_event(
+            st.generation,
+            Event::PageFault(PageFaultEvent {
+                fault_id: fid,
+                va: r.fault.va,
+                asid: r.asid,
+                ctx_id: ctx,
+                engine: r.engine,
+                access: r.fault.access.as_u32(),
+                reason: r.fault.reason.as_u32(),
+                level: r.fault.level,
+                flags: 0,
+                reserved: 0,
+            }),
+            &self.stats,
+        );
+    }
+
+    /// Raises faults that waited for a slot, while slots are free.
+    pub fn raise_deferred(&self, st: &mut State) {
+        let coalesce = self.coalesce();
+        while let Some((w, report)) = st.faults.next_deferred() {
+            let alive = st
+                .contexts
+                .get(&w.ctx)
+                .is_some_and(|c| c.uid == w.uid && c.stall == Stall::NoFaultSlot);
+            if !alive {
+                continue;
+            }
+            let stall = match st.faults.raise(w, report, coalesce) {
+                Raised::New(fid) => {
+                    self.post_fault(st, fid, w.ctx, report);
+                    Stall::Fault(fid)
+                }
+                Raised::Attached(fid) => Stall::Fault(fid),
+                Raised::Deferred => Stall::NoFaultSlot,
+            };
+            if let Some(c) = st.contexts.get_mut(&w.ctx) {
+                c.stall = stall;
+            }
+        }
+    }
+
+    /// Puts a context in the error state (section 9.2): JOB_DONE with the error for the
+    /// failing job, CONTEXT_ERROR, JOB_SKIPPED for every queued job, its faults dropped.
+    pub fn fail_context(&self, st: &mut State, id: u32, f: Failure) {
+        let gen = st.generation;
+        let Some(c) = st.contexts.get_mut(&id) else {
+            return;
+        };
+        c.error = Some(f.status);
+        c.stall = Stall::None;
+        c.exec = None;
+        let uid = c.uid;
+        let asid = c.asid;
+        let skipped: Vec<Job> = c.jobs.drain(..).collect();
+        debug!(
+            "svmgpu{}: ctx {id} error {:?} at pc {:#x}",
+            self.index, f.status, f.pc
+        );
+        self.stats.inc(Counter::JobsFailed);
+        self.complete(st, job_done(f.job.seqno, id, f.status));
+        self.outbox.push_event(
+            gen,
+            Event::ContextError(ContextErrorEvent {
+                ctx_id: id,
+                asid,
+                error: f.status.as_u32(),
+                engine: f.engine,
+                job_seqno: f.job.seqno,
+                pc: f.pc,
+                address: f.address,
+                reserved: 0,
+            }),
+            &self.stats,
+        );
+        for j in skipped {
+            self.stats.inc(Counter::JobsFailed);
+            self.complete(st, job_done(j.seqno, id, Status::JobSkipped));
+        }
+        st.faults.forget(uid);
+        self.raise_deferred(st);
+        self.advance_ops(st, id);
+    }
+
+    /// Applies a context's accepted CTX_PREEMPT/CTX_RESUME commands, in order, as far as
+    /// possible now.
+    pub fn advance_ops(&self, st: &mut State, id: u32) {
+        loop {
+            let Some(c) = st.contexts.get_mut(&id) else {
+                return;
+            };
+            let Some(op) = c.ops.front().copied() else {
+                return;
+            };
+            if op.preempt {
+                if !op.fired {
+                    return;
+                }
+                if c.running.is_some() {
+                    c.interrupt();
+                    return;
+                }
+                c.preempted = true;
+                c.ops.pop_front();
+                self.stats.inc(Counter::Preemptions);
+                self.complete(
+                    st,
+                    command_done(op.seqno, id, Opcode::CtxPreempt, Status::Ok, 0),
+                );
+            } else {
+                c.preempted = false;
+                c.ops.pop_front();
+                self.complete(
+                    st,
+                    command_done(op.seqno, id, Opcode::CtxResume, Status::Ok, 0),
+                );
+                self.make_runnable(st, id);
+            }
+        }
+    }
+
+    /// Starts deferred work (see [`Deferred`]).
+    pub fn start(&self, d: Deferred) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        match d {
+            Deferred::Invalidate { seqno, scope } => {
+                let seq = self.log.accept();
+                let deadline = now + Duration::from_nanos(self.timing.tlb_inval_ns);
+                st.invals.push(PendingInval {
+                    seqno,
+                    scope,
+                    seq,
+                    deadline,
+                });
+                self.timer.notify_all();
+            }
+            Deferred::CtxOp {
+                ctx,
+                uid,
+                seqno,
+                preempt,
+            } => {
+                let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) else {
+                    return;
+                };
+                let deadline = now + Duration::from_nanos(self.timing.preempt_ns);
+                c.ops.push_back(CtxOp {
+                    seqno,
+                    preempt,
+                    deadline,
+                    fired: false,
+                });
+                if preempt {
+                    st.preempt_timers.push((deadline, ctx, uid));
+                    self.timer.notify_all();
+                }
+                self.advance_ops(&mut st, ctx);
+            }
+            Deferred::Job { ctx, uid, job } => {
+                let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) else {
+                    return;
+                };
+                c.jobs.push_back(job);
+                self.make_runnable(&mut st, ctx);
+            }
+        }
+        drop(st);
+        self.flush();
+    }
+
+    /// CTX_DESTROY: stops the context (waiting for its engine to reach an instruction
+    /// boundary) and frees it. False if there is no such context.
+    pub fn destroy(&self, id: u32) -> bool {
+        let mut st = self.lock();
+        let Some(c) = st.contexts.remove(&id) else {
+            return false;
+        };
+        c.interrupt();
+        if let Some(e) = c.running {
+            while st.engines.get(e).copied().flatten() == Some(c.uid) {
+                st = self
+                    .idle
+                    .wait_timeout(st, Duration::from_millis(10))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        st.faults.forget(c.uid);
+        self.raise_deferred(&mut st);
+        for op in &c.ops {
+            let opcode = if op.preempt {
+                Opcode::CtxPreempt
+            } else {
+                Opcode::CtxResume
+            };
+            self.complete(&st, command_done(op.seqno, id, opcode, Status::Canceled, 0));
+        }
+        drop(st);
+        self.flush();
+        true
+    }
+
+    /// FAULT_REPLY. False if the fault is not outstanding.
+    pub fn fault_reply(&self, fault_id: u64, resume: bool) -> bool {
+        let mut st = self.lock();
+        let Some(o) = st.faults.take(fault_id) else {
+            return false;
+        };
+        for w in &o.waiters {
+            let Some(c) = st.contexts.get_mut(&w.ctx).filter(|c| c.uid == w.uid) else {
+                continue;
+            };
+            if c.stall != Stall::Fault(fault_id) {
+                continue;
+            }
+            c.stall = Stall::None;
+            if resume {
+                self.make_runnable(&mut st, w.ctx);
+            } else if let Some(x) = c.exec {
+                let f = Failure {
+                    job: x.job,
+                    status: Status::JobFault,
+                    engine: o.report.engine,
+                    pc: x.pc,
+                    address: o.report.fault.va,
+                };
+                self.fail_context(&mut st, w.ctx, f);
+            }
+        }
+        self.stats.inc(if resume {
+            Counter::FaultsResumed
+        } else {
+            Counter::FaultsCanceled
+        });
+        self.raise_deferred(&mut st);
+        drop(st);
+        self.flush();
+        true
+    }
+
+    /// Stops everything and discards all state but statistics and counters (spec section
+    /// 15). `virtio` also forgets the rings and restarts `event_seq`.
+    pub fn reset(&self, reason: Option<ResetReason>) {
+        let mut st = self.lock();
+        if reason.is_none() && !st.active {
+            return;
+        }
+        self.outbox.discard(reason.is_none());
+        st.generation = self.outbox.generation();
+        for c in st.contexts.values() {
+            c.interrupt();
+        }
+        st.contexts.clear();
+        st.runq.clear();
+        st.faults.clear();
+        st.invals.clear();
+        st.preempt_timers.clear();
+        st.fence_waiters.clear();
+        for r in &self.roots {
+            r.store(0, Ordering::Release);
+        }
+        // Engines finish the instruction in flight and see the new generation.
+        while st.engines.iter().any(Option::is_some) {
+            st = self
+                .idle
+                .wait_timeout(st, Duration::from_millis(10))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        for e in 0..self.mmus.len() {
+            self.mmu(e).tlb_mut().invalidate(Scope::All);
+        }
+        st.reset_count += 1;
+        self.stats.inc(Counter::Resets);
+        match reason {
+            Some(reason) => {
+                self.outbox.push_event(
+                    st.generation,
+                    Event::DeviceReset(DeviceResetEvent {
+                        reason: reason.as_u32(),
+                        reset_count: st.reset_count,
+                        ..Default::default()
+                    }),
+                    &self.stats,
+                );
+            }
+            None => st.active = false,
+        }
+        info!("svmgpu{}: reset ({reason:?})", self.index);
+        drop(st);
+        self.flush();
+    }
 }
 
 impl Gpu {
-    /// A device with socket index `index`.
+    /// A device with socket index `index`; starts its engine and timer threads.
     pub fn new(index: u32, options: &DeviceOptions) -> Result<Self, GpuError> {
         options.validate()?;
         let config = options.config_space(index);
-        Ok(Self {
+        let mmus = (0..options.engines)
+            .map(|_| {
+                // Geometry was validated above.
+                Mmu::new(options.tlb_entries, options.tlb_ways)
+                    .map(Mutex::new)
+                    .map_err(|e| GpuError::Thread(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let shared = Arc::new(Shared {
             index,
             options: options.clone(),
             config,
             config_bytes: config.to_bytes(),
             stats: Stats::new(),
-        })
+            timing: options.timing(),
+            mem: RwLock::new(None),
+            state: Mutex::new(State {
+                generation: 0,
+                contexts: HashMap::new(),
+                runq: VecDeque::new(),
+                engines: vec![None; options.engines as usize],
+                faults: FaultTable::new(options.max_faults as usize),
+                invals: Vec::new(),
+                preempt_timers: Vec::new(),
+                fence_waiters: Vec::new(),
+                next_uid: 1,
+                reset_count: 0,
+                active: false,
+            }),
+            work: Condvar::new(),
+            timer: Condvar::new(),
+            idle: Condvar::new(),
+            mmus,
+            roots: (0..options.asids).map(|_| AtomicU64::new(0)).collect(),
+            log: InvalLog::new(),
+            outbox: Outbox::new(options.max_faults),
+            features: AtomicU64::new(0),
+            shutdown: AtomicBool::new(false),
+        });
+        let gpu = Gpu {
+            shared: shared.clone(),
+            threads: Mutex::new(Vec::new()),
+        };
+        let mut threads = Vec::new();
+        for e in 0..options.engines as usize {
+            let sh = shared.clone();
+            threads.push(
+                thread::Builder::new()
+                    .name(format!("svmgpu{index}-engine{e}"))
+                    .spawn(move || crate::engine::run(&sh, e))
+                    .map_err(|e| GpuError::Thread(e.to_string()))?,
+            );
+        }
+        let sh = shared.clone();
+        threads.push(
+            thread::Builder::new()
+                .name(format!("svmgpu{index}-timer"))
+                .spawn(move || crate::timer::run(&sh))
+                .map_err(|e| GpuError::Thread(e.to_string()))?,
+        );
+        *gpu.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+        Ok(gpu)
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// Socket index.
     pub fn index(&self) -> u32 {
-        self.index
+        self.shared.index
     }
 
     /// Options it was created with.
     pub fn options(&self) -> &DeviceOptions {
-        &self.options
+        &self.shared.options
     }
 
     /// Config space.
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.shared.config
     }
 
     /// Config space bytes.
     pub fn config_bytes(&self) -> &[u8; CONFIG_SIZE] {
-        &self.config_bytes
+        &self.shared.config_bytes
     }
 
     /// A vhost-user GET_CONFIG answer: exactly `size` bytes.
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        read_config(&self.config_bytes, offset, size)
+        read_config(&self.shared.config_bytes, offset, size)
     }
 
     /// Statistics.
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.shared.stats
+    }
+
+    /// Uses this guest memory from now on (SET_MEM_TABLE). TLBs are flushed, since what
+    /// they point to may no longer be RAM.
+    pub fn set_memory(&self, mem: Option<Memory>) {
+        *self.shared.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        for e in 0..self.shared.mmus.len() {
+            self.shared.mmu(e).tlb_mut().invalidate(Scope::All);
+        }
+        self.shared.lock().active = true;
+    }
+
+    /// The device feature bits the driver accepted.
+    pub fn set_features(&self, features: u64) {
+        self.shared.features.store(features, Ordering::Relaxed);
+    }
+
+    /// Delivers held events and completions into the connection's rings.
+    pub fn attach_and_flush(
+        &self,
+        eventq: &vhost_user_backend::VringRwLock,
+        complq: &vhost_user_backend::VringRwLock,
+    ) {
+        self.shared.outbox.attach(eventq, complq);
+        self.shared.flush();
+    }
+
+    /// Starts deferred work of a control request whose response is in the used ring.
+    pub fn start(&self, d: Deferred) {
+        self.shared.start(d);
+    }
+
+    /// A virtio reset or a frontend disconnect (spec section 15.2).
+    pub fn virtio_reset(&self) {
+        self.shared.reset(None);
+    }
+
+    /// Records held for the driver (events, completions).
+    pub fn held_records(&self) -> (usize, usize) {
+        self.shared.outbox.held()
+    }
+
+    /// Per-device statistics as JSON, with the device-only counters.
+    pub fn stats_json(&self) -> String {
+        self.shared.stats.to_json(self.shared.index)
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            // Wake every waiter under the lock, so none misses the flag.
+            let _st = self.shared.lock();
+            self.shared.work.notify_all();
+            self.shared.timer.notify_all();
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
     }
 }
 
@@ -78,7 +873,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn new_validates() {
+    fn new_validates_and_stops() {
         let bad = DeviceOptions {
             tlb_ways: 3,
             ..Default::default()
@@ -88,5 +883,6 @@ mod tests {
         assert_eq!(g.index(), 2);
         assert_eq!(g.config().device_index, 2);
         assert_eq!(g.read_config(8, 4), vec![2, 0, 0, 0]);
+        drop(g); // joins its threads
     }
 }

@@ -12,15 +12,26 @@
 //! - [`chain`]: descriptor chains ↔ dispatcher, with every descriptor untrusted;
 //! - [`vhu_svmgpu`]: the `VhostUserBackend` implementation;
 //! - [`daemon`]: sockets, connections, signals;
-//! - [`stats`]: per-device counters.
-//!
-//! This step is the walking skeleton: the config space, GET_INFO and GET_STATS are served;
-//! every other opcode of the spec is answered `UNSUPPORTED`.
+//! - [`stats`]: per-device counters;
+//! - [`mmu`]: page walker, TLBs and the audit of stale accesses;
+//! - [`context`], [`fault`]: contexts and outstanding page faults;
+//! - [`isa`]: the command-stream executor;
+//! - [`engine`], [`timer`]: the engine threads and the latency timer;
+//! - [`outbox`]: events and completions, and their delivery;
+//! - [`timing`]: the timing model.
 
 pub mod chain;
 pub mod config;
+pub mod context;
 pub mod control;
 pub mod daemon;
+mod engine;
+pub mod fault;
 pub mod gpu;
+pub mod isa;
+pub mod mmu;
+pub mod outbox;
 pub mod stats;
+mod timer;
+pub mod timing;
 pub mod vhu_svmgpu;

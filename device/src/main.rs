@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use svmgpu_device::config::DeviceOptions;
+use svmgpu_device::config::{defaults, DeviceOptions};
 use svmgpu_device::daemon::{self, DaemonConfig};
 
 /// svmgpu: a virtual GPU with device page tables, TLBs and recoverable page faults, served
@@ -59,13 +59,30 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_faults: u32,
 
-    /// Nominal TLB invalidation latency, in nanoseconds.
-    #[arg(long, default_value_t = 10_000)]
+    /// Nominal TLB invalidation latency (acceptance to completion), in nanoseconds.
+    #[arg(long, default_value_t = defaults::TLB_INVAL_LATENCY_NS)]
     tlb_inval_latency_ns: u32,
 
-    /// Nominal preemption latency, in nanoseconds.
-    #[arg(long, default_value_t = 50_000)]
+    /// Nominal preemption latency (acceptance to the context stopped), in nanoseconds.
+    #[arg(long, default_value_t = defaults::PREEMPT_LATENCY_NS)]
     preempt_latency_ns: u32,
+
+    /// Modelled cost of one page walk (a TLB miss), in nanoseconds.
+    #[arg(long, default_value_t = defaults::WALK_LATENCY_NS)]
+    walk_latency_ns: u32,
+
+    /// Modelled cost of one instruction, in nanoseconds.
+    #[arg(long, default_value_t = defaults::INSN_COST_NS)]
+    insn_cost_ns: u32,
+
+    /// Time-slice length, in microseconds.
+    #[arg(long, default_value_t = defaults::TIMESLICE_US)]
+    timeslice_us: u32,
+
+    /// Audit every engine access (re-walk and count stale accesses) even if the driver does
+    /// not accept the AUDIT feature.
+    #[arg(long)]
+    audit: bool,
 }
 
 impl From<Args> for DaemonConfig {
@@ -83,6 +100,10 @@ impl From<Args> for DaemonConfig {
                 max_faults: a.max_faults,
                 tlb_inval_latency_ns: a.tlb_inval_latency_ns,
                 preempt_latency_ns: a.preempt_latency_ns,
+                walk_latency_ns: a.walk_latency_ns,
+                insn_cost_ns: a.insn_cost_ns,
+                timeslice_us: a.timeslice_us,
+                audit: a.audit,
             },
         }
     }
@@ -151,6 +172,13 @@ mod tests {
             "1",
             "--preempt-latency-ns",
             "2",
+            "--walk-latency-ns",
+            "3",
+            "--insn-cost-ns",
+            "4",
+            "--timeslice-us",
+            "5",
+            "--audit",
         ]));
         assert_eq!(c.socket_count, 4);
         assert_eq!(
@@ -164,6 +192,10 @@ mod tests {
                 max_faults: 5,
                 tlb_inval_latency_ns: 1,
                 preempt_latency_ns: 2,
+                walk_latency_ns: 3,
+                insn_cost_ns: 4,
+                timeslice_us: 5,
+                audit: true,
             }
         );
         assert!(c.validate().is_ok());

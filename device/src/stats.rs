@@ -75,10 +75,36 @@ counters! {
 /// Number of counters (24 in spec v0.1).
 pub const NUM_COUNTERS: usize = StatsResp::SIZE / 8;
 
+/// Device-side counters that GET_STATS does not carry (growing its body would break drivers
+/// that size the response buffer exactly); they appear in the JSON dump after the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Extra {
+    /// Audit mode: TLB hits whose entry disagreed with the page table in memory (expected
+    /// between a PTE change and the invalidation that covers it; not an error).
+    AuditMismatches,
+    /// Faulting accesses attached to an outstanding fault on the same page (coalescing).
+    FaultsCoalesced,
+}
+
+impl Extra {
+    /// Every extra counter, in JSON order.
+    pub const ALL: &'static [Extra] = &[Extra::AuditMismatches, Extra::FaultsCoalesced];
+
+    /// Its JSON name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Extra::AuditMismatches => "audit_mismatches",
+            Extra::FaultsCoalesced => "faults_coalesced",
+        }
+    }
+}
+
 /// The statistics of one device. Counters are monotonic from backend start.
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: [AtomicU64; NUM_COUNTERS],
+    extra: [AtomicU64; 2],
 }
 
 impl Stats {
@@ -94,6 +120,9 @@ impl Stats {
 
     /// Adds `n`; returns the value before.
     pub fn add(&self, c: Counter, n: u64) -> u64 {
+        if n == 0 {
+            return self.get(c);
+        }
         self.counters[c as usize].fetch_add(n, Ordering::Relaxed)
     }
 
@@ -102,12 +131,32 @@ impl Stats {
         self.counters[c as usize].load(Ordering::Relaxed)
     }
 
+    /// Adds one to a device-only counter.
+    pub fn inc_extra(&self, c: Extra) {
+        self.add_extra(c, 1);
+    }
+
+    /// Adds `n` to a device-only counter.
+    pub fn add_extra(&self, c: Extra, n: u64) {
+        if n != 0 {
+            self.extra[c as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Current value of a device-only counter.
+    pub fn get_extra(&self, c: Extra) -> u64 {
+        self.extra[c as usize].load(Ordering::Relaxed)
+    }
+
     /// A one-line JSON object `{"device_index":N,"commands_completed":N,...}`.
     pub fn to_json(&self, device_index: u32) -> String {
         let mut s = format!("{{\"device_index\":{device_index}");
         for &c in Counter::ALL {
             // Writing to a String cannot fail.
             let _ = write!(s, ",\"{}\":{}", c.name(), self.get(c));
+        }
+        for &c in Extra::ALL {
+            let _ = write!(s, ",\"{}\":{}", c.name(), self.get_extra(c));
         }
         s.push('}');
         s
@@ -154,6 +203,10 @@ mod tests {
         let j = s.to_json(3);
         assert!(j.starts_with("{\"device_index\":3,\"commands_completed\":0,"));
         assert!(j.contains("\"malformed_chains\":1"));
-        assert!(j.ends_with("\"audit_checks\":0}"));
+        assert!(j.contains("\"audit_checks\":0,"));
+        s.inc_extra(Extra::FaultsCoalesced);
+        assert!(s
+            .to_json(3)
+            .ends_with("\"audit_mismatches\":0,\"faults_coalesced\":1}"));
     }
 }

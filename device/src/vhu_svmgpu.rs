@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use log::{debug, error, info, warn};
-use svmgpu_spec::{MAX_QUEUE_SIZE, NUM_QUEUES, QUEUE_COMPLETION, QUEUE_CONTROL, QUEUE_EVENT};
+use svmgpu_spec::{
+    MAX_QUEUE_SIZE, NUM_QUEUES, QUEUE_COMPLETION, QUEUE_CONTROL, QUEUE_EVENT, SVMGPU_FEATURES_MASK,
+    SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE,
+};
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -24,7 +27,6 @@ use vmm_sys_util::event::{
 
 use crate::chain::{serve_control_chain, Desc};
 use crate::gpu::Gpu;
-use crate::stats::Counter;
 
 /// Guest memory as the backend sees it.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -54,9 +56,12 @@ pub struct VhostUserSvmgpuBackend {
 }
 
 impl VhostUserSvmgpuBackend {
-    /// Virtio features offered: `VIRTIO_F_VERSION_1` and `VHOST_USER_F_PROTOCOL_FEATURES`.
-    pub const FEATURES: u64 =
-        (1 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    /// Virtio features offered: `VIRTIO_F_VERSION_1`, `VHOST_USER_F_PROTOCOL_FEATURES` and
+    /// the device bits `SVMGPU_F_AUDIT` and `SVMGPU_F_FAULT_COALESCE`.
+    pub const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | (1 << SVMGPU_F_AUDIT)
+        | (1 << SVMGPU_F_FAULT_COALESCE);
 
     /// A backend serving `gpu`.
     pub fn new(gpu: Arc<Gpu>) -> Self {
@@ -118,9 +123,13 @@ impl VhostUserSvmgpuBackend {
                         writable: d.is_write_only(),
                     })
                     .collect();
-                let used = serve_control_chain(&self.gpu, &*mem, &descs);
+                let (used, deferred) = serve_control_chain(&self.gpu, &*mem, &descs);
                 if let Err(e) = vring.add_used(head, used) {
                     error!("svmgpu{}: controlq add_used: {e}", self.gpu.index());
+                }
+                // The response is in the used ring: now its command may start (and complete).
+                if let Some(d) = deferred {
+                    self.gpu.start(d);
                 }
             }
             if let Err(e) = vring.signal_used_queue() {
@@ -165,6 +174,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
             );
         }
         self.acked_features.store(features, Ordering::Relaxed);
+        self.gpu.set_features(features & SVMGPU_FEATURES_MASK);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -173,7 +183,16 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
 
     fn reset_device(&self) {
         info!("svmgpu{}: device reset by the frontend", self.gpu.index());
-        self.gpu.stats().inc(Counter::Resets);
+        self.gpu.virtio_reset();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // The frontend stops the rings on a virtio reset (GET_VRING_BASE): from the control
+        // queue's stop on, the device is reset (spec section 15.2).
+        if queue_index == u32::from(QUEUE_CONTROL) {
+            self.gpu.virtio_reset();
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -196,7 +215,8 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem.clone());
+        self.gpu.set_memory(Some(mem));
         Ok(())
     }
 
@@ -230,9 +250,15 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
             );
             return Ok(());
         };
+        if let (Some(eventq), Some(complq)) = (
+            vrings.get(usize::from(QUEUE_EVENT)),
+            vrings.get(usize::from(QUEUE_COMPLETION)),
+        ) {
+            self.gpu.attach_and_flush(eventq, complq);
+        }
         match device_event {
             QUEUE_CONTROL => self.process_controlq(vring),
-            // New empty buffers; used once events and completions exist.
+            // New empty buffers: held records were delivered above.
             QUEUE_EVENT | QUEUE_COMPLETION => {
                 debug!(
                     "svmgpu{}: buffers posted on queue {device_event}",
@@ -268,7 +294,7 @@ mod tests {
         let b = backend();
         assert_eq!(b.num_queues(), 3);
         assert_eq!(b.max_queue_size(), 1024);
-        assert_eq!(b.features(), (1 << 32) | (1 << 30));
+        assert_eq!(b.features(), (1 << 32) | (1 << 30) | 0b11);
         assert_eq!(
             b.protocol_features(),
             VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ

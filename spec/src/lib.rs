@@ -193,6 +193,10 @@ mod tests {
 
     #[test]
     fn opcodes_and_status() {
+        assert_eq!(
+            (JOB_QUEUE_DEPTH, FENCE_BACKLOG, MAX_ASYNC_OUTSTANDING),
+            (64, 64, 256)
+        );
         let ops = [
             (Opcode::GetInfo, 0x0001),
             (Opcode::GetStats, 0x0002),

@@ -95,6 +95,9 @@ pub const EVENT_BODY_OFFSET: usize = 16;
 pub const COMPLETION_SIZE: usize = 32;
 /// Jobs a context may have queued (submitted, not yet completed) at once.
 pub const JOB_QUEUE_DEPTH: u32 = 64;
+/// FENCE completions the device holds (for want of complq buffers) before a FENCE with
+/// NOTIFY waits for the driver to post buffers.
+pub const FENCE_BACKLOG: u32 = 64;
 /// Asynchronous commands (TLB_INVALIDATE, CTX_PREEMPT, CTX_RESUME) accepted and not yet
 /// completed, per device; one more is answered BUSY.
 pub const MAX_ASYNC_OUTSTANDING: u32 = 256;

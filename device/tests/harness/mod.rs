@@ -11,7 +11,12 @@
 //! - [`InProcessBackend`] / [`DaemonProcess`]: a backend to talk to, in this process or as a
 //!   child process of the real binary.
 //!
+//! - [`driver::Driver`]: a tiny guest driver (page tables, batches, every command, event and
+//!   completion consumers).
+//!
 //! Include with `#[allow(dead_code)] mod harness;` from a test file.
+
+pub mod driver;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -337,11 +342,17 @@ impl TestFrontend {
     /// Connects and negotiates features like QEMU's vhost-user-device: VERSION_1 and
     /// PROTOCOL_FEATURES, then CONFIG and MQ. Guest RAM is `ram_size` bytes at GPA 0.
     pub fn connect(path: &Path, ram_size: u64) -> Self {
+        Self::connect_with(path, ram_size, 0)
+    }
+
+    /// As [`TestFrontend::connect`], also accepting the device feature bits `device_features`.
+    pub fn connect_with(path: &Path, ram_size: u64, device_features: u64) -> Self {
         let mut frontend =
             Frontend::connect(path, u64::from(NUM_QUEUES)).expect("connect to the backend");
         frontend.set_owner().expect("SET_OWNER");
         let offered_features = frontend.get_features().expect("GET_FEATURES");
-        let wanted = F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let wanted =
+            F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | device_features;
         assert_eq!(offered_features & wanted, wanted, "backend features");
         frontend.set_features(wanted).expect("SET_FEATURES");
         let offered_protocol_features = frontend

@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! One engine: a thread that takes runnable contexts from the device's run queue and runs
+//! each for a time slice (spec/svmgpu.md section 9.2), one instruction at a time, holding its
+//! MMU only for the instruction in flight. Between instructions it checks the context's
+//! attention flag (preemption, destroy, reset), so a context stops at an instruction boundary;
+//! WAIT and DELAY are interruptible and keep their elapsed time.
+
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::gpu::{fence_done, Pick, Shared, SliceEnd};
+use crate::isa::{Executor, Step};
+use crate::mmu::Space;
+use crate::stats::{Counter, Extra};
+use crate::timing::Pacer;
+
+/// Longest sleep inside WAIT/DELAY before the engine looks at its attention flag again.
+const SLEEP_QUANTUM: Duration = Duration::from_micros(50);
+
+/// The engine thread's body: runs until the device shuts down.
+pub(crate) fn run(sh: &Shared, e: usize) {
+    let mut exec = Executor::new();
+    loop {
+        let pick = {
+            let mut st = sh.lock();
+            loop {
+                if sh.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Some(p) = sh.pick(&mut st, e) {
+                    break p;
+                }
+                st = sh.work.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let (state, end) = run_slice(sh, e, &mut exec, &pick);
+        {
+            let mut st = sh.lock();
+            sh.finish(&mut st, e, pick, state, end);
+        }
+        sh.flush();
+    }
+}
+
+/// Runs `pick` for one time slice on engine `e`.
+fn run_slice(
+    sh: &Shared,
+    e: usize,
+    exec: &mut Executor,
+    pick: &Pick,
+) -> (crate::context::ExecState, SliceEnd) {
+    let mut st = pick.exec;
+    let Some(mem) = sh.memory() else {
+        // No guest memory (between connections): nothing can run.
+        thread::sleep(SLEEP_QUANTUM);
+        return (st, SliceEnd::Stopped);
+    };
+    let t = sh.timing;
+    let audit = sh.audit();
+    let deadline = Instant::now() + Duration::from_nanos(t.timeslice_ns);
+    let mut pacer = Pacer::new();
+    let mut insns = 0u64;
+    let end = loop {
+        if pick.attention.load(Ordering::Acquire) || sh.shutdown.load(Ordering::Acquire) {
+            break SliceEnd::Stopped;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break SliceEnd::Expired;
+        }
+        let Some(root) = sh.root(pick.asid) else {
+            // Unbound under us: only a reset does that, and it discards the context.
+            break SliceEnd::Stopped;
+        };
+        let (step, walks) = {
+            let mut mmu = sh.mmu(e);
+            let walks_before = mmu.counters.walks;
+            let sp = Space {
+                mem: &mem,
+                asid: pick.asid,
+                root,
+                log: &sh.log,
+                audit,
+            };
+            let step = exec.step(&mut mmu, &sp, &mut st, sh.outbox.fence_room());
+            (step, mmu.counters.walks - walks_before)
+        };
+        pacer.charge(t.insn_ns + walks * t.walk_ns);
+        match step {
+            Step::Next => insns += 1,
+            Step::Fence(value) => {
+                insns += 1;
+                let s = sh.lock();
+                if s.generation == pick.generation {
+                    sh.complete(&s, fence_done(st.job.seqno, pick.ctx, value));
+                }
+                drop(s);
+                sh.flush();
+            }
+            Step::End => {
+                insns += 1;
+                break SliceEnd::Done;
+            }
+            Step::Error { status, address } => break SliceEnd::Failed { status, address },
+            Step::Fault(f) => break SliceEnd::Fault(f),
+            Step::FenceBlocked => break SliceEnd::FenceBlocked,
+            Step::Sleep(ns) => {
+                let left = deadline.saturating_duration_since(now);
+                let d = Duration::from_nanos(ns).min(left).min(SLEEP_QUANTUM);
+                let t0 = Instant::now();
+                if !d.is_zero() {
+                    thread::sleep(d);
+                }
+                // Elapsed running time, whatever the sleep's precision.
+                let spent = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                st.partial_ns = st.partial_ns.saturating_add(spent.max(1));
+            }
+        }
+    };
+    let c = sh.mmu(e).take_counters();
+    let s = &sh.stats;
+    s.add(Counter::Instructions, insns);
+    s.add(Counter::TlbHits, c.hits);
+    s.add(Counter::TlbMisses, c.misses);
+    s.add(Counter::PageWalks, c.walks);
+    s.add(Counter::PteErrors, c.pte_errors);
+    s.add(Counter::AuditChecks, c.audit_checks);
+    s.add(Counter::StaleAccesses, c.stale);
+    s.add_extra(Extra::AuditMismatches, c.mismatches);
+    (st, end)
+}

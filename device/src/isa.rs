@@ -1,0 +1,412 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The command-stream executor (spec/svmgpu.md section 14): fetches, decodes and executes
+//! one instruction at a time for a context, with every memory access (instruction fetch
+//! included) translated by the engine's MMU. Decoding is `svmgpu_spec::isa::Insn::decode`;
+//! this module adds what depends on the batch and on memory.
+//!
+//! An instruction translates every page it touches before writing any byte, so a faulting
+//! instruction has no effect and is simply executed again after the fault is resolved.
+
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+use svmgpu_spec::isa::{fnv1a64_update, insn_qwords, Insn, FNV1A64_OFFSET};
+use svmgpu_spec::{AccessKind, FaultReason, Status, LOOP_MAX_DEPTH};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+
+use crate::context::ExecState;
+use crate::mmu::{Fault, Mmu, Space};
+
+/// How often a WAIT polls memory while its condition is false.
+pub const WAIT_POLL_NS: u64 = 2_000;
+
+/// Outcome of one step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The instruction completed; continue.
+    Next,
+    /// END: the job completed.
+    End,
+    /// The job failed with a job status; `address` is the data address involved, or 0.
+    Error {
+        /// Job status.
+        status: Status,
+        /// Data address.
+        address: u64,
+    },
+    /// A translation failed; the instruction did nothing and will be re-executed.
+    Fault(Fault),
+    /// A FENCE with NOTIFY wrote its value: post a FENCE completion with it.
+    Fence(u64),
+    /// A FENCE with NOTIFY cannot post (completion backlog full); it did nothing.
+    FenceBlocked,
+    /// WAIT/DELAY is not finished: it needs about this much more engine time. The engine
+    /// adds the time it spends to `ExecState::partial_ns` and steps again.
+    Sleep(u64),
+}
+
+/// What an executed instruction does to the pc.
+enum Flow {
+    /// Completed: the pc moves past it.
+    Advance,
+    /// FENCE with NOTIFY completed: the pc moves past it and a completion is due.
+    AdvanceFence(u64),
+    /// LOOP jumped: the pc is already set.
+    Jump,
+    /// The pc stays (END, an error, an unfinished WAIT/DELAY, a blocked FENCE).
+    Stay(Step),
+}
+
+/// A physically contiguous piece of a virtual range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seg {
+    va: u64,
+    pa: u64,
+    len: u64,
+}
+
+/// Bytes moved through a bounce buffer at a time (FILL pattern, CHECKSUM input).
+const CHUNK: usize = 4096;
+
+/// Reusable buffers of one engine's executor.
+#[derive(Debug)]
+pub struct Executor {
+    src: Vec<Seg>,
+    dst: Vec<Seg>,
+    buf: Vec<u8>,
+}
+
+impl Default for Executor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn bad_page(va: u64, access: AccessKind) -> Fault {
+    Fault {
+        va,
+        access,
+        reason: FaultReason::BadPageAddress,
+        level: 0,
+    }
+}
+
+fn err(status: Status, address: u64) -> Step {
+    Step::Error { status, address }
+}
+
+impl Executor {
+    /// An executor with empty buffers.
+    pub fn new() -> Self {
+        Self {
+            src: Vec::with_capacity(256),
+            dst: Vec::with_capacity(256),
+            buf: vec![0; CHUNK],
+        }
+    }
+
+    /// Executes the instruction at `st.pc` (or continues a WAIT/DELAY). `fence_room` says
+    /// whether a FENCE with NOTIFY may post now.
+    pub fn step(
+        &mut self,
+        mmu: &mut Mmu,
+        sp: &Space<'_>,
+        st: &mut ExecState,
+        fence_room: bool,
+    ) -> Step {
+        let (insn, len) = match self.fetch(mmu, sp, st) {
+            Ok(x) => x,
+            Err(step) => return step,
+        };
+        let next = st.pc + 8 * len as u64;
+        match self.execute(mmu, sp, st, insn, fence_room) {
+            Ok(Flow::Advance) => {
+                st.pc = next;
+                st.partial_ns = 0;
+                Step::Next
+            }
+            Ok(Flow::AdvanceFence(v)) => {
+                st.pc = next;
+                st.partial_ns = 0;
+                Step::Fence(v)
+            }
+            Ok(Flow::Jump) => Step::Next,
+            Ok(Flow::Stay(step)) => step,
+            Err(f) => Step::Fault(f),
+        }
+    }
+
+    /// Fetches and decodes the instruction at `st.pc`; returns it and its length in qwords.
+    fn fetch(
+        &mut self,
+        mmu: &mut Mmu,
+        sp: &Space<'_>,
+        st: &ExecState,
+    ) -> Result<(Insn, usize), Step> {
+        let pc = st.pc;
+        let end = st.job.batch_end();
+        if pc.checked_add(8).is_none_or(|e| e > end) {
+            return Err(err(Status::JobBatchOverrun, 0));
+        }
+        let mut w = [0u64; 4];
+        w[0] = self.fetch_qword(mmu, sp, pc)?;
+        let Some(n) = insn_qwords(w[0]) else {
+            return Err(err(Status::JobInvalidInstruction, 0));
+        };
+        if pc + 8 * n as u64 > end {
+            return Err(err(Status::JobBatchOverrun, 0));
+        }
+        for (i, q) in w.iter_mut().enumerate().take(n).skip(1) {
+            *q = self.fetch_qword(mmu, sp, pc + 8 * i as u64)?;
+        }
+        let insn = Insn::decode(&w[..n]).map_err(|e| err(e.job_status(), 0))?;
+        Ok((insn, n))
+    }
+
+    fn fetch_qword(&mut self, mmu: &mut Mmu, sp: &Space<'_>, va: u64) -> Result<u64, Step> {
+        let t = mmu
+            .translate(sp, va, AccessKind::Exec)
+            .map_err(Step::Fault)?;
+        sp.mem
+            .load::<u64>(GuestAddress(t.pa), Ordering::Acquire)
+            .map_err(|_| Step::Fault(bad_page(va, AccessKind::Exec)))
+    }
+
+    fn execute(
+        &mut self,
+        mmu: &mut Mmu,
+        sp: &Space<'_>,
+        st: &mut ExecState,
+        insn: Insn,
+        fence_room: bool,
+    ) -> Result<Flow, Fault> {
+        let mem = sp.mem;
+        match insn {
+            Insn::Nop => Ok(Flow::Advance),
+            Insn::End => Ok(Flow::Stay(Step::End)),
+            Insn::Store { size64, va, value } => {
+                let pa = mmu.translate(sp, va, AccessKind::Write)?.pa;
+                let r = if size64 {
+                    mem.store(value, GuestAddress(pa), Ordering::Release)
+                } else {
+                    // Decode checked that bits 63:32 are zero.
+                    mem.store(value as u32, GuestAddress(pa), Ordering::Release)
+                };
+                r.map_err(|_| bad_page(va, AccessKind::Write))?;
+                Ok(Flow::Advance)
+            }
+            Insn::Fill { va, len, pattern } => {
+                translate_range(mmu, sp, va, len, AccessKind::Write, &mut self.dst)?;
+                let pat = pattern.to_le_bytes();
+                for (i, b) in self.buf.iter_mut().enumerate() {
+                    *b = pat[i % 4];
+                }
+                for s in &self.dst {
+                    let slice = mem
+                        .get_slice(GuestAddress(s.pa), s.len as usize)
+                        .map_err(|_| bad_page(s.va, AccessKind::Write))?;
+                    let mut off = 0usize;
+                    while off < slice.len() {
+                        let n = (slice.len() - off).min(CHUNK);
+                        let part = slice
+                            .offset(off)
+                            .map_err(|_| bad_page(s.va, AccessKind::Write))?;
+                        part.copy_from(&self.buf[..n]);
+                        off += n;
+                    }
+                }
+                Ok(Flow::Advance)
+            }
+            Insn::Copy { dst, src, len } => {
+                translate_range(mmu, sp, src, len, AccessKind::Read, &mut self.src)?;
+                translate_range(mmu, sp, dst, len, AccessKind::Write, &mut self.dst)?;
+                copy_segments(mem, &self.src, &self.dst)?;
+                Ok(Flow::Advance)
+            }
+            Insn::AtomicAdd { size64, va, value } => {
+                let pa = mmu.translate(sp, va, AccessKind::Atomic)?.pa;
+                let bad = bad_page(va, AccessKind::Atomic);
+                let slice = mem
+                    .get_slice(GuestAddress(pa), if size64 { 8 } else { 4 })
+                    .map_err(|_| bad)?;
+                if size64 {
+                    let a = slice.get_atomic_ref::<AtomicU64>(0).map_err(|_| bad)?;
+                    a.fetch_add(value, Ordering::SeqCst);
+                } else {
+                    let a = slice.get_atomic_ref::<AtomicU32>(0).map_err(|_| bad)?;
+                    // Decode checked that bits 63:32 are zero.
+                    a.fetch_add(value as u32, Ordering::SeqCst);
+                }
+                Ok(Flow::Advance)
+            }
+            Insn::Wait {
+                size64,
+                op,
+                timeout_us,
+                va,
+                value,
+            } => {
+                let pa = mmu.translate(sp, va, AccessKind::Read)?.pa;
+                let bad = |_| bad_page(va, AccessKind::Read);
+                let cur = if size64 {
+                    mem.load::<u64>(GuestAddress(pa), Ordering::Acquire)
+                        .map_err(bad)?
+                } else {
+                    u64::from(
+                        mem.load::<u32>(GuestAddress(pa), Ordering::Acquire)
+                            .map_err(bad)?,
+                    )
+                };
+                if op.eval(cur, value) {
+                    return Ok(Flow::Advance);
+                }
+                let limit = u64::from(timeout_us) * 1000;
+                if timeout_us != 0 && st.partial_ns >= limit {
+                    return Ok(Flow::Stay(err(Status::JobSemaphoreTimeout, va)));
+                }
+                Ok(Flow::Stay(Step::Sleep(WAIT_POLL_NS)))
+            }
+            Insn::Loop { count, offset } => Ok(self.do_loop(st, count, offset)),
+            Insn::Delay { ns } => {
+                let ns = u64::from(ns);
+                if st.partial_ns >= ns {
+                    Ok(Flow::Advance)
+                } else {
+                    Ok(Flow::Stay(Step::Sleep(ns - st.partial_ns)))
+                }
+            }
+            Insn::Checksum { src, len, dst } => {
+                translate_range(mmu, sp, src, len, AccessKind::Read, &mut self.src)?;
+                let out = mmu.translate(sp, dst, AccessKind::Write)?.pa;
+                let mut h = FNV1A64_OFFSET;
+                for s in &self.src {
+                    let slice = mem
+                        .get_slice(GuestAddress(s.pa), s.len as usize)
+                        .map_err(|_| bad_page(s.va, AccessKind::Read))?;
+                    let mut off = 0usize;
+                    while off < slice.len() {
+                        let n = (slice.len() - off).min(CHUNK);
+                        let part = slice
+                            .offset(off)
+                            .map_err(|_| bad_page(s.va, AccessKind::Read))?;
+                        let got = part.copy_to(&mut self.buf[..n]);
+                        h = fnv1a64_update(h, &self.buf[..got]);
+                        off += n;
+                    }
+                }
+                mem.store(h, GuestAddress(out), Ordering::Release)
+                    .map_err(|_| bad_page(dst, AccessKind::Write))?;
+                Ok(Flow::Advance)
+            }
+            Insn::Fence { notify, va, value } => {
+                if notify && !fence_room {
+                    return Ok(Flow::Stay(Step::FenceBlocked));
+                }
+                let pa = mmu.translate(sp, va, AccessKind::Write)?.pa;
+                // Every earlier write of the job is visible before the fence value.
+                fence(Ordering::SeqCst);
+                mem.store(value, GuestAddress(pa), Ordering::Release)
+                    .map_err(|_| bad_page(va, AccessKind::Write))?;
+                Ok(if notify {
+                    Flow::AdvanceFence(value)
+                } else {
+                    Flow::Advance
+                })
+            }
+        }
+    }
+
+    /// LOOP (section 14.2): a stack of (address, remaining) of depth 4.
+    fn do_loop(&mut self, st: &mut ExecState, count: u32, offset: i64) -> Flow {
+        let a = st.pc;
+        // offset <= 0 (checked by decode); the target must not precede the batch.
+        let target = a.checked_sub(offset.unsigned_abs());
+        let Some(target) = target.filter(|t| *t >= st.job.batch_va) else {
+            return Flow::Stay(err(Status::JobInvalidInstruction, 0));
+        };
+        let top = st.depth.checked_sub(1).and_then(|i| st.loops.get_mut(i));
+        let remaining = match top {
+            Some(e) if e.0 == a => {
+                e.1 = e.1.saturating_sub(1);
+                e.1
+            }
+            _ => {
+                if st.depth >= LOOP_MAX_DEPTH {
+                    return Flow::Stay(err(Status::JobLoopOverflow, 0));
+                }
+                st.loops[st.depth] = (a, count - 1);
+                st.depth += 1;
+                count - 1
+            }
+        };
+        if remaining == 0 {
+            st.depth -= 1;
+            Flow::Advance
+        } else {
+            st.pc = target;
+            Flow::Jump
+        }
+    }
+}
+
+/// Translates every page of `[va, va + len)` for `access` into physically contiguous
+/// segments (merged when adjacent pages are adjacent in guest RAM).
+fn translate_range(
+    mmu: &mut Mmu,
+    sp: &Space<'_>,
+    va: u64,
+    len: u64,
+    access: AccessKind,
+    out: &mut Vec<Seg>,
+) -> Result<(), Fault> {
+    out.clear();
+    let mut off = 0u64;
+    while off < len {
+        let cur = va.checked_add(off).ok_or(Fault {
+            va,
+            access,
+            reason: FaultReason::VaRange,
+            level: 3,
+        })?;
+        let t = mmu.translate(sp, cur, access)?;
+        let n = t.page_left.min(len - off);
+        match out.last_mut() {
+            Some(last) if last.pa + last.len == t.pa => last.len += n,
+            _ => out.push(Seg {
+                va: cur,
+                pa: t.pa,
+                len: n,
+            }),
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// Copies between two segment lists covering the same number of bytes.
+fn copy_segments(mem: &GuestMemoryMmap<()>, src: &[Seg], dst: &[Seg]) -> Result<(), Fault> {
+    let (mut i, mut j) = (0usize, 0usize);
+    let (mut si, mut dj) = (0u64, 0u64);
+    while let (Some(s), Some(d)) = (src.get(i), dst.get(j)) {
+        let n = (s.len - si).min(d.len - dj);
+        let from = mem
+            .get_slice(GuestAddress(s.pa + si), n as usize)
+            .map_err(|_| bad_page(s.va + si, AccessKind::Read))?;
+        let to = mem
+            .get_slice(GuestAddress(d.pa + dj), n as usize)
+            .map_err(|_| bad_page(d.va + dj, AccessKind::Write))?;
+        // memmove: overlapping ranges give an unspecified result, never undefined behaviour.
+        from.copy_to_volatile_slice(to);
+        si += n;
+        dj += n;
+        if si == s.len {
+            i += 1;
+            si = 0;
+        }
+        if dj == d.len {
+            j += 1;
+            dj = 0;
+        }
+    }
+    Ok(())
+}

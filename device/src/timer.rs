@@ -1,0 +1,117 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! The device timer: completes TLB invalidations and fires preemptions when their latency
+//! has elapsed (spec/svmgpu.md sections 11 and 12).
+//!
+//! An invalidation completes by dropping the covered entries from every engine's TLB — each
+//! MMU lock waits for the instruction in flight on that engine, so every access that used an
+//! old translation has finished — then recording it for the audit and posting COMMAND_DONE.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use svmgpu_spec::{Opcode, Status, CTX_NONE};
+
+use crate::gpu::{command_done, PendingInval, Shared};
+use crate::stats::Counter;
+
+/// The timer thread's body: runs until the device shuts down.
+pub(crate) fn run(sh: &Shared) {
+    let mut st = sh.lock();
+    loop {
+        if sh.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        // Preemptions whose latency elapsed.
+        let mut fired = Vec::new();
+        st.preempt_timers.retain(|&(d, ctx, uid)| {
+            if d <= now {
+                fired.push((ctx, uid));
+                false
+            } else {
+                true
+            }
+        });
+        for (ctx, uid) in fired {
+            if let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) {
+                for op in c.ops.iter_mut().filter(|o| o.preempt && o.deadline <= now) {
+                    op.fired = true;
+                }
+                sh.advance_ops(&mut st, ctx);
+            }
+        }
+        // Invalidations whose latency elapsed.
+        let mut due: Vec<PendingInval> = Vec::new();
+        st.invals.retain(|i| {
+            if i.deadline <= now {
+                due.push(*i);
+                false
+            } else {
+                true
+            }
+        });
+        if !due.is_empty() {
+            let generation = st.generation;
+            drop(st);
+            complete_invalidations(sh, &due, generation);
+            sh.flush();
+            st = sh.lock();
+            continue;
+        }
+        let next = st
+            .invals
+            .iter()
+            .map(|i| i.deadline)
+            .chain(st.preempt_timers.iter().map(|p| p.0))
+            .min();
+        drop(st);
+        sh.flush();
+        st = sh.lock();
+        if sh.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        // Re-check: work may have arrived while the lock was released.
+        let next_now = st
+            .invals
+            .iter()
+            .map(|i| i.deadline)
+            .chain(st.preempt_timers.iter().map(|p| p.0))
+            .min();
+        st = match next_now.or(next) {
+            Some(d) => {
+                let wait = d.saturating_duration_since(Instant::now());
+                sh.timer
+                    .wait_timeout(st, wait)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0)
+            }
+            None => sh.timer.wait(st).unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
+fn complete_invalidations(sh: &Shared, due: &[PendingInval], generation: u64) {
+    for inv in due {
+        let mut dropped = 0;
+        for e in 0..sh.mmus.len() {
+            dropped += sh.mmu(e).tlb_mut().invalidate(inv.scope);
+        }
+        sh.log.complete(inv.scope, inv.seq);
+        sh.stats.inc(Counter::TlbInvalidations);
+        sh.stats.add(Counter::TlbEntriesInvalidated, dropped);
+        let st = sh.lock();
+        if st.generation == generation {
+            sh.complete(
+                &st,
+                command_done(
+                    inv.seqno,
+                    CTX_NONE,
+                    Opcode::TlbInvalidate,
+                    Status::Ok,
+                    dropped,
+                ),
+            );
+        }
+    }
+}
