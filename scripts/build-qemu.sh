@@ -141,23 +141,6 @@ do_install() {
     chmod 755 "$ENTRY/bin/qemu-system-x86_64"
 }
 
-# download_deb NAME VERSION: NAME_VERSION_*.deb in $SVMGPU_CACHE/dl (fetched once with
-# apt-get download; apt writes an epoch "1:" as "1%3a" in the file name). Prints its path.
-download_deb() {
-    local name=$1 ver=$2 dl="$SVMGPU_CACHE/dl" f
-    local pat="${name}_${ver/:/%3a}_*.deb"
-    mkdir -p "$dl"
-    f=$(compgen -G "$dl/$pat" | head -n1 || true)
-    if [[ -z $f ]]; then
-        (cd "$dl" && apt-get download "$name=$ver") >/dev/null 2>&1 \
-            || { as_root apt-get update -qq; (cd "$dl" && apt-get download "$name=$ver") >/dev/null; } \
-            || die "apt-get download $name=$ver failed"
-        f=$(compgen -G "$dl/$pat" | head -n1 || true)
-        [[ -n $f ]] || die "apt-get download $name=$ver gave no $pat"
-    fi
-    echo "$f"
-}
-
 # Firmware for -L: SeaBIOS (bios-256k.bin is what pc and q35 load), its VGA BIOSes (only
 # used without -nodefaults), and QEMU's option ROMs for -kernel (linuxboot_dma.bin),
 # kvmvapic, multiboot and PVH. No NIC ROMs (efi-*.rom, from ipxe): start QEMU with
@@ -165,8 +148,8 @@ download_deb() {
 do_firmware() {
     local tmp deb f n=0
     tmp=$(mktemp -d "$SVMGPU_CACHE/qemu/.build-fw-XXXXXX")
-    deb=$(download_deb seabios "$SEABIOS_VER");                dpkg-deb -x "$deb" "$tmp"
-    deb=$(download_deb qemu-system-data "$QEMU_DATA_VER");     dpkg-deb -x "$deb" "$tmp"
+    deb=$(fetch_deb "seabios=$SEABIOS_VER");                dpkg-deb -x "$deb" "$tmp"
+    deb=$(fetch_deb "qemu-system-data=$QEMU_DATA_VER");     dpkg-deb -x "$deb" "$tmp"
     mkdir -p "$ENTRY/share"
     for f in "$tmp"/usr/share/seabios/{bios-256k.bin,bios.bin,vgabios-*.bin} \
              "$tmp"/usr/share/qemu/{kvmvapic.bin,linuxboot.bin,linuxboot_dma.bin,multiboot.bin,multiboot_dma.bin,pvh.bin}; do
