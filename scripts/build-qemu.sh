@@ -69,6 +69,11 @@ do_tarball() {
     mkdir -p "$SVMGPU_CACHE/dl"
     (cd "$SVMGPU_CACHE/dl" && apt-get source --download-only "qemu=$QEMU_SRC_VER") \
         >"$SVMGPU_CACHE/dl/qemu-source.log" 2>&1 || true
+    if [[ ! -f $TARBALL ]]; then         # stale package lists? refresh them once
+        as_root apt-get update -qq
+        (cd "$SVMGPU_CACHE/dl" && apt-get source --download-only "qemu=$QEMU_SRC_VER") \
+            >"$SVMGPU_CACHE/dl/qemu-source.log" 2>&1 || true
+    fi
     [[ -f $TARBALL ]] || { tail -n 20 "$SVMGPU_CACHE/dl/qemu-source.log" >&2
         die "could not download $QEMU_TARBALL (is deb-src for bookworm-backports configured? run scripts/setup.sh)"; }
     xz -t "$TARBALL" || { rm -f "$TARBALL"; die "$QEMU_TARBALL is corrupt; deleted it, run again"; }
@@ -171,10 +176,13 @@ do_smoke_test() {
     log "vhost-user-svmgpu-pci and memory-backend-memfd present"
 }
 
-finish() {
-    rm -rf "$WORK"
+do_cleanup() {
+    rm -rf "$WORK"          # ~1 GB of build tree; the entry keeps only bin/ and share/
+}
+
+do_seal() {
     cache_seal "$ENTRY"
-    cache_prune qemu 2
+    cache_prune qemu 2      # keep the two most recently used builds
 }
 
 point_current() {
@@ -224,7 +232,8 @@ main() {
     step "install binary" do_install
     step "firmware" do_firmware
     step "smoke test" do_smoke_test
-    step "seal cache entry" finish
+    step "delete build tree" do_cleanup
+    step "seal cache entry" do_seal
     point_current
     log "QEMU ready in $(elapsed) s: $SVMGPU_CACHE/current/qemu/bin/qemu-system-x86_64 (-L $SVMGPU_CACHE/current/qemu/share)"
 }
