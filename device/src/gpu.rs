@@ -809,11 +809,14 @@ impl Gpu {
     /// Uses this guest memory from now on (SET_MEM_TABLE). TLBs are flushed, since what
     /// they point to may no longer be RAM.
     pub fn set_memory(&self, mem: Option<Memory>) {
+        let some = mem.is_some();
         *self.shared.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         for e in 0..self.shared.mmus.len() {
             self.shared.mmu(e).tlb_mut().invalidate(Scope::All);
         }
-        self.shared.lock().active = true;
+        if some {
+            self.shared.lock().active = true;
+        }
     }
 
     /// The device feature bits the driver accepted.

@@ -410,3 +410,194 @@ fn copy_segments(mem: &GuestMemoryMmap<()>, src: &[Seg], dst: &[Seg]) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::Job;
+    use crate::mmu::audit::InvalLog;
+    use crate::mmu::walker::tests::{ram, Pt};
+    use svmgpu_spec::isa::{header, CompareOp, OP_STORE};
+    use svmgpu_spec::pte::Perms;
+
+    const RWX: Perms = Perms {
+        writable: true,
+        no_exec: false,
+    };
+    const BATCH: u64 = 0x1_0000;
+    const DATA: u64 = 0x8_0000;
+
+    struct T {
+        mem: GuestMemoryMmap<()>,
+        root: u64,
+        log: InvalLog,
+        mmu: Mmu,
+        exec: Executor,
+    }
+
+    impl T {
+        fn new() -> Self {
+            let mem = ram();
+            let mut pt = Pt::new();
+            for i in 0..16 {
+                pt.map_4k(&mem, BATCH + i * 0x1000, 0x20_0000 + i * 0x1000, RWX);
+                pt.map_4k(&mem, DATA + i * 0x1000, 0x30_0000 + i * 0x1000, RWX);
+            }
+            Self {
+                mem,
+                root: pt.root,
+                log: InvalLog::new(),
+                mmu: Mmu::new(16, 4).unwrap(),
+                exec: Executor::new(),
+            }
+        }
+
+        /// Writes raw qwords as a batch and runs it to the end (simulating WAIT/DELAY time);
+        /// returns the final step and the number of steps.
+        fn run(&mut self, words: &[u64], fence_room: bool) -> (Step, ExecState, usize) {
+            for (i, w) in words.iter().enumerate() {
+                self.mem
+                    .write_obj(*w, GuestAddress(0x20_0000 + 8 * i as u64))
+                    .unwrap();
+            }
+            let job = Job {
+                seqno: 1,
+                batch_va: BATCH,
+                batch_len: 8 * words.len() as u32,
+            };
+            let mut st = ExecState::start(job);
+            let sp = Space {
+                mem: &self.mem,
+                asid: 0,
+                root: self.root,
+                log: &self.log,
+                audit: false,
+            };
+            for n in 1..10_000 {
+                match self.exec.step(&mut self.mmu, &sp, &mut st, fence_room) {
+                    Step::Next | Step::Fence(_) => {}
+                    Step::Sleep(ns) => st.partial_ns += ns,
+                    other => return (other, st, n),
+                }
+            }
+            panic!("did not end");
+        }
+
+        fn words(insns: &[Insn]) -> Vec<u64> {
+            insns
+                .iter()
+                .flat_map(|i| {
+                    let (w, n) = i.encode();
+                    w[..n].to_vec()
+                })
+                .collect()
+        }
+
+        fn read(&self, va: u64) -> u64 {
+            self.mem
+                .read_obj(GuestAddress(0x30_0000 + (va - DATA)))
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn loop_counts_and_nesting() {
+        let mut t = T::new();
+        let add = Insn::AtomicAdd {
+            size64: true,
+            va: DATA,
+            value: 1,
+        };
+        // count = 1 runs the body once; nested 3 × 5.
+        let w = T::words(&[
+            add,
+            Insn::Loop {
+                count: 1,
+                offset: -24,
+            },
+            add,
+            Insn::Loop {
+                count: 3,
+                offset: -24,
+            },
+            Insn::Loop {
+                count: 5,
+                offset: -40,
+            },
+            Insn::End,
+        ]);
+        let (end, st, _) = t.run(&w, true);
+        assert_eq!(end, Step::End);
+        assert_eq!(st.depth, 0);
+        assert_eq!(t.read(DATA), 1 + 15);
+    }
+
+    #[test]
+    fn errors_and_bounds() {
+        let mut t = T::new();
+        // Overrun, truncated instruction, undefined opcode, LOOP before the batch.
+        let (e, _, _) = t.run(&T::words(&[Insn::Nop]), true);
+        assert_eq!(e, err(Status::JobBatchOverrun, 0));
+        let (e, _, _) = t.run(&[header(OP_STORE, 0, 0, 0)], true);
+        assert_eq!(e, err(Status::JobBatchOverrun, 0));
+        let (e, _, _) = t.run(&[0xff], true);
+        assert_eq!(e, err(Status::JobInvalidInstruction, 0));
+        let w = T::words(&[Insn::Loop {
+            count: 2,
+            offset: -8,
+        }]);
+        let (e, _, _) = t.run(&w, true);
+        assert_eq!(e, err(Status::JobInvalidInstruction, 0));
+        // WAIT timeout (simulated time), DELAY completes, blocked FENCE.
+        let w = T::words(&[
+            Insn::Delay { ns: 5000 },
+            Insn::Wait {
+                size64: false,
+                op: CompareOp::Ne,
+                timeout_us: 10,
+                va: DATA + 0x100,
+                value: 0,
+            },
+        ]);
+        let (e, _, _) = t.run(&w, true);
+        assert_eq!(e, err(Status::JobSemaphoreTimeout, DATA + 0x100));
+        let w = T::words(&[Insn::Fence {
+            notify: true,
+            va: DATA,
+            value: 1,
+        }]);
+        let (e, st, _) = t.run(&w, false);
+        assert_eq!((e, st.pc), (Step::FenceBlocked, BATCH));
+        // A fault leaves the pc on the instruction and writes nothing.
+        let w = T::words(&[Insn::Fill {
+            va: DATA + 0xf000,
+            len: 0x2000,
+            pattern: 7,
+        }]);
+        let (e, st, _) = t.run(&w, true);
+        assert!(matches!(e, Step::Fault(f) if f.va == DATA + 0x10000));
+        assert_eq!(st.pc, BATCH);
+        assert_eq!(t.read(DATA + 0xf000), 0);
+    }
+
+    #[test]
+    fn zero_length_bulk_and_checksum() {
+        let mut t = T::new();
+        let w = T::words(&[
+            Insn::Copy {
+                dst: 1 << 47,
+                src: 1 << 47,
+                len: 0,
+            },
+            Insn::Checksum {
+                src: 0,
+                len: 0,
+                dst: DATA,
+            },
+            Insn::End,
+        ]);
+        let (e, _, _) = t.run(&w, true);
+        assert_eq!(e, Step::End);
+        assert_eq!(t.read(DATA), FNV1A64_OFFSET);
+    }
+}

@@ -18,7 +18,8 @@
 //! - [`isa`]: the command-stream executor;
 //! - [`engine`], [`timer`]: the engine threads and the latency timer;
 //! - [`outbox`]: events and completions, and their delivery;
-//! - [`timing`]: the timing model.
+//! - [`timing`]: the timing model;
+//! - [`fuzz`]: entry points shared by the fuzzers and the tests that replay their inputs.
 
 pub mod chain;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod control;
 pub mod daemon;
 mod engine;
 pub mod fault;
+pub mod fuzz;
 pub mod gpu;
 pub mod isa;
 pub mod mmu;

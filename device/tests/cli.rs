@@ -114,3 +114,43 @@ fn print_config_lists_the_config_values() {
     assert!(text.contains("magic=0x474d5653\n"), "{text}");
     assert!(text.contains("page_size_mask=0x201000\n"), "{text}");
 }
+
+#[test]
+fn stats_json_is_written_on_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stats.json");
+    let json_arg = json.to_str().unwrap().to_owned();
+    let mut d = DaemonProcess::spawn(&["--socket-count", "2", "--stats-json", &json_arg]);
+    d.wait_for_sockets(2);
+    {
+        let mut fe = TestFrontend::connect(&d.socket(1), 8 << 20);
+        fe.start(64);
+        for _ in 0..3 {
+            let (h, _, _) = fe.control(Opcode::GetInfo.as_u32(), &[], 40);
+            assert_eq!(h.status, 0);
+        }
+        let (h, _, _) = fe.control(0x4242, &[], 40);
+        assert_eq!(h.status, svmgpu_spec::Status::Unsupported.as_u32());
+    }
+    d.signal("TERM");
+    assert!(d.wait_exit().success());
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert!(text.starts_with("[{\"device_index\":0,"), "{text}");
+    assert!(
+        text.contains("{\"device_index\":1,\"commands_completed\":4,\"commands_failed\":1,"),
+        "{text}"
+    );
+    for key in [
+        "stale_accesses",
+        "tlb_hits",
+        "preemptions",
+        "page_faults",
+        "audit_mismatches",
+    ] {
+        assert_eq!(
+            text.matches(&format!("\"{key}\":")).count(),
+            2,
+            "{key}: {text}"
+        );
+    }
+}

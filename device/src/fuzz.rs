@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+
+//! Entry points for the fuzzers (`device/fuzz`, cargo-fuzz) and for the regression and
+//! property tests that replay their inputs (`tests/fuzz_regressions.rs`, `tests/proptests.rs`).
+//! Each takes arbitrary bytes and panics only if the device misbehaves: a panic inside the
+//! device, or a result that contradicts the spec's reference semantics.
+
+use std::sync::OnceLock;
+
+use svmgpu_spec::isa::Insn;
+use svmgpu_spec::pte::{self, PteKind};
+use svmgpu_spec::{FaultReason, RespHeader, Status, PAGE_SIZE_2M, PAGE_SIZE_4K, VA_BITS};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::config::DeviceOptions;
+use crate::context::{ExecState, Job};
+use crate::control::handle_request;
+use crate::gpu::Gpu;
+use crate::isa::{Executor, Step};
+use crate::mmu::audit::InvalLog;
+use crate::mmu::walker::{walk, Leaf};
+use crate::mmu::{Mmu, Space};
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_le_bytes(a)
+}
+
+/// The control decoder: `data[0..2]` is the response capacity, the rest a request.
+pub fn control(data: &[u8]) {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    let gpu = GPU.get_or_init(|| {
+        let o = DeviceOptions {
+            engines: 1,
+            tlb_inval_latency_ns: 0,
+            preempt_latency_ns: 0,
+            ..Default::default()
+        };
+        Gpu::new(0, &o).expect("device")
+    });
+    let cap = 16
+        + usize::from(u16::from_le_bytes([
+            data.first().copied().unwrap_or(0),
+            data.get(1).copied().unwrap_or(0),
+        ]));
+    let req = data.get(2..).unwrap_or(&[]);
+    let (resp, deferred) = handle_request(gpu, req, cap);
+    let bytes = resp.bytes();
+    assert!(bytes.len() >= RespHeader::SIZE && bytes.len() <= cap);
+    let h = RespHeader::decode(bytes).expect("header");
+    assert!(Status::from_u32(h.status).is_some());
+    assert_eq!(h.reserved, 0);
+    if h.status != Status::Ok.as_u32() {
+        assert_eq!(bytes.len(), RespHeader::SIZE);
+        assert!(deferred.is_none());
+    }
+    if let Some(d) = deferred {
+        gpu.start(d);
+    }
+}
+
+/// Size of the guest RAM image the walker and ISA fuzzers use.
+pub const IMAGE: usize = 64 << 10;
+
+/// A reference walk over a byte image at GPA 0 (spec section 10.2, written independently
+/// of `mmu::walker`): the leaf, or the fault reason and level.
+pub fn reference_walk(image: &[u8], root: u64, va: u64) -> Result<Leaf, (FaultReason, u32)> {
+    if va >> VA_BITS != 0 {
+        return Err((FaultReason::VaRange, 3));
+    }
+    let mut table = root;
+    for level in (0..4u32).rev() {
+        let idx = (va >> (12 + 9 * level)) & 511;
+        let addr = table.wrapping_add(idx * 8);
+        if table % 4096 != 0 || addr.checked_add(8).is_none_or(|e| e > image.len() as u64) {
+            return Err((FaultReason::BadTableAddress, level));
+        }
+        let raw = u64_at(image, addr as usize);
+        match pte::decode(raw, level) {
+            PteKind::NotPresent => return Err((FaultReason::NotPresent, level)),
+            PteKind::Reserved | PteKind::BadLevel => return Err((FaultReason::ReservedBit, level)),
+            PteKind::Table { pa } => table = pa,
+            PteKind::Leaf {
+                pa,
+                size,
+                writable,
+                executable,
+            } => {
+                if pa.checked_add(size).is_none_or(|e| e > image.len() as u64) {
+                    return Err((FaultReason::BadPageAddress, level));
+                }
+                return Ok(Leaf {
+                    page_va: va & !(size - 1),
+                    pa,
+                    huge: size == PAGE_SIZE_2M,
+                    writable,
+                    executable,
+                });
+            }
+        }
+    }
+    unreachable!("level 0 always returns")
+}
+
+fn image_memory(image: &[u8]) -> GuestMemoryMmap<()> {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), IMAGE)]).expect("mmap");
+    let n = image.len().min(IMAGE);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("write");
+    mem
+}
+
+/// The page walker: `data[0..8]` VA, `data[8..16]` root, the rest a RAM image at GPA 0.
+/// The walker must agree with [`reference_walk`].
+pub fn walker(data: &[u8]) {
+    let va = u64_at(data, 0);
+    // Roots inside (or just outside) the image, sometimes unaligned.
+    let root = u64_at(data, 8) % (IMAGE as u64 + 8192);
+    let image = data.get(16..).unwrap_or(&[]);
+    let mem = image_memory(image);
+    let mut full = vec![0u8; IMAGE];
+    full[..image.len().min(IMAGE)].copy_from_slice(&image[..image.len().min(IMAGE)]);
+    let got = walk(&mem, root, va).map_err(|f| (f.reason, f.level));
+    let want = reference_walk(&full, root, va);
+    assert_eq!(got, want, "va {va:#x} root {root:#x}");
+    if let Ok(l) = got {
+        assert_eq!(l.page_va % l.size(), 0);
+        assert_eq!(l.pa % l.size(), 0);
+        assert!(va >= l.page_va && va - l.page_va < l.size());
+        assert!(l.size() == PAGE_SIZE_4K || l.size() == PAGE_SIZE_2M);
+    }
+}
+
+/// Steps an executor may take on one fuzz input.
+pub const ISA_MAX_STEPS: usize = 4096;
+
+/// The ISA decoder and executor: `data` is a batch at VA 0x10000 in a 64 KiB space mapped
+/// 1:1 at GPA 0 with 4 KiB read-write-execute pages, whose page table lives outside it. Runs
+/// until the job ends, faults, or [`ISA_MAX_STEPS`]; WAIT/DELAY time is simulated.
+pub fn isa(data: &[u8]) {
+    // Decoding alone: every decodable prefix re-encodes to the same qwords.
+    let words: Vec<u64> = data
+        .chunks(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(a)
+        })
+        .collect();
+    if let Ok(insn) = Insn::decode(&words) {
+        let (w, n) = insn.encode();
+        assert_eq!(&w[..n], &words[..n], "{insn:?}");
+    }
+
+    // Execution. RAM: 64 KiB data space at GPA 0, page tables at 64 KiB.. (so the batch
+    // cannot rewrite them).
+    let ram = 2 * IMAGE;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram)]).expect("mmap");
+    let root = IMAGE as u64;
+    let (l2, l1, l0) = (root + 0x1000, root + 0x2000, root + 0x3000);
+    let put = |a: u64, v: u64| mem.write_obj(v, GuestAddress(a)).expect("pt");
+    put(root, pte::table(l2).unwrap_or(0));
+    put(l2, pte::table(l1).unwrap_or(0));
+    put(l1, pte::table(l0).unwrap_or(0));
+    let rwx = pte::Perms {
+        writable: true,
+        no_exec: false,
+    };
+    for i in 0..(IMAGE as u64 / PAGE_SIZE_4K) {
+        put(l0 + 8 * i, pte::page_4k(i * PAGE_SIZE_4K, rwx).unwrap_or(0));
+    }
+    let n = data.len().min(0x8000);
+    // The batch ends at the top of the space: running past it faults or overruns.
+    let batch_va = 0x1_0000u64 - (n as u64).div_ceil(8) * 8;
+    mem.write_slice(&data[..n], GuestAddress(batch_va))
+        .expect("batch");
+    let job = Job {
+        seqno: 1,
+        batch_va,
+        batch_len: u32::try_from(n.div_ceil(8).max(1) * 8).unwrap_or(8),
+    };
+    let log = InvalLog::new();
+    let sp = Space {
+        mem: &mem,
+        asid: 0,
+        root,
+        log: &log,
+        audit: true,
+    };
+    let mut mmu = Mmu::new(16, 4).expect("tlb");
+    let mut exec = Executor::new();
+    let mut st = ExecState::start(job);
+    for i in 0..ISA_MAX_STEPS {
+        match exec.step(&mut mmu, &sp, &mut st, i % 2 == 0) {
+            Step::Next | Step::Fence(_) | Step::FenceBlocked => {}
+            Step::Sleep(ns) => st.partial_ns = st.partial_ns.saturating_add(ns.max(1)),
+            Step::End | Step::Error { .. } | Step::Fault(_) => break,
+        }
+        assert!(st.depth <= svmgpu_spec::LOOP_MAX_DEPTH);
+        assert!(st.pc >= job.batch_va && st.pc <= job.batch_end());
+    }
+    assert_eq!(mmu.counters.stale, 0);
+}
