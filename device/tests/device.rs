@@ -1351,3 +1351,273 @@ fn perms_are_as_spec() {
         }
     );
 }
+
+#[test]
+fn completions_are_held_until_buffers_come_and_fences_wait_for_room() {
+    let be = InProcessBackend::start(0, &options());
+    let fe = TestFrontend::connect(&be.path, RAM);
+    let mut d = Driver::new(fe, 0);
+    let pt = d.page_table();
+    let batch = d.alloc_mapped(&pt, BATCH_VA, 64 << 10, RWX);
+    d.alloc_mapped(&pt, DATA_VA, 4096, RW);
+    d.bind(ASID, &pt);
+    d.create(1, ASID);
+    // 70 notifying fences: 64 are held, then the context waits for complq room.
+    let n = FENCE_BACKLOG + 6;
+    let mut insns = vec![
+        Insn::Fence {
+            notify: true,
+            va: DATA_VA,
+            value: 0,
+        };
+        n as usize
+    ];
+    for (i, f) in insns.iter_mut().enumerate() {
+        *f = Insn::Fence {
+            notify: true,
+            va: DATA_VA,
+            value: i as u64,
+        };
+    }
+    insns.push(Insn::End);
+    let s = d.run_batch(1, BATCH_VA, batch, &insns);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while be.gpu.held_records().1 < FENCE_BACKLOG as usize {
+        assert!(Instant::now() < deadline);
+        thread::sleep(Duration::from_millis(1));
+    }
+    thread::sleep(Duration::from_millis(5));
+    assert_eq!(
+        be.gpu.held_records().1,
+        FENCE_BACKLOG as usize,
+        "no more than the backlog"
+    );
+    // Buffers arrive: everything is delivered, in order, FENCEs before the JOB_DONE.
+    d.supply(100);
+    assert_eq!(d.wait_job(s), 0);
+    let values: Vec<u64> = d
+        .completions
+        .iter()
+        .filter(|c| c.kind == CompletionKind::Fence.as_u32())
+        .map(|c| c.value)
+        .collect();
+    assert_eq!(values, (0..u64::from(n)).collect::<Vec<_>>());
+    assert_eq!(be.gpu.held_records(), (0, 0));
+}
+
+#[test]
+fn event_backlog_overflow_is_reported_as_events_lost() {
+    let be = InProcessBackend::start(
+        0,
+        &DeviceOptions {
+            max_faults: 1,
+            ..options()
+        },
+    );
+    let fe = TestFrontend::connect(&be.path, RAM);
+    let mut d = Driver::new(fe, 0);
+    let pt = d.page_table();
+    let batch = d.alloc_mapped(&pt, BATCH_VA, 4096, RWX);
+    d.bind(ASID, &pt);
+    d.fe.ram.write(batch, &[0u8; 8]); // opcode 0: every job fails
+                                      // Completions flow (so that the test can wait for the jobs); events do not.
+    for _ in 0..128 {
+        let gpa = d.fe.ram.alloc(32, 64);
+        d.post_raw(false, gpa, 32);
+    }
+    let cap = 1 + EVENT_BACKLOG_EXTRA;
+    let n = cap + 5;
+    for ctx in 0..n {
+        d.create(ctx, ASID);
+        let s = d.submit(ctx, BATCH_VA, 8);
+        assert_eq!(d.wait_job(s), Status::JobInvalidInstruction.as_u32());
+    }
+    assert_eq!(be.gpu.held_records().0, cap as usize);
+    d.supply(100);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.events.len() < cap as usize + 1 {
+        assert!(Instant::now() < deadline, "{} events", d.events.len());
+        d.poll();
+        thread::sleep(Duration::from_millis(1));
+    }
+    let errors = d
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ContextError(_)))
+        .count();
+    assert_eq!(errors, cap as usize);
+    let lost: Vec<u64> = d
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::EventsLost(l) => Some(l.lost),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lost, vec![5]);
+    assert_eq!(d.stats().events_lost, 5);
+}
+
+#[test]
+fn random_command_storm_then_reset() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("svmgpu"))
+        {
+            PANICKED.store(true, Ordering::SeqCst);
+        }
+        prev(info);
+    }));
+
+    let mut r = Rig::new(
+        DeviceOptions {
+            max_contexts: 8,
+            max_faults: 4,
+            tlb_entries: 8,
+            tlb_ways: 2,
+            tlb_inval_latency_ns: 20_000,
+            preempt_latency_ns: 30_000,
+            timeslice_us: 100,
+            ..options()
+        },
+        (1 << SVMGPU_F_AUDIT) | (1 << SVMGPU_F_FAULT_COALESCE),
+    );
+    // SVMGPU_STORM_SEED=<u64> replays another storm.
+    let mut x: u64 = std::env::var("SVMGPU_STORM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15)
+        .max(1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..600 {
+        let v = next();
+        let ctx = (v >> 8) as u32 % 9; // 8 is out of range
+        let va = DATA_VA + (((v >> 16) % 0x8_0000) & !7);
+        match v % 12 {
+            0 => {
+                let b = CtxCreateReq {
+                    ctx_id: ctx,
+                    asid: ASID,
+                    flags: 0,
+                    reserved: 0,
+                };
+                let _ = r.d.cmd(Opcode::CtxCreate, &b.to_bytes());
+            }
+            1 => {
+                let _ = r.d.cmd(Opcode::CtxDestroy, &Driver::ctx_body(ctx));
+            }
+            2 | 3 => {
+                let insns = match v >> 40 & 3 {
+                    0 => vec![store64(va, v), Insn::End],
+                    1 => counting_loop(va, (v >> 20) as u32 % 50 + 1, 2_000),
+                    2 => vec![
+                        copy(va, DATA_VA + (v >> 30) % 0x4_0000, (v >> 50) % 9000),
+                        Insn::End,
+                    ],
+                    _ => vec![
+                        Insn::Fence {
+                            notify: true,
+                            va: va & !7,
+                            value: v,
+                        },
+                        Insn::Nop,
+                    ],
+                };
+                let bytes = encode(&insns);
+                let off = (v >> 24) % 60 * 1024;
+                r.d.fe.ram.write(r.batch + off, &bytes);
+                let b = JobSubmitReq {
+                    ctx_id: ctx,
+                    flags: 0,
+                    batch_va: BATCH_VA + off,
+                    batch_len: bytes.len() as u32,
+                    reserved: 0,
+                };
+                let _ = r.d.cmd(Opcode::JobSubmit, &b.to_bytes());
+            }
+            4 => {
+                let _ = r.d.cmd(Opcode::CtxPreempt, &Driver::ctx_body(ctx));
+            }
+            5 => {
+                let _ = r.d.cmd(Opcode::CtxResume, &Driver::ctx_body(ctx));
+            }
+            6 => {
+                // Unmap or remap a data page, sometimes with garbage.
+                let raw = match v >> 36 & 3 {
+                    0 => 0,
+                    1 => v | pte::PRESENT,
+                    _ => pte::page_4k(r.data + ((v >> 20) % 64) * 4096, RW).unwrap(),
+                };
+                r.d.set_pte(&r.pt, va & !0xfff, 0, raw);
+            }
+            7 => {
+                let b = TlbInvalidateReq {
+                    asid: if v >> 33 & 1 == 0 { ASID } else { ASID_ALL },
+                    flags: (v >> 33 & 1) as u32,
+                    va: if v >> 33 & 1 == 0 { va & !0xfff } else { 0 },
+                    size: if v >> 33 & 1 == 0 {
+                        4096 * ((v >> 50) % 16 + 1)
+                    } else {
+                        0
+                    },
+                };
+                let _ = r.d.cmd(Opcode::TlbInvalidate, &b.to_bytes());
+            }
+            8 | 9 => {
+                r.d.poll();
+                let faults: Vec<PageFaultEvent> =
+                    r.d.events
+                        .drain(..)
+                        .filter_map(|(_, e)| match e {
+                            Event::PageFault(f) => Some(f),
+                            _ => None,
+                        })
+                        .collect();
+                for f in faults {
+                    if v >> 35 & 1 == 0 {
+                        let pa = r.data + ((f.va >> 12) % 64) * 4096;
+                        r.d.map_4k(&r.pt, f.va & !0xfff, pa, RW);
+                        r.d.reply(f.fault_id, FaultAction::Resume);
+                    } else {
+                        r.d.reply(f.fault_id, FaultAction::Cancel);
+                    }
+                }
+                r.d.completions.clear();
+            }
+            10 => {
+                let b = FaultReplyReq {
+                    fault_id: v >> 50,
+                    action: (v >> 20) as u32 % 4,
+                    flags: 0,
+                };
+                let _ = r.d.cmd(Opcode::FaultReply, &b.to_bytes());
+            }
+            _ => {
+                let raw: Vec<u8> = (0..(v % 40) as usize)
+                    .map(|i| (v >> (i % 56)) as u8)
+                    .collect();
+                let _ = r.d.fe.control_bytes(&raw, 64);
+            }
+        }
+    }
+    // Still serving; a reset brings it back to a clean state.
+    r.d.ok(Opcode::Reset, &ResetReq::default().to_bytes());
+    r.d.bind(ASID, &r.pt);
+    r.d.map_4k(&r.pt, DATA_VA, r.data, RW);
+    r.d.create(0, ASID);
+    r.run_ok(0, &[store64(DATA_VA, 0x5a5a), Insn::End]);
+    assert_eq!(r.d.read_u64(r.data), 0x5a5a);
+    let st = r.d.stats();
+    assert_eq!(st.stale_accesses, 0);
+    assert!(st.commands_completed >= 300, "{st:?}");
+    assert!(!PANICKED.load(Ordering::SeqCst), "a device thread panicked");
+}
