@@ -1621,3 +1621,30 @@ fn random_command_storm_then_reset() {
     assert!(st.commands_completed >= 300, "{st:?}");
     assert!(!PANICKED.load(Ordering::SeqCst), "a device thread panicked");
 }
+
+#[test]
+fn two_pass_invalidation_on_two_devices_overlaps_the_latencies() {
+    let lat = Duration::from_millis(30);
+    let opts = DeviceOptions {
+        tlb_inval_latency_ns: lat.as_nanos() as u32,
+        ..options()
+    };
+    let mut a = Rig::new(opts.clone(), 0);
+    let mut b = Rig::new(opts, 0);
+    // Single pass: invalidate and wait on each device in turn.
+    let t = Instant::now();
+    for r in [&mut a, &mut b] {
+        let s = r.d.invalidate(ASID, DATA_VA, 4096);
+        assert_eq!(r.d.wait_done(s).status, 0);
+    }
+    let single = t.elapsed();
+    // Two passes: start both, then wait for both.
+    let t = Instant::now();
+    let sa = a.d.invalidate(ASID, DATA_VA, 4096);
+    let sb = b.d.invalidate(ASID, DATA_VA, 4096);
+    assert_eq!(a.d.wait_done(sa).status, 0);
+    assert_eq!(b.d.wait_done(sb).status, 0);
+    let two = t.elapsed();
+    assert!(single >= 2 * lat, "{single:?}");
+    assert!(two >= lat && two < single, "two-pass {two:?}, single-pass {single:?}");
+}
