@@ -874,6 +874,107 @@ impl Drop for Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::handle_request;
+    use crate::mmu::walker::tests::{ram, Pt};
+    use svmgpu_spec::isa::Insn;
+    use svmgpu_spec::pte::Perms;
+    use svmgpu_spec::{
+        AsidBindReq, CtrlHeader, CtxCreateReq, JobSubmitReq, RespHeader, TlbInvalidateReq,
+    };
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn send(g: &Gpu, op: Opcode, body: &[u8]) -> u32 {
+        let mut req = CtrlHeader {
+            opcode: op.as_u32(),
+            flags: 0,
+            seqno: 9,
+        }
+        .to_bytes()
+        .to_vec();
+        req.extend_from_slice(body);
+        let (resp, d) = handle_request(g, &req, 256);
+        if let Some(d) = d {
+            g.start(d);
+        }
+        RespHeader::decode(resp.bytes()).unwrap().status
+    }
+
+    fn wait_held(g: &Gpu, completions: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while g.held_records().1 < completions {
+            assert!(Instant::now() < deadline, "{:?}", g.held_records());
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn jobs_and_invalidations_without_a_connection() {
+        let o = DeviceOptions {
+            engines: 1,
+            tlb_inval_latency_ns: 0,
+            walk_latency_ns: 0,
+            insn_cost_ns: 0,
+            ..Default::default()
+        };
+        let g = Gpu::new(0, &o).unwrap();
+        let mem = ram();
+        let mut pt = Pt::new();
+        let rw = Perms {
+            writable: true,
+            no_exec: false,
+        };
+        pt.map_4k(&mem, 0x1000, 0x40_0000, rw);
+        pt.map_4k(&mem, 0x2000, 0x41_0000, rw);
+        g.set_memory(Some(GuestMemoryAtomic::new(mem.clone())));
+        let bind = AsidBindReq {
+            asid: 1,
+            flags: 0,
+            pt_root: pt.root,
+        };
+        assert_eq!(send(&g, Opcode::AsidBind, &bind.to_bytes()), 0);
+        let create = CtxCreateReq {
+            ctx_id: 3,
+            asid: 1,
+            flags: 0,
+            reserved: 0,
+        };
+        assert_eq!(send(&g, Opcode::CtxCreate, &create.to_bytes()), 0);
+        let mut batch = [0u8; 32];
+        let n = Insn::Store {
+            size64: true,
+            va: 0x2008,
+            value: 77,
+        }
+        .encode_bytes(&mut batch)
+        .unwrap();
+        Insn::End.encode_bytes(&mut batch[n..]).unwrap();
+        mem.write_slice(&batch, GuestAddress(0x40_0000)).unwrap();
+        let job = JobSubmitReq {
+            ctx_id: 3,
+            flags: 0,
+            batch_va: 0x1000,
+            batch_len: 32,
+            reserved: 0,
+        };
+        assert_eq!(send(&g, Opcode::JobSubmit, &job.to_bytes()), 0);
+        // No rings: the JOB_DONE is held, the store is done.
+        wait_held(&g, 1);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x41_0008)).unwrap(), 77);
+        let inv = TlbInvalidateReq {
+            asid: 1,
+            flags: 0,
+            va: 0x1000,
+            size: 0x2000,
+        };
+        assert_eq!(send(&g, Opcode::TlbInvalidate, &inv.to_bytes()), 0);
+        wait_held(&g, 2);
+        assert_eq!(g.stats().get(Counter::TlbInvalidations), 1);
+        assert_eq!(g.stats().get(Counter::TlbEntriesInvalidated), 2);
+        // A virtio reset discards what is held.
+        g.virtio_reset();
+        assert_eq!(g.held_records(), (0, 0));
+        assert_eq!(g.stats().get(Counter::Resets), 1);
+    }
 
     #[test]
     fn new_validates_and_stops() {

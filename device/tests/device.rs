@@ -1646,5 +1646,8 @@ fn two_pass_invalidation_on_two_devices_overlaps_the_latencies() {
     assert_eq!(b.d.wait_done(sb).status, 0);
     let two = t.elapsed();
     assert!(single >= 2 * lat, "{single:?}");
-    assert!(two >= lat && two < single, "two-pass {two:?}, single-pass {single:?}");
+    assert!(
+        two >= lat && two < single,
+        "two-pass {two:?}, single-pass {single:?}"
+    );
 }
