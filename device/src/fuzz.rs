@@ -204,3 +204,188 @@ pub fn isa(data: &[u8]) {
     }
     assert_eq!(mmu.counters.stale, 0);
 }
+
+/// The whole device, driven by a command sequence: `data` is read as 16-byte operations
+/// (create, destroy, submit a batch taken from the input, preempt, resume, invalidate,
+/// write a PTE, reply to a fault) against a device with guest RAM, two engines and no
+/// modelled latency. Every input starts and ends with RESET; the device must answer every
+/// request and stay exact (no stale access in audit mode).
+pub fn sequence(data: &[u8]) {
+    use svmgpu_spec::{
+        AsidBindReq, CtrlHeader, CtxCreateReq, CtxReq, FaultReplyReq, JobSubmitReq, Opcode,
+        ResetReq, TlbInvalidateReq,
+    };
+    use vm_memory::GuestMemoryAtomic;
+
+    const RAM: usize = 4 << 20;
+    const ROOT: u64 = 0x10_0000;
+    const BATCH: u64 = 0x20_0000; // VA and GPA of a 64 KiB batch window
+    const DATA: u64 = 0x30_0000; // VA of a 256 KiB data window, GPA 0x30_0000..
+    static DEV: OnceLock<(Gpu, GuestMemoryMmap<()>)> = OnceLock::new();
+    let (gpu, mem) = DEV.get_or_init(|| {
+        let o = DeviceOptions {
+            engines: 2,
+            max_contexts: 4,
+            max_faults: 2,
+            tlb_entries: 8,
+            tlb_ways: 2,
+            tlb_inval_latency_ns: 0,
+            preempt_latency_ns: 0,
+            walk_latency_ns: 0,
+            insn_cost_ns: 0,
+            timeslice_us: 50,
+            audit: true,
+            ..Default::default()
+        };
+        let gpu = Gpu::new(0, &o).expect("device");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).expect("mmap");
+        gpu.set_memory(Some(GuestMemoryAtomic::new(mem.clone())));
+        (gpu, mem)
+    });
+    let send = |op: Opcode, body: &[u8]| {
+        let mut req = CtrlHeader {
+            opcode: op.as_u32(),
+            flags: 0,
+            seqno: 1,
+        }
+        .to_bytes()
+        .to_vec();
+        req.extend_from_slice(body);
+        let (resp, d) = handle_request(gpu, &req, 256);
+        assert!(RespHeader::decode(resp.bytes()).is_some());
+        if let Some(d) = d {
+            gpu.start(d);
+        }
+    };
+    let put = |a: u64, v: u64| {
+        let _ = mem.write_obj(v, GuestAddress(a));
+    };
+    // A fresh page table: batch window RWX, data window RW, 4 KiB pages, tables at ROOT...
+    send(Opcode::Reset, &ResetReq::default().to_bytes());
+    let _ = mem.write_slice(&[0u8; 0x4000], GuestAddress(ROOT));
+    put(ROOT, pte::table(ROOT + 0x1000).unwrap_or(0));
+    put(ROOT + 0x1000, pte::table(ROOT + 0x2000).unwrap_or(0));
+    put(ROOT + 0x2000 + 8, pte::table(ROOT + 0x3000).unwrap_or(0)); // VA 2 MiB..4 MiB
+    let rwx = pte::Perms {
+        writable: true,
+        no_exec: false,
+    };
+    for i in 0..(0x2_0000u64 / PAGE_SIZE_4K) {
+        put(
+            ROOT + 0x3000 + 8 * i,
+            pte::page_4k(BATCH + i * PAGE_SIZE_4K, rwx).unwrap_or(0),
+        );
+    }
+    let data_slot = |va: u64| ROOT + 0x3000 + 8 * (((DATA - BATCH) + (va % 0x4_0000)) >> 12);
+    for i in 0..(0x4_0000u64 / PAGE_SIZE_4K) {
+        put(
+            data_slot(i * PAGE_SIZE_4K),
+            pte::page_4k(DATA + i * PAGE_SIZE_4K, rwx).unwrap_or(0),
+        );
+    }
+    send(
+        Opcode::AsidBind,
+        &AsidBindReq {
+            asid: 0,
+            flags: 0,
+            pt_root: ROOT,
+        }
+        .to_bytes(),
+    );
+    let mut batch_off = 0u64;
+    for op in data.chunks(16).take(64) {
+        let a = u64_at(op, 0);
+        let b = u64_at(op, 8);
+        let ctx = (a >> 8) as u32 % 5;
+        match a % 9 {
+            0 => send(
+                Opcode::CtxCreate,
+                &CtxCreateReq {
+                    ctx_id: ctx,
+                    asid: (a >> 16) as u32 % 2,
+                    flags: 0,
+                    reserved: 0,
+                }
+                .to_bytes(),
+            ),
+            1 => send(
+                Opcode::CtxDestroy,
+                &CtxReq {
+                    ctx_id: ctx,
+                    flags: 0,
+                }
+                .to_bytes(),
+            ),
+            2 | 3 => {
+                // The rest of the input (up to 256 bytes) is the batch.
+                let at = data.len().min(((a >> 20) as usize) % 512);
+                let bytes = &data[at..data.len().min(at + 256)];
+                let off = batch_off;
+                batch_off = (batch_off + 512) % 0x1_0000;
+                let _ = mem.write_slice(bytes, GuestAddress(BATCH + off));
+                send(
+                    Opcode::JobSubmit,
+                    &JobSubmitReq {
+                        ctx_id: ctx,
+                        flags: 0,
+                        batch_va: BATCH + off,
+                        batch_len: (bytes.len() as u32).div_ceil(8).max(1) * 8,
+                        reserved: 0,
+                    }
+                    .to_bytes(),
+                );
+            }
+            4 => send(
+                Opcode::CtxPreempt,
+                &CtxReq {
+                    ctx_id: ctx,
+                    flags: 0,
+                }
+                .to_bytes(),
+            ),
+            5 => send(
+                Opcode::CtxResume,
+                &CtxReq {
+                    ctx_id: ctx,
+                    flags: 0,
+                }
+                .to_bytes(),
+            ),
+            6 => send(
+                Opcode::TlbInvalidate,
+                &TlbInvalidateReq {
+                    asid: 0,
+                    flags: (b & 1) as u32,
+                    va: if b & 1 == 0 {
+                        (b >> 8) & 0xffff_f000
+                    } else {
+                        0
+                    },
+                    size: if b & 1 == 0 {
+                        4096 * ((b >> 40) % 8 + 1)
+                    } else {
+                        0
+                    },
+                }
+                .to_bytes(),
+            ),
+            7 => put(data_slot(b & 0x3_f000), b.rotate_left((a >> 32) as u32)),
+            _ => send(
+                Opcode::FaultReply,
+                &FaultReplyReq {
+                    fault_id: b % 64,
+                    action: 1 + (a >> 12) as u32 % 2,
+                    flags: 0,
+                }
+                .to_bytes(),
+            ),
+        }
+    }
+    send(Opcode::Reset, &ResetReq::default().to_bytes());
+    assert_eq!(
+        gpu.held_records().1,
+        0,
+        "a reset leaves no completion behind"
+    );
+    assert_eq!(gpu.stats().get(crate::stats::Counter::StaleAccesses), 0);
+}

@@ -195,6 +195,21 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..config() })]
+
+    #[test]
+    fn command_sequences(ops in prop::collection::vec(any::<[u64; 2]>(), 0..48), batch in batch()) {
+        let mut data: Vec<u8> = ops.iter().flat_map(|[a, b]| {
+            let mut v = a.to_le_bytes().to_vec();
+            v.extend(b.to_le_bytes());
+            v
+        }).collect();
+        data.extend(batch);
+        fuzz::sequence(&data);
+    }
+}
+
 fn replay(target: &str, f: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fuzz_regressions")
