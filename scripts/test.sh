@@ -34,13 +34,15 @@ step "set-up (cached after the first run)" "$SVMGPU_ROOT/scripts/setup.sh" --qui
 
 results=()
 failed=0
+total_p=0 total_f=0 total_s=0
 if [[ $HOST -eq 1 ]]; then
     host_suite() {
         (cd "$SVMGPU_ROOT" && cargo test --workspace 2>&1 | tee "$OUT/cargo-test.log")
     }
     if step "host suite: cargo test --workspace" host_suite; then
-        results+=("host: $(grep -E '^test result:' "$OUT/cargo-test.log" \
-            | awk '{p+=$4; f+=$6} END {printf "%d passed, %d failed", p, f}')")
+        host=$(grep -E '^test result:' "$OUT/cargo-test.log" | awk '{p+=$4; f+=$6} END {print p+0, f+0}')
+        total_p=$((total_p + ${host% *})); total_f=$((total_f + ${host#* }))
+        results+=("host: ${host% *} passed, ${host#* } failed")
     else
         failed=1; results+=("host: cargo test FAILED (see $OUT/cargo-test.log)")
     fi
@@ -50,7 +52,7 @@ if [[ $GUEST -eq 1 ]]; then
     for n in $GPU_COUNTS; do
         dir="$OUT/guest-$n"
         guest_suite() {
-            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --check-console --timeout 600 \
+            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout 600 \
                 -- /bin/svmgpu-ktap --out /dev/ttyS1 >"$OUT/guest-$n.out" 2>&1
         }
         rc=0
@@ -60,20 +62,22 @@ if [[ $GUEST -eq 1 ]]; then
         if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$dir/console.log" 2>>"$OUT/guest-$n.out"; then
             rc=1; summary+=$'\n'"guest-$n: kernel console shows a warning/BUG/lockdep/DMA-API report"
         fi
-        first=$(grep -m1 -n 'KTAP version 1' "$dir/channel.log" >/dev/null 2>&1 && \
-            grep -m1 'svmgpu-guest: booted in' "$dir/console.log" | sed 's/.*booted in //' || true)
-        [[ -n $first ]] && log "guest-$n: userspace reached after $first of guest uptime"
+        first=$(sed -n 's/^# guest uptime at first test: //p' "$dir/channel.log" 2>/dev/null | head -n1)
+        [[ -n $first ]] && log "guest-$n: boot to first test: $first of guest uptime"
         if [[ $rc -ne 0 ]]; then
             failed=1
             tail -n 40 "$OUT/guest-$n.out" >&2 || true
         fi
         results+=("$(echo "$summary" | tail -n1)")
+        read -r p f s < <(echo "$summary" | tail -n1 | awk '{print $2, $4, $6}')
+        total_p=$((total_p + ${p:-0})); total_f=$((total_f + ${f:-0})); total_s=$((total_s + ${s:-0}))
     done
 fi
 
 echo
 echo "==== svmgpu test summary ($(elapsed) s; logs in $OUT) ===="
 printf '%s\n' "${results[@]}"
+echo "total: $total_p passed, $total_f failed, $total_s skipped"
 if [[ $failed -ne 0 ]]; then
     echo "RESULT: FAILED"
     exit 1

@@ -49,6 +49,12 @@ fn main() {
         .filter(|t| only.as_deref().is_none_or(|o| o == t.0))
         .collect();
     let mut k = ktap::Ktap::new(out, selected.len());
+    if let Ok(uptime) = std::fs::read_to_string("/proc/uptime") {
+        k.diag(&format!(
+            "guest uptime at first test: {} s",
+            uptime.split_whitespace().next().unwrap_or("?")
+        ));
+    }
     for (name, test) in selected {
         test(&env, name, &mut k);
     }
