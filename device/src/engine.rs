@@ -59,7 +59,8 @@ fn run_slice(
     };
     let t = sh.timing;
     let audit = sh.audit();
-    let deadline = Instant::now() + Duration::from_nanos(t.timeslice_ns);
+    let started = Instant::now();
+    let deadline = started + Duration::from_nanos(t.timeslice_ns);
     let mut pacer = Pacer::new();
     let mut insns = 0u64;
     let end = loop {
@@ -129,5 +130,13 @@ fn run_slice(
     s.add(Counter::AuditChecks, c.audit_checks);
     s.add(Counter::StaleAccesses, c.stale);
     s.add_extra(Extra::AuditMismatches, c.mismatches);
+    if let Some(es) = s.engine(e) {
+        let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        es.slices.fetch_add(1, Ordering::Relaxed);
+        es.busy_ns.fetch_add(busy, Ordering::Relaxed);
+        es.instructions.fetch_add(insns, Ordering::Relaxed);
+        es.tlb_hits.fetch_add(c.hits, Ordering::Relaxed);
+        es.tlb_misses.fetch_add(c.misses, Ordering::Relaxed);
+    }
     (st, end)
 }

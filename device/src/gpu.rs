@@ -721,7 +721,7 @@ impl Gpu {
             options: options.clone(),
             config,
             config_bytes: config.to_bytes(),
-            stats: Stats::new(),
+            stats: Stats::with_engines(options.engines as usize),
             timing: options.timing(),
             mem: RwLock::new(None),
             state: Mutex::new(State {

@@ -100,17 +100,46 @@ impl Extra {
     }
 }
 
+/// One engine's counters (JSON only): how busy it is and how well its TLB does.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Time slices run.
+    pub slices: AtomicU64,
+    /// Time spent running contexts, in nanoseconds.
+    pub busy_ns: AtomicU64,
+    /// Instructions executed.
+    pub instructions: AtomicU64,
+    /// Accesses translated by a TLB hit.
+    pub tlb_hits: AtomicU64,
+    /// Accesses that needed a walk.
+    pub tlb_misses: AtomicU64,
+}
+
 /// The statistics of one device. Counters are monotonic from backend start.
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: [AtomicU64; NUM_COUNTERS],
     extra: [AtomicU64; 2],
+    engines: Vec<EngineStats>,
 }
 
 impl Stats {
-    /// All counters zero.
+    /// All counters zero, no per-engine counters.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// All counters zero, with per-engine counters for `engines` engines.
+    pub fn with_engines(engines: usize) -> Self {
+        Self {
+            engines: (0..engines).map(|_| EngineStats::default()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The counters of engine `e`.
+    pub fn engine(&self, e: usize) -> Option<&EngineStats> {
+        self.engines.get(e)
     }
 
     /// Adds one; returns the value before.
@@ -158,7 +187,21 @@ impl Stats {
         for &c in Extra::ALL {
             let _ = write!(s, ",\"{}\":{}", c.name(), self.get_extra(c));
         }
-        s.push('}');
+        s.push_str(",\"engines\":[");
+        for (i, e) in self.engines.iter().enumerate() {
+            let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let _ = write!(
+                s,
+                "{}{{\"engine\":{i},\"slices\":{},\"busy_ns\":{},\"instructions\":{},\"tlb_hits\":{},\"tlb_misses\":{}}}",
+                if i == 0 { "" } else { "," },
+                ld(&e.slices),
+                ld(&e.busy_ns),
+                ld(&e.instructions),
+                ld(&e.tlb_hits),
+                ld(&e.tlb_misses)
+            );
+        }
+        s.push_str("]}");
         s
     }
 }
@@ -207,6 +250,18 @@ mod tests {
         s.inc_extra(Extra::FaultsCoalesced);
         assert!(s
             .to_json(3)
-            .ends_with("\"audit_mismatches\":0,\"faults_coalesced\":1}"));
+            .ends_with("\"audit_mismatches\":0,\"faults_coalesced\":1,\"engines\":[]}"));
+        let e = Stats::with_engines(2);
+        e.engine(1).unwrap().slices.fetch_add(3, Ordering::Relaxed);
+        assert!(e.engine(2).is_none());
+        let j = e.to_json(0);
+        assert!(
+            j.ends_with(
+                "\"engines\":[{\"engine\":0,\"slices\":0,\"busy_ns\":0,\"instructions\":0,\
+                 \"tlb_hits\":0,\"tlb_misses\":0},{\"engine\":1,\"slices\":3,\"busy_ns\":0,\
+                 \"instructions\":0,\"tlb_hits\":0,\"tlb_misses\":0}]}"
+            ),
+            "{j}"
+        );
     }
 }
