@@ -23,11 +23,15 @@ EOF
 KDIR="$SVMGPU_CACHE/kernel/work"
 PATCHES="$SVMGPU_ROOT/guest-driver/kernel/patches"
 FRAGMENT="$SVMGPU_ROOT/guest-driver/kernel/svmgpu.config"
+# The driver's DRM uAPI header: one source of truth in guest-driver/uapi, copied into the
+# tree as include/uapi/drm/svmgpu_drm.h for the kernel's Rust `uapi` crate (the patches
+# add it to rust/uapi/uapi_helper.h).
+UAPI_HEADER="$SVMGPU_ROOT/guest-driver/uapi/svmgpu_drm.h"
 
 kernel_key() {
     hash_inputs "$LINUX_SOURCE_PKG=$LINUX_SOURCE_VER" "rust-src=$RUST_SRC_VER" \
         "bindgen=$BINDGEN_VER" "llvm=$LLVM_SUFFIX" "$(rustc --version)" \
-        "$PATCHES" "$FRAGMENT" "${BASH_SOURCE[0]}"
+        "$PATCHES" "$FRAGMENT" "$UAPI_HEADER" "${BASH_SOURCE[0]}"
 }
 
 ensure_toolchain() {
@@ -72,6 +76,7 @@ prepare_source() {
         log "applying $(basename "$p")"
         patch -d "$staging" -p1 --quiet --forward <"$p"
     done
+    cp "$UAPI_HEADER" "$staging/include/uapi/drm/svmgpu_drm.h"
     mkdir -p "$KDIR/src"
     rsync -rl --checksum --delete "$staging/" "$KDIR/src/"
     rm -rf "$staging"

@@ -1,0 +1,294 @@
+/* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR BSD-3-Clause */
+/*
+ * svmgpu DRM uAPI: one render node (/dev/dri/renderD*) per svmgpu device.
+ *
+ * This file is the single source of truth: scripts/build-kernel.sh copies it into the
+ * guest kernel tree as include/uapi/drm/svmgpu_drm.h, where the kernel's Rust `uapi`
+ * crate picks it up (rust/uapi/uapi_helper.h, see guest-driver/kernel/patches), and the
+ * Rust userspace crate guest-driver/user mirrors it (its tests pin every size).
+ *
+ * Model
+ * -----
+ * - A *VM* is a GPU virtual address space (48-bit VAs) on one device: an ASID with a
+ *   4-level page table in guest memory that the driver builds. A VM is created in
+ *   *fault mode* or not:
+ *   - not fault mode: VM_BIND faults the CPU pages in at bind time (and fails with EFAULT
+ *     if they are not there); EXEC revalidates every binding whose CPU pages were
+ *     invalidated since (MMU notifier) before the job is queued;
+ *   - fault mode: VM_BIND only records the binding; the device's recoverable page faults
+ *     populate it on first GPU access (a GPU access to an address with no binding, or
+ *     to a binding whose CPU pages cannot be faulted in, fails the job with -EFAULT).
+ * - An *exec queue* is a device context on one VM. Jobs of one queue run in submission
+ *   order. A *long-running* queue is preempted (not waited for) when CPU pages it may use
+ *   are invalidated, and resumed once they are bound again.
+ * - A *binding* maps [va, va + size) of a VM to the CPU range [userptr, userptr + size)
+ *   of the calling process, without pinning: the driver follows the CPU page tables
+ *   through an MMU interval notifier (munmap, mprotect, madvise, fork/COW, migration...).
+ * - EXEC returns a *fence*: a per-queue sequence number, signalled when the job (and
+ *   every earlier job of the queue) completed. WAIT waits for one with a timeout and
+ *   reports the job's outcome. (The kernel's Rust tree has no dma_fence/syncobj
+ *   abstraction yet; these fences are the driver's own, see guest-driver/README.md.)
+ *
+ * Every ioctl validates all its arguments: undefined flags and nonzero padding fields
+ * are EINVAL; unknown VM/queue ids are ENOENT; ENODEV means the device was removed (the
+ * file stays usable only for closing); EFAULT means the argument pointer itself is bad
+ * (and for VM_BIND also the CPU range, see there); ERESTARTSYS/EINTR a signal arrived.
+ * An ioctl that fails has no effect.
+ */
+#ifndef _UAPI_SVMGPU_DRM_H_
+#define _UAPI_SVMGPU_DRM_H_
+
+#include "drm.h"
+
+#if defined(__cplusplus)
+extern "C" {
+#endif
+
+/* Size of the device config space and of a GET_INFO response body (spec/svmgpu.md). */
+#define SVMGPU_CONFIG_SIZE 64
+#define SVMGPU_INFO_SIZE 40
+/* Number of GET_STATS counters (spec/svmgpu.md, "Statistics"). */
+#define SVMGPU_NUM_STATS 24
+
+/* Notifier modes (module parameter notifier_mode=single|twopass). */
+#define SVMGPU_NOTIFIER_SINGLE 0
+#define SVMGPU_NOTIFIER_TWOPASS 1
+
+/* DEVICE_QUERY flags. */
+#define SVMGPU_QUERY_F_STATS (1u << 0) /* also fetch the device's GET_STATS counters */
+
+/**
+ * struct drm_svmgpu_device_query - DRM_IOCTL_SVMGPU_DEVICE_QUERY
+ * @flags: in: SVMGPU_QUERY_F_*.
+ * @bus_index: out: N of the device's virtioN name on the virtio bus.
+ * @round_trip_ns: out: time of a GET_INFO command this call sent to the device.
+ * @features: out: the virtio feature bits the driver negotiated.
+ * @notifier_mode: out: SVMGPU_NOTIFIER_* in use.
+ * @pad: zero.
+ * @invalidations: out: MMU-notifier invalidations that had to stop this device
+ *   (TLB invalidation and/or preemption) since the driver bound it.
+ * @invalidation_ns: out: total time from the start of those invalidations (first pass)
+ *   to the end of their wait (second pass, or the single pass).
+ * @gpu_faults: out: GPU page faults the driver handled.
+ * @gpu_faults_failed: out: of those, the ones answered CANCEL (the job got -EFAULT).
+ * @config: out: the config space, raw (little-endian), as read at probe.
+ * @info: out: the body of the GET_INFO response the device sent for this call.
+ * @stats: out (with SVMGPU_QUERY_F_STATS, else zero): the GET_STATS counters.
+ *
+ * Errors: EINVAL (undefined flag), ETIMEDOUT (the device did not answer in 5 s), EIO (it
+ * answered with an error or a malformed response), EBUSY (every command slot in use),
+ * ENODEV.
+ */
+struct drm_svmgpu_device_query {
+	__u32 flags;
+	__u32 bus_index;
+	__u64 round_trip_ns;
+	__u64 features;
+	__u32 notifier_mode;
+	__u32 pad;
+	__u64 invalidations;
+	__u64 invalidation_ns;
+	__u64 gpu_faults;
+	__u64 gpu_faults_failed;
+	__u8 config[SVMGPU_CONFIG_SIZE];
+	__u8 info[SVMGPU_INFO_SIZE];
+	__u64 stats[SVMGPU_NUM_STATS];
+};
+
+/* VM_CREATE flags. */
+#define SVMGPU_VM_CREATE_FAULT_MODE (1u << 0)
+
+/**
+ * struct drm_svmgpu_vm_create - DRM_IOCTL_SVMGPU_VM_CREATE
+ * @flags: in: SVMGPU_VM_CREATE_*.
+ * @vm_id: out: the new VM's id (nonzero, unique within the file).
+ *
+ * Errors: EINVAL (undefined flag), ENOSPC (every device ASID is in use), ENOMEM, EIO /
+ * ETIMEDOUT (the device refused or did not answer ASID_BIND), ENODEV.
+ */
+struct drm_svmgpu_vm_create {
+	__u32 flags;
+	__u32 vm_id;
+};
+
+/**
+ * struct drm_svmgpu_vm_destroy - DRM_IOCTL_SVMGPU_VM_DESTROY
+ * @vm_id: in: the VM.
+ * @pad: zero.
+ *
+ * Unbinds everything still bound (with TLB invalidation), releases the ASID and the page
+ * tables. Errors: EINVAL (pad), ENOENT (no such VM), EBUSY (exec queues still use it).
+ */
+struct drm_svmgpu_vm_destroy {
+	__u32 vm_id;
+	__u32 pad;
+};
+
+/* EXEC_QUEUE_CREATE flags. */
+#define SVMGPU_EXEC_QUEUE_LONG_RUNNING (1u << 0)
+
+/**
+ * struct drm_svmgpu_exec_queue_create - DRM_IOCTL_SVMGPU_EXEC_QUEUE_CREATE
+ * @vm_id: in: the VM the queue's jobs run in.
+ * @flags: in: SVMGPU_EXEC_QUEUE_*.
+ * @queue_id: out: the new queue's id (nonzero, unique within the file).
+ * @pad: zero.
+ *
+ * Errors: EINVAL (flag, pad), ENOENT (no such VM), ENOSPC (every device context is in
+ * use), ENOMEM, EIO/ETIMEDOUT (CTX_CREATE failed), ENODEV.
+ */
+struct drm_svmgpu_exec_queue_create {
+	__u32 vm_id;
+	__u32 flags;
+	__u32 queue_id;
+	__u32 pad;
+};
+
+/**
+ * struct drm_svmgpu_exec_queue_destroy - DRM_IOCTL_SVMGPU_EXEC_QUEUE_DESTROY
+ * @queue_id: in: the queue.
+ * @pad: zero.
+ *
+ * Stops the queue's context (jobs still queued or running are discarded: their fences
+ * signal with -ECANCELED). Errors: EINVAL (pad), ENOENT (no such queue).
+ */
+struct drm_svmgpu_exec_queue_destroy {
+	__u32 queue_id;
+	__u32 pad;
+};
+
+/* VM_BIND operations. */
+#define SVMGPU_VM_BIND_OP_MAP_USERPTR 1
+#define SVMGPU_VM_BIND_OP_UNMAP 2
+/* VM_BIND flags (MAP_USERPTR only). */
+#define SVMGPU_VM_BIND_F_READONLY (1u << 0) /* GPU writes and atomics fault (-EFAULT) */
+
+/* Largest single binding. */
+#define SVMGPU_MAX_BIND_SIZE (1ull << 30)
+
+/**
+ * struct drm_svmgpu_vm_bind - DRM_IOCTL_SVMGPU_VM_BIND
+ * @vm_id: in: the VM.
+ * @op: in: SVMGPU_VM_BIND_OP_*.
+ * @flags: in: SVMGPU_VM_BIND_F_* (zero for UNMAP).
+ * @pad: zero.
+ * @va: in: GPU virtual address, 4 KiB aligned.
+ * @size: in: bytes, a nonzero multiple of 4 KiB, at most SVMGPU_MAX_BIND_SIZE, with
+ *   va + size <= 2^48.
+ * @userptr: in (MAP_USERPTR): CPU address of the calling process, 4 KiB aligned; zero
+ *   for UNMAP.
+ *
+ * MAP_USERPTR binds [va, va + size) to the CPU range (anonymous, shared or file memory;
+ * not pinned). UNMAP removes the binding that starts at @va and has exactly @size
+ * (partial unmaps are not supported), clears its PTEs and waits for the TLB
+ * invalidation before returning.
+ *
+ * Errors: EINVAL (op, flag, pad, alignment, zero or oversized size, VA range, nonzero
+ * userptr for UNMAP), ENOENT (no such VM; UNMAP: no binding with this @va and @size),
+ * EEXIST (MAP: the range overlaps an existing binding), EFAULT (MAP, not fault mode:
+ * the CPU range is not entirely mapped with the needed access, e.g. a hole or, without
+ * READONLY, a read-only mapping), ENOMEM, ETIMEDOUT/EIO (the device did not complete
+ * the TLB invalidation; the device is then reset), ENODEV.
+ */
+struct drm_svmgpu_vm_bind {
+	__u32 vm_id;
+	__u32 op;
+	__u32 flags;
+	__u32 pad;
+	__u64 va;
+	__u64 size;
+	__u64 userptr;
+};
+
+/* Largest batch (spec: MAX_BATCH_LEN). */
+#define SVMGPU_MAX_BATCH_LEN (1u << 24)
+
+/**
+ * struct drm_svmgpu_exec - DRM_IOCTL_SVMGPU_EXEC
+ * @queue_id: in: the exec queue.
+ * @flags: in: zero.
+ * @batch_va: in: GPU VA of the batch (spec/svmgpu.md, "Command-stream ISA"), 8-byte
+ *   aligned; the batch lives in memory the VM binds.
+ * @batch_len: in: bytes, a nonzero multiple of 8, at most SVMGPU_MAX_BATCH_LEN.
+ * @pad: zero.
+ * @fence: out: the job's fence, for WAIT (increasing per queue).
+ *
+ * Not fault mode: first revalidates every binding of the VM whose CPU pages were
+ * invalidated (faulting them in again) and queues the job only if no invalidation
+ * raced with that (the VM_BIND locking rules; it retries otherwise).
+ *
+ * Errors: EINVAL (flags, pad, alignment, length, VA range), ENOENT (no such queue),
+ * EFAULT (not fault mode: a binding's CPU range is no longer mapped; unbind it),
+ * EIO (the queue is in the error state after a failed job, or was lost in a device
+ * reset: destroy it), EBUSY (64 jobs already queued on it: wait for a fence first),
+ * ETIMEDOUT, ENOMEM, ENODEV, ERESTARTSYS.
+ */
+struct drm_svmgpu_exec {
+	__u32 queue_id;
+	__u32 flags;
+	__u64 batch_va;
+	__u32 batch_len;
+	__u32 pad;
+	__u64 fence;
+};
+
+/**
+ * struct drm_svmgpu_wait - DRM_IOCTL_SVMGPU_WAIT
+ * @queue_id: in: the exec queue the fence belongs to.
+ * @flags: in: zero.
+ * @fence: in: a fence EXEC returned for this queue.
+ * @timeout_ns: in: how long to wait, relative; 0 only polls.
+ * @error: out: the fence's outcome when the ioctl returns 0: 0 (the job ran to END),
+ *   -EFAULT (a GPU access had no valid CPU mapping: unbound address, munmapped memory,
+ *   write to a read-only binding), -EIO (another job error, engine hang or device
+ *   reset; @job_status tells which), -ECANCELED (not run: an earlier job of the queue
+ *   failed, or the queue was destroyed), -ENODEV (the device was removed).
+ * @job_status: out: the device's status code for the job (spec/svmgpu.md, section 5.4),
+ *   0 if it succeeded or the driver failed it itself.
+ *
+ * Errors: EINVAL (flags, negative timeout, fence 0 or never returned by this queue),
+ * ENOENT (no such queue), ETIME (not signalled within the timeout), ERESTARTSYS.
+ */
+struct drm_svmgpu_wait {
+	__u32 queue_id;
+	__u32 flags;
+	__u64 fence;
+	__s64 timeout_ns;
+	__s32 error;
+	__u32 job_status;
+};
+
+#define DRM_SVMGPU_DEVICE_QUERY 0x00
+#define DRM_SVMGPU_VM_CREATE 0x01
+#define DRM_SVMGPU_VM_DESTROY 0x02
+#define DRM_SVMGPU_EXEC_QUEUE_CREATE 0x03
+#define DRM_SVMGPU_EXEC_QUEUE_DESTROY 0x04
+#define DRM_SVMGPU_VM_BIND 0x05
+#define DRM_SVMGPU_EXEC 0x06
+#define DRM_SVMGPU_WAIT 0x07
+
+/* Note: an enum so that Rust bindgen can evaluate the ioctl numbers. */
+enum {
+	DRM_IOCTL_SVMGPU_DEVICE_QUERY = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_DEVICE_QUERY,
+						 struct drm_svmgpu_device_query),
+	DRM_IOCTL_SVMGPU_VM_CREATE = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_VM_CREATE,
+					      struct drm_svmgpu_vm_create),
+	DRM_IOCTL_SVMGPU_VM_DESTROY = DRM_IOW(DRM_COMMAND_BASE + DRM_SVMGPU_VM_DESTROY,
+					      struct drm_svmgpu_vm_destroy),
+	DRM_IOCTL_SVMGPU_EXEC_QUEUE_CREATE = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_EXEC_QUEUE_CREATE,
+						      struct drm_svmgpu_exec_queue_create),
+	DRM_IOCTL_SVMGPU_EXEC_QUEUE_DESTROY = DRM_IOW(DRM_COMMAND_BASE + DRM_SVMGPU_EXEC_QUEUE_DESTROY,
+						      struct drm_svmgpu_exec_queue_destroy),
+	DRM_IOCTL_SVMGPU_VM_BIND = DRM_IOW(DRM_COMMAND_BASE + DRM_SVMGPU_VM_BIND,
+					   struct drm_svmgpu_vm_bind),
+	DRM_IOCTL_SVMGPU_EXEC = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_EXEC,
+					 struct drm_svmgpu_exec),
+	DRM_IOCTL_SVMGPU_WAIT = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_WAIT,
+					 struct drm_svmgpu_wait),
+};
+
+#if defined(__cplusplus)
+}
+#endif
+
+#endif /* _UAPI_SVMGPU_DRM_H_ */
