@@ -57,6 +57,7 @@ pristine_source() {
     local src="$SVMGPU_CACHE/src/linux-$LINUX_SOURCE_VER"
     if [[ ! -f $src/Makefile ]]; then
         local deb tmp; deb=$(fetch_deb "$LINUX_SOURCE_PKG=$LINUX_SOURCE_VER")
+        mkdir -p "$SVMGPU_CACHE/src"
         tmp=$(mktemp -d "$SVMGPU_CACHE/src/.x.XXXX")
         log "unpacking $LINUX_SOURCE_PKG $LINUX_SOURCE_VER"
         dpkg-deb -x "$deb" "$tmp/deb"
@@ -112,7 +113,7 @@ main() {
     fi
     [[ $print_only -eq 1 ]] && exit 1
     step "kernel toolchain (clang/lld $LLVM_SUFFIX, rust-src, bindgen)" ensure_toolchain
-    local pristine; pristine=$(pristine_source)
+    local pristine; pristine=$(pristine_source) || die "cannot unpack the kernel source"
     rm -f "$KDIR/.key"
     step "patched kernel source" prepare_source "$pristine"
     step "kernel config (tinyconfig + svmgpu.config)" configure

@@ -4,6 +4,9 @@
 #
 # Source it from a script that already did `set -euo pipefail`.
 
+# Errors inside $(...) must stop the script too.
+shopt -s inherit_errexit
+
 SVMGPU_ROOT="${SVMGPU_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 SVMGPU_CACHE="${SVMGPU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/svmgpu}"
 SVMGPU_JOBS="${SVMGPU_JOBS:-$(nproc)}"
