@@ -23,7 +23,8 @@ KBUILD=$("$SVMGPU_ROOT/scripts/build-kernel.sh" --print-dir) || die "kernel not 
 KEY_KERNEL=$(cat "$SVMGPU_CACHE/kernel/work/.key")
 KMOD="$SVMGPU_ROOT/guest-driver/kmod"
 WIRE="$SVMGPU_ROOT/spec/src/wire.rs"
-GUEST_BINS=(svmgpu-ktap)
+# Static guest programs: the KTAP test runner and the svmgpu CLI.
+GUEST_BINS=(svmgpu-ktap svmgpu)
 mkdir -p "$SVMGPU_CACHE/current"
 
 build_module() {
@@ -50,7 +51,7 @@ build_userspace() {
     local tdir="$SVMGPU_ROOT/target/guest-static"
     RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$tdir" \
         run_logged "$SVMGPU_CACHE/logs/guest-userspace.log" \
-        cargo build --release --target x86_64-unknown-linux-gnu -p svmgpu-guest-tests
+        cargo build --release --target x86_64-unknown-linux-gnu -p svmgpu-guest-tests -p svmgpu
     GUEST_BIN_DIR="$tdir/x86_64-unknown-linux-gnu/release"
     local b
     for b in "${GUEST_BINS[@]}"; do

@@ -3,47 +3,160 @@
 //! The control queue: commands to the device, each answered with a status.
 //!
 //! Commands use preallocated slots, each with its own request and response buffer, so a
-//! command can be sent from any context (notifier callbacks included) without allocating.
-//! A sender takes a free slot, writes the request, queues the chain and kicks, all under
-//! one IRQ-safe spinlock that the queue's interrupt callback also takes to retire chains.
+//! command can be sent from any context (MMU-notifier callbacks included) without
+//! allocating. A sender takes a free slot, allocates the command's `seqno`, writes the
+//! request, queues the chain and kicks, all under one IRQ-safe spinlock that the queue's
+//! interrupt callback also takes to retire chains; so the device sees commands in `seqno`
+//! order (which the job fences rely on).
 //!
-//! A waiter sleeps on a condition variable with a timeout. If it gives up (timeout or
-//! signal) while the device still owns the slot's buffers, the slot is marked abandoned
-//! and is only reused once the device hands it back (or the device is reset), so the
-//! device never writes into memory the driver reuses.
+//! Two ways to send:
+//!
+//! - [`CtrlQueue::call`]: synchronous; waits (uninterruptibly, bounded) for the response.
+//! - [`CtrlQueue::start`] / [`CtrlQueue::wait`]: for the spec's asynchronous commands
+//!   (`TLB_INVALIDATE`, `CTX_PREEMPT`, `CTX_RESUME`). `start` queues the command and returns
+//!   a [`Ticket`] at once; the response (accepted or not) is retired by the interrupt
+//!   callback, and the `COMMAND_DONE` completion on complq (carrying the `seqno`) by
+//!   [`CtrlQueue::command_done`]. `wait` sleeps until the completion arrived or the
+//!   timeout expired. This is the split a two-pass MMU notifier needs: start on every
+//!   device first, wait afterwards.
+//!
+//! A waiter that gives up (timeout) while the device still owns the slot's buffers marks
+//! the slot abandoned; it is only reused once the device hands it back (or the device is
+//! reset), so the device never writes into memory the driver reuses.
 
-use crate::virtio::Virtqueue;
+use crate::{virtio::Virtqueue, wire};
 use kernel::{
     new_condvar, new_spinlock_irq,
     prelude::*,
-    sync::{CondVar, SpinLockIrq},
+    sync::{CondVar, CondVarTimeoutResult, SpinLockIrq, SpinLockIrqGuard},
     time::{msecs_to_jiffies, Jiffies},
 };
 
 /// Number of commands that can be in flight at once.
-pub(crate) const SLOTS: usize = 32;
-/// Largest request or response a slot carries.
+pub(crate) const SLOTS: usize = 64;
+/// Largest request or response a slot carries (GET_STATS answers 208 bytes).
 pub(crate) const BUF_SIZE: usize = 256;
+/// Asynchronous commands that can be incomplete at once (the spec's limit).
+pub(crate) const ASYNC_SLOTS: usize = wire::MAX_ASYNC_OUTSTANDING as usize;
+/// How long a command may take before the driver gives up on it.
+pub(crate) const TIMEOUT_MS: u32 = 5000;
+
+/// Status the driver reports for asynchronous commands that the device discarded by a
+/// reset: the spec says they may be considered complete (the device holds no translation
+/// and runs nothing), so [`CtrlQueue::wait`] returns it as success.
+pub(crate) const STATUS_RESET: u32 = u32::MAX;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Free,
-    /// The device owns the buffers; a waiter is waiting.
+    /// The device owns the buffers; a synchronous waiter is waiting.
     InFlight,
     /// The device wrote this many bytes of response.
     Done(u32),
     /// The device owns the buffers, nobody waits: free the slot when it comes back.
     Abandoned,
+    /// An asynchronous command: the response goes to this entry of the async table.
+    Async(u16),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AsyncState {
+    Free,
+    /// Sent; waiting for the response and the `COMMAND_DONE`.
+    Pending,
+    /// Completed (or refused) with `status`.
+    Done,
+    /// The waiter gave up; free the entry when the completion arrives.
+    Abandoned,
+}
+
+#[derive(Clone, Copy)]
+struct AsyncEntry {
+    state: AsyncState,
+    seqno: u64,
+    status: u32,
+    value: u64,
 }
 
 struct Inner {
     vq: Option<Virtqueue>,
+    /// No new command is accepted (the device is going away); waiters fail with ENODEV.
+    closed: bool,
     states: [SlotState; SLOTS],
     /// Slot `i` owns `bufs[2 * i * BUF_SIZE..][..BUF_SIZE]` (request) and the next
     /// `BUF_SIZE` bytes (response). Never resized, so the device's addresses stay valid.
     bufs: KVec<u8>,
-    /// Chains the device returned with a token that matched no slot in flight.
-    bogus_completions: u64,
+    asyncs: KVec<AsyncEntry>,
+    /// Asynchronous entries not `Free`.
+    async_busy: usize,
+    next_seqno: u64,
+    /// Chains or completions that matched nothing the driver sent.
+    bogus: u64,
+}
+
+/// The reply to a synchronous command.
+pub(crate) struct Reply {
+    /// The response status (`wire::Status`).
+    pub(crate) status: u32,
+    /// The request's `seqno`.
+    pub(crate) seqno: u64,
+}
+
+impl Reply {
+    /// `Ok` for status OK, else the errno the driver uses for device refusals.
+    pub(crate) fn ok(&self) -> Result<u64> {
+        if self.status == wire::Status::Ok.as_u32() {
+            Ok(self.seqno)
+        } else {
+            Err(status_to_errno(self.status))
+        }
+    }
+}
+
+/// Maps a device status to the errno ioctls report for it.
+pub(crate) fn status_to_errno(status: u32) -> Error {
+    use wire::Status as S;
+    match S::from_u32(status) {
+        Some(S::Ok) => EINVAL,
+        Some(S::Busy) => EBUSY,
+        Some(S::NoResources) => ENOMEM,
+        Some(S::Timeout) => ETIMEDOUT,
+        Some(S::Resetting) => EAGAIN,
+        _ => EIO,
+    }
+}
+
+/// An asynchronous command in flight; give it to [`CtrlQueue::wait`].
+#[must_use = "an asynchronous command must be waited for (or abandoned)"]
+pub(crate) struct Ticket {
+    idx: u16,
+    seqno: u64,
+}
+
+impl Ticket {
+    /// The command's `seqno`.
+    #[allow(dead_code)]
+    pub(crate) fn seqno(&self) -> u64 {
+        self.seqno
+    }
+}
+
+/// The outcome of an asynchronous command.
+#[derive(Clone, Copy)]
+pub(crate) struct AsyncDone {
+    /// The status of the response if the command was refused, else of its `COMMAND_DONE`;
+    /// [`STATUS_RESET`] if a reset discarded it.
+    pub(crate) status: u32,
+    /// The completion's `value` (entries dropped, for `TLB_INVALIDATE`).
+    #[allow(dead_code)]
+    pub(crate) value: u64,
+}
+
+impl AsyncDone {
+    /// Whether the command's guarantees hold (status OK, or discarded by a reset).
+    pub(crate) fn succeeded(&self) -> bool {
+        self.status == wire::Status::Ok.as_u32() || self.status == STATUS_RESET
+    }
 }
 
 /// The control queue of one device.
@@ -58,11 +171,25 @@ pub(crate) struct CtrlQueue {
 impl CtrlQueue {
     pub(crate) fn new() -> Result<impl PinInit<Self>> {
         let bufs = KVec::from_elem(0u8, 2 * SLOTS * BUF_SIZE, GFP_KERNEL)?;
+        let asyncs = KVec::from_elem(
+            AsyncEntry {
+                state: AsyncState::Free,
+                seqno: 0,
+                status: 0,
+                value: 0,
+            },
+            ASYNC_SLOTS,
+            GFP_KERNEL,
+        )?;
         let inner = Inner {
             vq: None,
+            closed: false,
             states: [SlotState::Free; SLOTS],
             bufs,
-            bogus_completions: 0,
+            asyncs,
+            async_busy: 0,
+            next_seqno: 1,
+            bogus: 0,
         };
         Ok(pin_init!(Self {
             inner <- new_spinlock_irq!(inner, "svmgpu_ctrl"),
@@ -70,19 +197,32 @@ impl CtrlQueue {
         }))
     }
 
+    /// The last seqno handed out.
+    pub(crate) fn last_seqno(&self) -> u64 {
+        self.inner.lock().next_seqno - 1
+    }
+
     /// Gives the queue its virtqueue, once found.
     pub(crate) fn attach(&self, vq: Virtqueue) {
         self.inner.lock().vq = Some(vq);
+    }
+
+    /// Refuses every new command and fails every waiter with `ENODEV` (the device is going
+    /// away). The virtqueue stays attached until [`CtrlQueue::detach`].
+    pub(crate) fn close(&self) {
+        self.inner.lock().closed = true;
+        self.done.notify_all();
     }
 
     /// Forgets the virtqueue after a device reset: the device owns no buffer any more, so
     /// every slot is retired and every waiter fails with `ENODEV`.
     pub(crate) fn detach(&self) -> Option<Virtqueue> {
         let mut inner = self.inner.lock();
+        inner.closed = true;
         for state in inner.states.iter_mut() {
             *state = match *state {
                 SlotState::InFlight => SlotState::Done(0),
-                SlotState::Abandoned => SlotState::Free,
+                SlotState::Abandoned | SlotState::Async(_) => SlotState::Free,
                 s => s,
             };
         }
@@ -92,84 +232,321 @@ impl CtrlQueue {
         vq
     }
 
-    /// Sends `req` and waits up to `timeout_ms` for the response, which is copied into
-    /// `resp`. Returns the number of bytes the device wrote.
-    pub(crate) fn call(&self, req: &[u8], resp: &mut [u8], timeout_ms: u32) -> Result<usize> {
-        if req.len() > BUF_SIZE || resp.len() > BUF_SIZE {
+    /// After a `RESET` command or a device-initiated reset: every incomplete asynchronous
+    /// command was discarded and counts as complete ([`STATUS_RESET`]).
+    pub(crate) fn reset_done(&self) {
+        let mut inner = self.inner.lock();
+        let mut freed = 0;
+        for e in inner.asyncs.iter_mut() {
+            match e.state {
+                // seqno 0: reserved by a sender still waiting for a slot, not sent yet.
+                AsyncState::Pending if e.seqno != 0 => {
+                    e.state = AsyncState::Done;
+                    e.status = STATUS_RESET;
+                }
+                AsyncState::Abandoned => {
+                    e.state = AsyncState::Free;
+                    freed += 1;
+                }
+                _ => {}
+            }
+        }
+        inner.async_busy -= freed;
+        drop(inner);
+        self.done.notify_all();
+    }
+
+    /// Takes a free slot (waiting for one if `may_sleep`), allocates a seqno, writes the
+    /// request and queues it. Returns the slot and the seqno.
+    fn send(
+        &self,
+        inner: &mut SpinLockIrqGuard<'_, Inner>,
+        opcode: wire::Opcode,
+        body: &[u8],
+        resp_len: usize,
+        may_sleep: bool,
+        state: impl FnOnce(u64) -> Result<SlotState>,
+    ) -> Result<(usize, u64)> {
+        let req_len = wire::CtrlHeader::SIZE + body.len();
+        if req_len > BUF_SIZE || resp_len > BUF_SIZE {
             return Err(EINVAL);
         }
-        let mut inner = self.inner.lock();
-        let idx = inner
-            .states
-            .iter()
-            .position(|s| *s == SlotState::Free)
-            .ok_or(EBUSY)?;
-        {
-            let Inner {
-                vq, states, bufs, ..
-            } = &mut *inner;
-            let vq = vq.as_mut().ok_or(ENODEV)?;
-            let (reqbuf, respbuf) =
-                bufs[2 * idx * BUF_SIZE..][..2 * BUF_SIZE].split_at_mut(BUF_SIZE);
-            reqbuf[..req.len()].copy_from_slice(req);
-            respbuf[..resp.len()].fill(0);
-            // SAFETY: The slot's buffers live in `bufs`, which is never resized and only
-            // freed after the device was reset; the slot is not reused until the chain comes
-            // back or the device is reset (`detach`).
-            unsafe { vq.add_chain(&reqbuf[..req.len()], &mut respbuf[..resp.len()], idx + 1)? };
-            states[idx] = SlotState::InFlight;
-            vq.kick();
+        let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
+        let idx = loop {
+            if inner.closed || inner.vq.is_none() {
+                return Err(ENODEV);
+            }
+            if let Some(idx) = inner.states.iter().position(|s| *s == SlotState::Free) {
+                break idx;
+            }
+            if !may_sleep {
+                return Err(EBUSY);
+            }
+            match self.done.wait_timeout(inner, remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                _ => return Err(EBUSY),
+            }
+        };
+        let seqno = inner.next_seqno;
+        let slot_state = state(seqno)?;
+        let Inner {
+            vq,
+            states,
+            bufs,
+            next_seqno,
+            ..
+        } = &mut **inner;
+        let vq = vq.as_mut().ok_or(ENODEV)?;
+        let (reqbuf, respbuf) = bufs[2 * idx * BUF_SIZE..][..2 * BUF_SIZE].split_at_mut(BUF_SIZE);
+        wire::CtrlHeader {
+            opcode: opcode.as_u32(),
+            flags: 0,
+            seqno,
         }
-        let mut remaining: Jiffies = msecs_to_jiffies(timeout_ms);
+        .encode(reqbuf)
+        .ok_or(EINVAL)?;
+        reqbuf[wire::CtrlHeader::SIZE..req_len].copy_from_slice(body);
+        respbuf[..resp_len].fill(0);
+        // SAFETY: The slot's buffers live in `bufs`, which is never resized and only freed
+        // after the device was reset; the slot is not reused until the chain comes back or
+        // the device is reset (`detach`).
+        unsafe { vq.add_chain(&reqbuf[..req_len], &mut respbuf[..resp_len], idx + 1)? };
+        states[idx] = slot_state;
+        *next_seqno += 1;
+        vq.kick();
+        Ok((idx, seqno))
+    }
+
+    /// Sends a synchronous command and waits up to [`TIMEOUT_MS`] for its response; the
+    /// response body (if any, status OK) is copied into `resp_body`.
+    pub(crate) fn call(
+        &self,
+        opcode: wire::Opcode,
+        body: &[u8],
+        resp_body: &mut [u8],
+    ) -> Result<Reply> {
+        let resp_len = wire::RespHeader::SIZE + resp_body.len();
+        let mut inner = self.inner.lock();
+        let (idx, seqno) = self.send(&mut inner, opcode, body, resp_len, true, |_| {
+            Ok(SlotState::InFlight)
+        })?;
+        let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
         loop {
             if let SlotState::Done(len) = inner.states[idx] {
-                let len = (len as usize).min(resp.len());
-                let off = (2 * idx + 1) * BUF_SIZE;
-                resp[..len].copy_from_slice(&inner.bufs[off..off + len]);
                 inner.states[idx] = SlotState::Free;
-                return if inner.vq.is_none() {
-                    Err(ENODEV)
-                } else {
-                    Ok(len)
-                };
+                drop(inner);
+                self.done.notify_all();
+                return self.decode_reply(idx, len, seqno, resp_body);
             }
-            use kernel::sync::CondVarTimeoutResult as R;
-            match self.done.wait_interruptible_timeout(&mut inner, remaining) {
-                R::Woken { jiffies } => remaining = jiffies,
-                R::Timeout => {
+            if inner.closed {
+                inner.states[idx] = SlotState::Abandoned;
+                return Err(ENODEV);
+            }
+            match self.done.wait_timeout(&mut inner, remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                _ => {
                     inner.states[idx] = SlotState::Abandoned;
                     return Err(ETIMEDOUT);
-                }
-                R::Signal { .. } => {
-                    inner.states[idx] = SlotState::Abandoned;
-                    return Err(ERESTARTSYS);
                 }
             }
         }
     }
 
+    fn decode_reply(
+        &self,
+        idx: usize,
+        len: u32,
+        seqno: u64,
+        resp_body: &mut [u8],
+    ) -> Result<Reply> {
+        let inner = self.inner.lock();
+        if inner.vq.is_none() {
+            return Err(ENODEV);
+        }
+        let off = (2 * idx + 1) * BUF_SIZE;
+        let resp = &inner.bufs[off..off + BUF_SIZE];
+        let len = (len as usize).min(wire::RespHeader::SIZE + resp_body.len());
+        let hdr = wire::RespHeader::decode(&resp[..len]).ok_or(EIO)?;
+        if hdr.seqno != seqno {
+            return Err(EIO);
+        }
+        if hdr.status == wire::Status::Ok.as_u32() && !resp_body.is_empty() {
+            if len < wire::RespHeader::SIZE + resp_body.len() {
+                return Err(EIO);
+            }
+            resp_body.copy_from_slice(&resp[wire::RespHeader::SIZE..len]);
+        }
+        Ok(Reply {
+            status: hdr.status,
+            seqno,
+        })
+    }
+
+    /// Starts an asynchronous command without waiting for it. With `may_sleep`, waits (at
+    /// most [`TIMEOUT_MS`]) for a free slot when all are in use; otherwise fails with
+    /// `EBUSY`. Never allocates.
+    pub(crate) fn start(
+        &self,
+        opcode: wire::Opcode,
+        body: &[u8],
+        may_sleep: bool,
+    ) -> Result<Ticket> {
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Err(ENODEV);
+        }
+        // Reserve an entry first: `send` may drop the lock while it waits for a slot.
+        let aidx = inner
+            .asyncs
+            .iter()
+            .position(|e| e.state == AsyncState::Free)
+            .ok_or(EBUSY)?;
+        inner.asyncs[aidx] = AsyncEntry {
+            state: AsyncState::Pending,
+            seqno: 0,
+            status: 0,
+            value: 0,
+        };
+        inner.async_busy += 1;
+        let sent = self.send(
+            &mut inner,
+            opcode,
+            body,
+            wire::RespHeader::SIZE,
+            may_sleep,
+            |_| Ok(SlotState::Async(aidx as u16)),
+        );
+        match sent {
+            // Still under the lock that the interrupt callback takes: nothing can have
+            // retired the command before its seqno is recorded.
+            Ok((_, seqno)) => {
+                inner.asyncs[aidx].seqno = seqno;
+                Ok(Ticket {
+                    idx: aidx as u16,
+                    seqno,
+                })
+            }
+            Err(e) => {
+                inner.asyncs[aidx].state = AsyncState::Free;
+                inner.async_busy -= 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits (uninterruptibly, at most [`TIMEOUT_MS`]) for an asynchronous command.
+    /// `ETIMEDOUT` if it did not complete in time, `ENODEV` if the device went away.
+    pub(crate) fn wait(&self, ticket: Ticket) -> Result<AsyncDone> {
+        let idx = ticket.idx as usize;
+        let mut inner = self.inner.lock();
+        let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
+        loop {
+            let e = inner.asyncs[idx];
+            if e.seqno != ticket.seqno {
+                return Err(EINVAL);
+            }
+            if e.state == AsyncState::Done {
+                inner.asyncs[idx].state = AsyncState::Free;
+                inner.async_busy -= 1;
+                return Ok(AsyncDone {
+                    status: e.status,
+                    value: e.value,
+                });
+            }
+            if inner.closed {
+                inner.asyncs[idx].state = AsyncState::Abandoned;
+                return Err(ENODEV);
+            }
+            match self.done.wait_timeout(&mut inner, remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                _ => {
+                    inner.asyncs[idx].state = AsyncState::Abandoned;
+                    return Err(ETIMEDOUT);
+                }
+            }
+        }
+    }
+
+    /// Marks the asynchronous entry `aidx` done with `status` (`seqno` must match).
+    fn finish_async(inner: &mut Inner, aidx: usize, seqno: u64, status: u32, value: u64) -> bool {
+        let Some(e) = inner.asyncs.get_mut(aidx) else {
+            return false;
+        };
+        if e.seqno != seqno {
+            return false;
+        }
+        match e.state {
+            AsyncState::Pending => {
+                e.state = AsyncState::Done;
+                e.status = status;
+                e.value = value;
+                true
+            }
+            AsyncState::Abandoned => {
+                e.state = AsyncState::Free;
+                inner.async_busy -= 1;
+                true
+            }
+            // Already completed: the response of an accepted command after its completion.
+            AsyncState::Done => true,
+            AsyncState::Free => false,
+        }
+    }
+
+    /// A `COMMAND_DONE` completion arrived (interrupt context).
+    pub(crate) fn command_done(&self, seqno: u64, status: u32, value: u64) {
+        let mut inner = self.inner.lock();
+        let aidx = inner.asyncs.iter().position(|e| {
+            e.seqno == seqno && matches!(e.state, AsyncState::Pending | AsyncState::Abandoned)
+        });
+        match aidx {
+            Some(aidx) => {
+                Self::finish_async(&mut inner, aidx, seqno, status, value);
+            }
+            // The spec: ignore completions that match nothing outstanding.
+            None => inner.bogus += 1,
+        }
+        drop(inner);
+        self.done.notify_all();
+    }
+
     /// The queue's interrupt callback: retire every used chain and wake the waiters.
     pub(crate) fn complete(&self) {
         let mut inner = self.inner.lock();
-        let Inner {
-            vq,
-            states,
-            bogus_completions,
-            ..
-        } = &mut *inner;
-        let Some(vq) = vq.as_mut() else { return };
+        if inner.vq.is_none() {
+            return;
+        }
         loop {
-            vq.disable_cb();
-            while let Some((token, len)) = vq.get_buf() {
-                match states.get_mut(token.wrapping_sub(1)) {
-                    Some(state) if *state == SlotState::InFlight => {
-                        *state = SlotState::Done(len);
+            if let Some(vq) = inner.vq.as_mut() {
+                vq.disable_cb();
+            }
+            while let Some((token, len)) = inner.vq.as_mut().and_then(|vq| vq.get_buf()) {
+                let idx = token.wrapping_sub(1);
+                match inner.states.get(idx).copied() {
+                    Some(SlotState::InFlight) => inner.states[idx] = SlotState::Done(len),
+                    Some(SlotState::Abandoned) => inner.states[idx] = SlotState::Free,
+                    Some(SlotState::Async(aidx)) => {
+                        inner.states[idx] = SlotState::Free;
+                        let off = (2 * idx + 1) * BUF_SIZE;
+                        let hdr = wire::RespHeader::decode(&inner.bufs[off..off + len as usize]);
+                        let seqno = inner.asyncs[aidx as usize].seqno;
+                        match hdr {
+                            // Accepted: the COMMAND_DONE completes it.
+                            Some(h) if h.status == wire::Status::Ok.as_u32() => {}
+                            // Refused (or no answer): no completion follows.
+                            other => {
+                                let status = other
+                                    .map(|h| h.status)
+                                    .unwrap_or(wire::Status::Internal.as_u32());
+                                Self::finish_async(&mut inner, aidx as usize, seqno, status, 0);
+                            }
+                        }
                     }
-                    Some(state) if *state == SlotState::Abandoned => *state = SlotState::Free,
-                    _ => *bogus_completions += 1,
+                    _ => inner.bogus += 1,
                 }
             }
-            if vq.enable_cb() {
+            let more = inner.vq.as_mut().is_some_and(|vq| !vq.enable_cb());
+            if !more {
                 break;
             }
         }

@@ -6,29 +6,75 @@
 //!
 //! svmgpu is a virtual GPU served by a vhost-user backend; its contract is the Markdown
 //! spec in `spec/` of the svmgpu repository, whose wire structs this module compiles
-//! directly (`wire.rs`). The driver binds every svmgpu virtio device:
+//! directly (`wire.rs`). The driver binds every svmgpu virtio device and gives each a DRM
+//! render node whose uAPI is `guest-driver/uapi/svmgpu_drm.h`.
 //!
-//! - [`virtio`]: thin safe wrappers over the C virtio core (no Rust abstraction exists
-//!   upstream), relying on the bindings and helpers added by the project's kernel patch.
-//! - [`ctrl`]: the control queue, with preallocated command slots so that commands can be
-//!   sent from any context without allocating, and waits that time out.
-//! - [`gpu`]: per-device probe and removal, config space, and the list of bound devices.
-//! - [`ctl_node`]: `/dev/svmgpu`, a small control node for enumeration and queries (a
-//!   stopgap until per-device DRM render nodes carry the full uAPI).
+//! Model:
 //!
-//! Locking: the list of devices is a mutex taken only in probe, remove and ioctls; each
-//! control queue has one IRQ-safe spinlock shared with its interrupt callback; no lock is
-//! held across a sleep except through a condition variable wait, which releases it.
+//! - [`virtio`]: a virtio bus abstraction (none exists upstream): driver registration,
+//!   typed devices usable as DRM parents, virtqueues.
+//! - [`ctrl`]: the control queue, with preallocated command slots (commands can be sent
+//!   from notifier context without allocating) and asynchronous commands split into
+//!   `start` (returns a ticket) and `wait`.
+//! - [`events`]: eventq and complq receive rings, preallocated and reposted in the
+//!   interrupt callback; [`gpu`] dispatches their records (job completions, command
+//!   completions, page faults, resets) and owns the per-device state, GPU page-fault
+//!   handling, resets and removal.
+//! - [`drm_driver`]: the DRM driver, open files and ioctls.
+//! - [`vm`]: VMs (an ASID and a [`pagetable`] in DMA-coherent memory), exec submission,
+//!   fault resolution, the rebind worker; [`exec_queue`]: device contexts with their job
+//!   [`fence`]s.
+//! - [`userptr`]: bindings of CPU memory without pinning, on top of [`mmu_notifier`] (a
+//!   safe abstraction of `mmu_interval_notifier`, single- and two-pass) and [`hmm`] (a safe
+//!   abstraction of `hmm_range_fault`), designed to be reused by an SVM layer.
+//!
+//! Locking, outermost first:
+//!
+//! 1. per file: the object table (a mutex; only lookups and insertions);
+//! 2. per VM, the *VM lock* (mutex; the gpu_vm lock of the VM_BIND locking document):
+//!    the list of bindings and their scratch state, revalidation, exec, page-table
+//!    structure changes; held around `hmm_range_fault` and `GFP_KERNEL` allocations;
+//! 3. the mm's mmap lock (by `hmm_range_fault`; by the core around notifiers);
+//! 4. per VM, the *notifier lock* (mutex; the userptr notifier lock): validity of each
+//!    binding's GPU mapping, the notifier sequence it was made for, the committed DMA
+//!    addresses, page-table entries, the long-running queues' preemption state. It is
+//!    taken inside MMU-notifier callbacks (which may run from reclaim), so nothing
+//!    allocates, takes the VM lock or waits for reclaim under it. `mmu_interval_set_seq`
+//!    is called under it; exec checks `mmu_interval_read_retry` and submits under it.
+//!    Non-blockable invalidations only `try_lock` it and return false rather than wait;
+//! 5. per device: the reset lock, then the VM table lock (also taken from notifier
+//!    context during a reset: no allocation under them);
+//! 6. IRQ-safe spinlocks shared with the interrupt callbacks: the control queue, the
+//!    receive rings, the context table, the fault ring, each queue's fences. Nothing
+//!    sleeps under them; the callbacks only copy records, wake waiters and queue work.
+//!
+//! An invalidation (for every binding it hits) publishes the sequence, marks the binding
+//! invalid and clears its PTEs under the notifier lock, then starts `TLB_INVALIDATE` (and
+//! `CTX_PREEMPT` for long-running queues) and waits for their completions — in the same
+//! callback (`notifier_mode=single`) or, by default, in the second pass of the core's
+//! two-pass notifiers (`notifier_mode=twopass`), so that every device's invalidation runs
+//! in parallel. The pages are DMA-unmapped only after that wait; a failed or timed-out
+//! wait resets the device first.
 
+use kernel::ffi::{c_char, c_int};
 use kernel::{
-    miscdevice::{MiscDeviceOptions, MiscDeviceRegistration},
+    bindings, driver,
     prelude::*,
+    sync::atomic::{Atomic, Relaxed},
 };
 
-mod ctl_node;
 mod ctrl;
+mod drm_driver;
+mod events;
+mod exec_queue;
+mod fence;
 mod gpu;
+mod hmm;
+mod mmu_notifier;
+mod pagetable;
+mod userptr;
 mod virtio;
+mod vm;
 #[path = "../../spec/src/wire.rs"]
 #[allow(dead_code, unreachable_pub, missing_docs)]
 mod wire;
@@ -39,25 +85,118 @@ module! {
     authors: ["svmgpu developers"],
     description: "Driver for the svmgpu virtual GPU",
     license: "GPL",
+    params: {
+        audit: bool {
+            default: true,
+            description: "Accept the device's AUDIT feature (it counts stale TLB accesses)",
+        },
+    },
 }
+
+/// How userptr invalidations stop the devices (module parameter `notifier_mode`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotifierMode {
+    /// One pass per notifier: start and wait in the same callback.
+    Single,
+    /// The core's two passes: start everywhere first, wait in the second pass.
+    TwoPass,
+}
+
+impl NotifierMode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            NotifierMode::Single => "single",
+            NotifierMode::TwoPass => "twopass",
+        }
+    }
+}
+
+/// 0 = single, 1 = twopass.
+static NOTIFIER_MODE: Atomic<u32> = Atomic::new(1);
+
+/// The notifier mode in effect (read at probe).
+pub(crate) fn notifier_mode() -> NotifierMode {
+    match NOTIFIER_MODE.load(Relaxed) {
+        0 => NotifierMode::Single,
+        _ => NotifierMode::TwoPass,
+    }
+}
+
+/// Whether the AUDIT feature is accepted.
+pub(crate) fn audit() -> bool {
+    module_parameters::audit.value()
+}
+
+unsafe extern "C" fn notifier_mode_set(
+    val: *const c_char,
+    _kp: *const bindings::kernel_param,
+) -> c_int {
+    if val.is_null() {
+        return -(bindings::EINVAL as c_int);
+    }
+    // SAFETY: The module loader passes a NUL-terminated string.
+    let s = unsafe { CStr::from_char_ptr(val) }.to_bytes();
+    let s = s.strip_suffix(b"\n").unwrap_or(s);
+    let v = match s {
+        b"single" => 0,
+        b"twopass" => 1,
+        _ => return -(bindings::EINVAL as c_int),
+    };
+    NOTIFIER_MODE.store(v, Relaxed);
+    0
+}
+
+unsafe extern "C" fn notifier_mode_get(
+    buf: *mut c_char,
+    _kp: *const bindings::kernel_param,
+) -> c_int {
+    let name = notifier_mode().name().as_bytes();
+    // SAFETY: sysfs passes a buffer of PAGE_SIZE bytes; we write at most 9.
+    unsafe {
+        core::ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), name.len());
+        *buf.add(name.len()) = b'\n' as c_char;
+        *buf.add(name.len() + 1) = 0;
+    }
+    (name.len() + 1) as c_int
+}
+
+static NOTIFIER_MODE_OPS: bindings::kernel_param_ops = bindings::kernel_param_ops {
+    flags: 0,
+    set: Some(notifier_mode_set),
+    get: Some(notifier_mode_get),
+    free: None,
+};
+
+// `notifier_mode=single|twopass`: a string parameter, which the `module!` macro does not
+// offer; registered the way the macro registers its own (readable in sysfs).
+#[link_section = "__param"]
+#[used(compiler)]
+static __SVMGPU_NOTIFIER_MODE_PARAM: kernel::module_param::KernelParam =
+    kernel::module_param::KernelParam::new(bindings::kernel_param {
+        name: kernel::str::as_char_ptr_in_const_context(c"notifier_mode"),
+        // `__this_module` is constructed by the kernel at load time and lives until the
+        // module is unloaded.
+        mod_: (&raw const bindings::__this_module).cast_mut(),
+        ops: &NOTIFIER_MODE_OPS,
+        perm: 0o444,
+        level: -1,
+        flags: 0,
+        __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
+            arg: core::ptr::null_mut(),
+        },
+    });
 
 #[pin_data]
 struct SvmgpuModule {
-    // Dropped first: unregistering the driver removes every device.
     #[pin]
-    driver: virtio::Registration<gpu::GpuDriver>,
-    #[pin]
-    ctl: MiscDeviceRegistration<ctl_node::CtlNode>,
+    driver: driver::Registration<virtio::Adapter<gpu::GpuDriver>>,
 }
 
 impl kernel::InPlaceModule for SvmgpuModule {
     fn init(module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        // SAFETY: The module initialiser runs once, before any device can probe or any
-        // ioctl can run, which are the only users of `GPUS`.
-        unsafe { gpu::GPUS.init() };
+        pr_info!("notifier_mode={}\n", notifier_mode().name());
         try_pin_init!(Self {
-            ctl <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"svmgpu" }),
-            driver <- virtio::Registration::new(c"svmgpu", module),
+            driver <- driver::Registration::new(c"svmgpu", module),
         })
     }
 }

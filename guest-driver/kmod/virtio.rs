@@ -1,22 +1,36 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Thin safe wrappers over the C virtio core.
+//! A virtio bus abstraction over the C virtio core.
 //!
-//! The kernel's Rust tree has no virtio abstraction yet; this module is the smallest one
-//! the driver needs: a [`Registration`] of a [`Driver`] for one virtio device ID, a
-//! [`Device`] reference with config-space reads, readiness and reset, and [`Virtqueue`]s
-//! with buffer submission and completion.
+//! The kernel's Rust tree has no virtio abstraction yet; this one follows the shape of the
+//! in-tree bus abstractions (`auxiliary`, `pci`): an [`Adapter`] registered through
+//! [`kernel::driver::Registration`] calls a [`Driver`]'s `probe` with a
+//! `&Device<Core<'_>>` and stores the returned data as the device's driver data (dropped
+//! by the driver core after `remove`, once `unbind` has run). [`Device`] is a transparent
+//! wrapper of `struct virtio_device` typed by its [`DeviceContext`], so it can be the
+//! parent of a DRM device ([`device::AsBusDevice`]).
 //!
-//! Locking: the virtio core requires callers to serialise `add`, `kick` and `get_buf` on
-//! one queue; [`Virtqueue`] is therefore only reachable through `&mut`, and its owner keeps
-//! it under a lock that is also taken by the queue's interrupt callback.
+//! [`Virtqueue`]s carry buffer submission and completion. The virtio core requires callers
+//! to serialise `add`, `kick` and `get_buf` on one queue; every operation therefore takes
+//! `&mut self`, and the owner keeps the queue under a lock that the queue's interrupt
+//! callback takes too. Adding buffers uses `GFP_ATOMIC` and never sleeps, so it may be
+//! called under spinlocks and from MMU-notifier context.
 
 use core::{
-    ffi::{c_int, c_void},
+    ffi::{c_int, c_uint, c_void},
     marker::PhantomData,
+    mem::offset_of,
     ptr::NonNull,
 };
-use kernel::{bindings, error::to_result, prelude::*, types::Opaque};
+use kernel::{
+    bindings,
+    device::{self, Bound, Core, CoreInternal, DeviceContext, Normal},
+    driver,
+    error::{from_result, to_result},
+    prelude::*,
+    types::Opaque,
+    ThisModule,
+};
 
 /// A table matching one virtio device ID (any vendor), as the virtio core wants it.
 #[repr(transparent)]
@@ -41,170 +55,170 @@ impl IdTable {
     }
 }
 
-/// A virtio driver: what the core calls for each matching device.
-pub(crate) trait Driver {
-    /// Per-device data kept between `probe` and `remove`.
-    type Data: Send + Sync;
+/// A virtio driver: what the bus calls for each matching device.
+pub(crate) trait Driver: Send + 'static {
+    /// Per-device data kept from `probe` until the device is unbound.
+    type Data<'bound>: Send + 'bound;
     /// The devices this driver binds.
     const ID_TABLE: &'static IdTable;
 
-    /// Called for each matching device; the device is reset and features are negotiated.
-    /// Returns the device's data, or an error to refuse the device.
-    fn probe(dev: &Device) -> Result<Pin<KBox<Self::Data>>>;
+    /// The device feature bits the driver accepts (besides the transport's, e.g.
+    /// `VIRTIO_F_VERSION_1`). Read once, at registration.
+    fn features() -> &'static [c_uint];
 
-    /// Called when the device goes away or the driver is unloaded.
-    fn remove(dev: &Device, data: Pin<KBox<Self::Data>>);
+    /// Called for each matching device; features are negotiated, queues not yet found.
+    fn probe<'bound>(
+        dev: &'bound Device<Core<'_>>,
+    ) -> impl PinInit<Self::Data<'bound>, Error> + 'bound;
+
+    /// Called when the device is unbound (removal or driver unload). The driver must reset
+    /// the device here (the virtio core checks that the status is 0 afterwards) and delete
+    /// its queues; `this` is dropped afterwards by the driver core.
+    fn unbind<'bound>(dev: &'bound Device<Core<'_>>, this: Pin<&Self::Data<'bound>>);
 }
 
-/// A registered virtio driver; unregistered (removing every bound device) on drop.
-#[pin_data(PinnedDrop)]
-pub(crate) struct Registration<T: Driver> {
-    #[pin]
-    drv: Opaque<bindings::virtio_driver>,
-    _p: PhantomData<T>,
+/// The registration adapter of a [`Driver`]: register it with
+/// `kernel::driver::Registration::<Adapter<T>>::new(name, module)`.
+pub(crate) struct Adapter<T: Driver>(T);
+
+// SAFETY:
+// - `bindings::virtio_driver` is a C type declared `repr(C)` and embeds a `device_driver`.
+// - `T::Data` is the type of the driver's bus device private data, stored by
+//   `probe_callback` with `set_drvdata`.
+// - `DEVICE_DRIVER_OFFSET` is the offset of that embedded `struct device_driver`.
+unsafe impl<T: Driver> driver::DriverLayout for Adapter<T> {
+    type DriverType = bindings::virtio_driver;
+    type DriverData<'bound> = T::Data<'bound>;
+    const DEVICE_DRIVER_OFFSET: usize = offset_of!(bindings::virtio_driver, driver);
 }
 
-// SAFETY: The registration is only touched by `new` and `drop`, which the module core
-// serialises; the C structure inside is read-only to the virtio core once registered.
-unsafe impl<T: Driver> Sync for Registration<T> {}
-// SAFETY: See `Sync`; nothing in the registration is tied to a thread.
-unsafe impl<T: Driver> Send for Registration<T> {}
-
-impl<T: Driver + 'static> Registration<T> {
-    /// Registers the driver `name` on behalf of `module`.
-    pub(crate) fn new(
+// SAFETY: `unregister` is only called for a driver `register` registered successfully.
+unsafe impl<T: Driver> driver::RegistrationOps for Adapter<T> {
+    unsafe fn register(
+        vdrv: &Opaque<Self::DriverType>,
         name: &'static CStr,
         module: &'static ThisModule,
-    ) -> impl PinInit<Self, Error> {
-        try_pin_init!(Self {
-            drv <- Opaque::try_ffi_init(|drv: *mut bindings::virtio_driver| {
-                // SAFETY: `drv` points to uninitialised memory of the right type; all-zero is a
-                // valid `virtio_driver` (no callbacks, no tables).
-                unsafe { drv.write(core::mem::zeroed()) };
-                // SAFETY: `drv` was just initialised and is ours until registration.
-                let d = unsafe { &mut *drv };
-                d.driver.name = name.as_char_ptr();
-                d.id_table = T::ID_TABLE.0.as_ptr();
-                d.probe = Some(Self::probe_callback);
-                d.remove = Some(Self::remove_callback);
-                // SAFETY: `drv` is fully initialised and pinned; `module` outlives it.
-                to_result(unsafe { bindings::__register_virtio_driver(drv, module.as_ptr()) })
-            }),
-            _p: PhantomData,
+    ) -> Result {
+        let features = T::features();
+        // SAFETY: The fields of a `virtio_driver` that is not registered yet may be set; the
+        // ID and feature tables are `'static`.
+        unsafe {
+            let d = vdrv.get();
+            (*d).driver.name = name.as_char_ptr();
+            (*d).id_table = T::ID_TABLE.0.as_ptr();
+            (*d).feature_table = features.as_ptr();
+            (*d).feature_table_size = features.len() as c_uint;
+            (*d).probe = Some(Self::probe_callback);
+            (*d).remove = Some(Self::remove_callback);
+        }
+        // SAFETY: `vdrv` is a valid, pinned `virtio_driver` that stays alive until
+        // `unregister`; `module` outlives it.
+        to_result(unsafe { bindings::__register_virtio_driver(vdrv.get(), module.as_ptr()) })
+    }
+
+    unsafe fn unregister(vdrv: &Opaque<Self::DriverType>) {
+        // SAFETY: The driver was registered by `register` (the caller's promise).
+        unsafe { bindings::unregister_virtio_driver(vdrv.get()) };
+    }
+}
+
+impl<T: Driver> Adapter<T> {
+    extern "C" fn probe_callback(vdev: *mut bindings::virtio_device) -> c_int {
+        // SAFETY: The virtio core calls probe with a valid device that stays valid for the
+        // duration of the callback.
+        //
+        // INVARIANT: `vdev` is valid for the duration of `probe_callback()`.
+        let dev = unsafe { &*vdev.cast::<Device<CoreInternal<'_>>>() };
+        from_result(|| {
+            let data = T::probe(dev);
+            dev.as_ref().set_drvdata(data)?;
+            Ok(0)
         })
     }
 
-    unsafe extern "C" fn probe_callback(vdev: *mut bindings::virtio_device) -> c_int {
-        // SAFETY: The virtio core passes a valid device that stays alive until `remove`.
-        let dev = unsafe { Device::from_raw(vdev) };
-        match T::probe(dev) {
-            Ok(data) => {
-                // SAFETY: `Pin<KBox<_>>` is turned into a raw pointer only to be turned back
-                // into the same type in `remove_callback`; the data is never moved.
-                let ptr = KBox::into_raw(unsafe { Pin::into_inner_unchecked(data) });
-                dev.set_drvdata(ptr.cast());
-                0
-            }
-            Err(e) => e.to_errno(),
-        }
-    }
-
-    unsafe extern "C" fn remove_callback(vdev: *mut bindings::virtio_device) {
-        // SAFETY: The virtio core passes the device it probed successfully.
-        let dev = unsafe { Device::from_raw(vdev) };
-        let ptr = dev.drvdata().cast::<T::Data>();
-        dev.set_drvdata(core::ptr::null_mut());
-        if ptr.is_null() {
-            return;
-        }
-        // SAFETY: `ptr` came from `KBox::into_raw` of a pinned box in `probe_callback` and is
-        // reclaimed exactly once, here.
-        let data = unsafe { Pin::new_unchecked(KBox::from_raw(ptr)) };
-        T::remove(dev, data);
+    extern "C" fn remove_callback(vdev: *mut bindings::virtio_device) {
+        // SAFETY: The virtio core calls remove with a valid device.
+        //
+        // INVARIANT: `vdev` is valid for the duration of `remove_callback()`.
+        let dev = unsafe { &*vdev.cast::<Device<CoreInternal<'_>>>() };
+        // SAFETY: `remove` is only called after a successful `probe_callback`, which stored a
+        // `Pin<KBox<T::Data<'_>>>` with `set_drvdata`; the driver core drops it only after
+        // this callback returned.
+        let data = unsafe { dev.as_ref().drvdata_borrow::<T::Data<'_>>() };
+        T::unbind(dev, data);
     }
 }
 
-#[pinned_drop]
-impl<T: Driver> PinnedDrop for Registration<T> {
-    fn drop(self: Pin<&mut Self>) {
-        // SAFETY: The driver was registered in `new` (a failed registration never produces
-        // `Self`), so it is unregistered exactly once here.
-        unsafe { bindings::unregister_virtio_driver(self.drv.get()) };
-    }
-}
-
-/// A virtio device, borrowed from the virtio core for the duration of a callback.
+/// A virtio device, typed by the context it is known to be in.
+///
+/// # Invariants
+///
+/// `self.0` is a valid `struct virtio_device` created by the virtio core.
 #[repr(transparent)]
-pub(crate) struct Device(Opaque<bindings::virtio_device>);
+pub(crate) struct Device<Ctx: DeviceContext = Normal>(
+    Opaque<bindings::virtio_device>,
+    PhantomData<Ctx>,
+);
 
-impl Device {
-    /// # Safety
-    /// `ptr` must point to a live `virtio_device` for the lifetime `'a`.
-    pub(crate) unsafe fn from_raw<'a>(ptr: *mut bindings::virtio_device) -> &'a Self {
-        // SAFETY: `Device` is a transparent wrapper of `virtio_device`; validity is the
-        // caller's promise.
-        unsafe { &*ptr.cast() }
-    }
-
+impl<Ctx: DeviceContext> Device<Ctx> {
     fn as_raw(&self) -> *mut bindings::virtio_device {
         self.0.get()
     }
 
-    /// The generic device, for logging and DMA.
-    pub(crate) fn as_dev(&self) -> &kernel::device::Device {
-        // SAFETY: `dev` is embedded in a live `virtio_device`.
-        unsafe { kernel::device::Device::from_raw(&raw mut (*self.as_raw()).dev) }
-    }
-
     /// The bus index of this device (`virtioN`).
     pub(crate) fn index(&self) -> u32 {
-        // SAFETY: `index` is set by the core before probe and never changes.
+        // SAFETY: `index` is set by the core before the device is registered and never
+        // changes.
         unsafe { (*self.as_raw()).index as u32 }
     }
 
     /// Reads `buf.len()` bytes of the device's config space at `offset`, retrying until the
     /// config generation is stable, as the virtio core does.
     pub(crate) fn read_config(&self, offset: u32, buf: &mut [u8]) {
-        // SAFETY: `buf` is valid for writes of its length; the core bounds-checks nothing,
-        // so callers pass offsets within the device's config size.
+        // SAFETY: `buf` is valid for writes of its length; callers pass offsets within the
+        // device's config size (the transport bounds-checks against it too).
         unsafe {
             bindings::virtio_cread_bytes(self.as_raw(), offset, buf.as_mut_ptr().cast(), buf.len())
         };
     }
 
-    /// Tells the device the driver is ready (DRIVER_OK); queues may run from now on.
-    pub(crate) fn ready(&self) {
-        // SAFETY: Called from probe, once, after the queues were found.
-        unsafe { bindings::virtio_device_ready(self.as_raw()) };
+    /// The device features the driver and the device agreed on (a bit mask).
+    pub(crate) fn features(&self) -> u64 {
+        // SAFETY: `features` is written by the core during probe, before the driver runs.
+        unsafe { (*self.as_raw()).__bindgen_anon_1.features }
     }
+}
 
-    /// Resets the device: it stops all processing and raises no more interrupts.
-    pub(crate) fn reset(&self) {
-        // SAFETY: The device is live; reset is allowed at any point after probe started.
-        unsafe { bindings::virtio_reset_device(self.as_raw()) };
+impl Device<Bound> {
+    /// The device that performs DMA for this virtio device: its transport's (PCI) device,
+    /// as for the virtio rings (`vring_dma_dev`). The device has no IOMMU in front of it
+    /// (no `VIRTIO_F_ACCESS_PLATFORM`), so DMA addresses are guest-physical addresses.
+    pub(crate) fn dma_device(&self) -> &device::Device<Bound> {
+        // SAFETY: The virtio device holds a reference on its parent, which is set at
+        // creation and never changes.
+        let parent = unsafe { (*self.as_raw()).dev.parent };
+        // SAFETY: A virtio device always has a transport parent; it is valid while `self`
+        // is.
+        let parent: &device::Device = unsafe { device::Device::from_raw(parent) };
+        // SAFETY: The transport device is bound (its driver created this device and removes
+        // it before unbinding) for as long as this device is bound.
+        unsafe { parent.as_bound() }
     }
+}
 
-    fn drvdata(&self) -> *mut c_void {
-        // SAFETY: `dev` is embedded in a live `virtio_device`.
-        unsafe { bindings::dev_get_drvdata(&raw const (*self.as_raw()).dev) }
-    }
-
-    fn set_drvdata(&self, data: *mut c_void) {
-        // SAFETY: `dev` is embedded in a live `virtio_device`.
-        unsafe { bindings::dev_set_drvdata(&raw mut (*self.as_raw()).dev, data) };
-    }
-
+impl<'a> Device<Core<'a>> {
     /// Sets the pointer the queue callbacks receive as their context.
     ///
     /// # Safety
-    /// `ctx` must stay valid until [`Device::del_vqs`] returned (after a [`Device::reset`]).
+    ///
+    /// `ctx` must stay valid until [`Device::del_vqs`] returned.
     pub(crate) unsafe fn set_callback_context(&self, ctx: *const c_void) {
-        // SAFETY: `priv_` is the driver's field of a live device.
+        // SAFETY: `priv_` is the driver's field of a live device; the core never reads it.
         unsafe { (*self.as_raw()).priv_ = ctx.cast_mut() };
     }
 
     /// Finds the device's queues. Each entry is a name and an optional callback, which runs
-    /// in interrupt context with the queue and the context of
+    /// in hard-interrupt context with the queue; [`callback_context`] gives the context of
     /// [`Device::set_callback_context`].
     pub(crate) fn find_vqs<const N: usize>(
         &self,
@@ -237,6 +251,18 @@ impl Device {
         Ok(out.map(|v| v.expect("all queues were just set")))
     }
 
+    /// Tells the device the driver is ready (DRIVER_OK); queues may run from now on.
+    pub(crate) fn ready(&self) {
+        // SAFETY: Called from probe, once, after the queues were found.
+        unsafe { bindings::virtio_device_ready(self.as_raw()) };
+    }
+
+    /// Resets the device: afterwards it touches no buffer and raises no interrupt.
+    pub(crate) fn reset(&self) {
+        // SAFETY: The device is live; a reset is allowed at any point in probe and unbind.
+        unsafe { bindings::virtio_reset_device(self.as_raw()) };
+    }
+
     /// Deletes the queues found by [`Device::find_vqs`]; only after [`Device::reset`].
     pub(crate) fn del_vqs(&self) {
         // SAFETY: The device was reset, so no callback runs and the queues are idle.
@@ -244,12 +270,54 @@ impl Device {
     }
 }
 
+// SAFETY: `Device` is a transparent wrapper of a type that doesn't depend on its generic
+// argument.
+kernel::impl_device_context_deref!(unsafe { Device });
+kernel::impl_device_context_into_aref!(Device);
+
+// SAFETY: Instances of `Device` are always reference-counted through their `struct device`.
+unsafe impl kernel::sync::aref::AlwaysRefCounted for Device {
+    fn inc_ref(&self) {
+        // SAFETY: The existence of a shared reference means the refcount is nonzero.
+        unsafe { bindings::get_device(&raw mut (*self.as_raw()).dev) };
+    }
+
+    unsafe fn dec_ref(obj: NonNull<Self>) {
+        let vdev: *mut bindings::virtio_device = obj.cast().as_ptr();
+        // SAFETY: The caller promises the refcount is nonzero; `vdev` is valid.
+        unsafe { bindings::put_device(&raw mut (*vdev).dev) };
+    }
+}
+
+impl<Ctx: DeviceContext> AsRef<device::Device<Ctx>> for Device<Ctx> {
+    fn as_ref(&self) -> &device::Device<Ctx> {
+        // SAFETY: By the type invariant `self.as_raw()` is a valid `virtio_device`, whose
+        // embedded `struct device` is valid as long as `self` is.
+        unsafe { device::Device::from_raw(&raw mut (*self.as_raw()).dev) }
+    }
+}
+
+// SAFETY: `Device` is a transparent wrapper of `struct virtio_device`, whose base
+// `struct device` is the `dev` field.
+unsafe impl<Ctx: DeviceContext> device::AsBusDevice<Ctx> for Device<Ctx> {
+    const OFFSET: usize = offset_of!(bindings::virtio_device, dev);
+}
+
+// SAFETY: A `virtio_device` can be used from any thread; its mutable state is owned by the
+// virtio core and the driver's own locking.
+unsafe impl Send for Device {}
+// SAFETY: See `Send`.
+unsafe impl Sync for Device {}
+// SAFETY: See `Send`.
+unsafe impl Sync for Device<Bound> {}
+
 /// A queue interrupt callback.
 pub(crate) type Callback = unsafe extern "C" fn(*mut bindings::virtqueue);
 
 /// Returns the callback context set with [`Device::set_callback_context`] for `vq`.
 ///
 /// # Safety
+///
 /// `vq` must be the argument of a queue callback.
 pub(crate) unsafe fn callback_context(vq: *mut bindings::virtqueue) -> *const c_void {
     // SAFETY: A callback's queue and its device are live while the callback runs.
@@ -268,8 +336,10 @@ impl Virtqueue {
     /// zero) comes back from [`Virtqueue::get_buf`].
     ///
     /// # Safety
-    /// Both buffers must stay valid, unmoved and unused by the CPU until the chain comes
-    /// back from [`Virtqueue::get_buf`] or the device is reset.
+    ///
+    /// Both buffers must be in the kernel's linear map (kmalloc) and stay valid, unmoved
+    /// and unused by the CPU until the chain comes back from [`Virtqueue::get_buf`] or the
+    /// device is reset.
     pub(crate) unsafe fn add_chain(&mut self, out: &[u8], inb: &mut [u8], token: usize) -> Result {
         if token == 0 {
             return Err(EINVAL);
@@ -278,20 +348,44 @@ impl Virtqueue {
         let mut sg_out: bindings::scatterlist = unsafe { core::mem::zeroed() };
         // SAFETY: As above.
         let mut sg_in: bindings::scatterlist = unsafe { core::mem::zeroed() };
-        // SAFETY: The buffers are in the kernel's linear map (the caller allocates them with
-        // kmalloc) and live as long as the chain, per this function's contract.
+        // SAFETY: The buffers are in the linear map and live as long as the chain, per this
+        // function's contract.
         unsafe {
             bindings::sg_init_one(&mut sg_out, out.as_ptr().cast(), out.len() as u32);
             bindings::sg_init_one(&mut sg_in, inb.as_mut_ptr().cast(), inb.len() as u32);
         }
         let mut sgs = [&raw mut sg_out, &raw mut sg_in];
-        // SAFETY: The queue is live and we hold `&mut self`; GFP_ATOMIC never sleeps, so
-        // this may be called under spinlocks and from notifier context.
+        // SAFETY: The queue is live and we hold `&mut self`; GFP_ATOMIC never sleeps.
         to_result(unsafe {
             bindings::virtqueue_add_sgs(
                 self.0.as_ptr(),
                 sgs.as_mut_ptr(),
                 1,
+                1,
+                token as *mut c_void,
+                bindings::GFP_ATOMIC,
+            )
+        })
+    }
+
+    /// Queues one device-writable buffer (eventq, complq).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Virtqueue::add_chain`].
+    pub(crate) unsafe fn add_inbuf(&mut self, inb: &mut [u8], token: usize) -> Result {
+        if token == 0 {
+            return Err(EINVAL);
+        }
+        // SAFETY: `scatterlist` is plain data; all-zero is its initial state.
+        let mut sg: bindings::scatterlist = unsafe { core::mem::zeroed() };
+        // SAFETY: The buffer is in the linear map and lives as long as the chain.
+        unsafe { bindings::sg_init_one(&mut sg, inb.as_mut_ptr().cast(), inb.len() as u32) };
+        // SAFETY: The queue is live and we hold `&mut self`; GFP_ATOMIC never sleeps.
+        to_result(unsafe {
+            bindings::virtqueue_add_inbuf(
+                self.0.as_ptr(),
+                &mut sg,
                 1,
                 token as *mut c_void,
                 bindings::GFP_ATOMIC,

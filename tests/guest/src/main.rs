@@ -2,10 +2,11 @@
 //! initramfs), prints KTAP v1 to stdout or to the file given with `--out`, and exits 1
 //! when any test failed.
 
-mod ctl;
 mod expect;
+mod gpu;
 mod ktap;
 mod tests;
+mod util;
 
 use std::io::Write;
 

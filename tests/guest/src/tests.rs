@@ -1,11 +1,13 @@
 //! The guest test cases. Each reports one KTAP result (or a nested suite).
 
 use crate::{
-    ctl::{Ctl, IOCTL_QUERY},
     expect::Expect,
+    gpu,
     ktap::{Ktap, Outcome},
+    util::{bound_devices, errno, run, DRIVER_DIR, MODULE_PATH},
 };
-use std::{collections::BTreeSet, io::Write, process::Command};
+use std::{collections::BTreeSet, io::Write};
+use svmgpu::{uapi, Device};
 
 pub struct Env {
     pub expect: Expect,
@@ -20,33 +22,85 @@ impl Env {
     }
 }
 
-type Test = fn(&Env, &str, &mut Ktap<Box<dyn Write>>);
+pub type K = Ktap<Box<dyn Write>>;
+type Test = fn(&Env, &str, &mut K);
 
 pub const ALL: &[(&str, Test)] = &[
     ("driver_binds_all_devices", driver_binds_all_devices),
     ("config_matches_backend", config_matches_backend),
     ("get_info_round_trip", get_info_round_trip),
     (
-        "control_node_rejects_bad_input",
-        control_node_rejects_bad_input,
+        "device_query_rejects_bad_input",
+        device_query_rejects_bad_input,
+    ),
+    ("kunit_suites_pass", kunit_suites_pass),
+    ("exec_fill_checksum", gpu::exec_fill_checksum),
+    (
+        "exec_jobs_complete_in_order",
+        gpu::exec_jobs_complete_in_order,
+    ),
+    (
+        "vm_bind_rejects_bad_arguments",
+        gpu::vm_bind_rejects_bad_arguments,
+    ),
+    (
+        "exec_and_wait_reject_bad_arguments",
+        gpu::exec_and_wait_reject_bad_arguments,
+    ),
+    (
+        "gpu_access_to_unbound_va_is_efault",
+        gpu::gpu_access_to_unbound_va_is_efault,
+    ),
+    (
+        "readonly_binding_rejects_gpu_writes",
+        gpu::readonly_binding_rejects_gpu_writes,
+    ),
+    (
+        "fault_mode_populates_on_gpu_fault",
+        gpu::fault_mode_populates_on_gpu_fault,
+    ),
+    (
+        "fault_mode_unmapped_userptr_is_efault",
+        gpu::fault_mode_unmapped_userptr_is_efault,
+    ),
+    ("userptr_invalidate_munmap", gpu::userptr_invalidate_munmap),
+    (
+        "userptr_invalidate_mprotect",
+        gpu::userptr_invalidate_mprotect,
+    ),
+    (
+        "userptr_invalidate_madvise_dontneed",
+        gpu::userptr_invalidate_madvise_dontneed,
+    ),
+    (
+        "userptr_invalidate_fork_cow",
+        gpu::userptr_invalidate_fork_cow,
+    ),
+    (
+        "userptr_invalidate_while_job_runs",
+        gpu::userptr_invalidate_while_job_runs,
+    ),
+    (
+        "userptr_invalidate_race_fault_mode",
+        gpu::userptr_invalidate_race_fault_mode,
+    ),
+    (
+        "long_running_preempted_on_invalidation",
+        gpu::long_running_preempted_on_invalidation,
+    ),
+    ("many_vms_and_queues", gpu::many_vms_and_queues),
+    ("devices_share_one_buffer", gpu::devices_share_one_buffer),
+    ("no_stale_tlb_accesses", gpu::no_stale_tlb_accesses),
+    ("device_unbind_while_busy", gpu::device_unbind_while_busy),
+    ("module_unload_while_busy", gpu::module_unload_while_busy),
+    (
+        "invalidation_timing_single_vs_twopass",
+        gpu::invalidation_timing,
     ),
     ("module_unload_reload", module_unload_reload),
 ];
 
-const DRIVER_DIR: &str = "/sys/bus/virtio/drivers/svmgpu";
-const MODULE_PATH: &str = "/lib/modules/svmgpu.ko";
-
-fn bound_devices() -> usize {
-    std::fs::read_dir(DRIVER_DIR)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("virtio"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
-fn driver_binds_all_devices(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
+fn driver_binds_all_devices(env: &Env, name: &str, k: &mut K) {
     let outcome = (|| {
         if env.gpus == 0 {
             return Outcome::Fail("no expected GPU count in /etc/svmgpu-expect".into());
@@ -58,27 +112,38 @@ fn driver_binds_all_devices(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>)
                 env.gpus
             ));
         }
-        match Ctl::open().and_then(|c| c.num_devices()) {
-            Ok(n) => Outcome::check(
-                n == env.gpus,
-                format!("NUM_DEVICES says {n}, want {}", env.gpus),
+        match Device::enumerate() {
+            Ok(d) => Outcome::check(
+                d.len() == env.gpus as usize,
+                format!("{} svmgpu render nodes, want {}", d.len(), env.gpus),
             ),
-            Err(e) => Outcome::Fail(format!("NUM_DEVICES: {e}")),
+            Err(e) => Outcome::Fail(format!("enumerate: {e}")),
         }
     })();
     k.result(name, &outcome);
 }
 
-fn config_matches_backend(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
+fn devices(k: &mut K, name: &str) -> Option<Vec<Device>> {
+    match Device::enumerate() {
+        Ok(d) if !d.is_empty() => Some(d),
+        Ok(_) => {
+            k.result(name, &Outcome::Fail("no svmgpu render node".into()));
+            None
+        }
+        Err(e) => {
+            k.result(name, &Outcome::Fail(format!("enumerate: {e}")));
+            None
+        }
+    }
+}
+
+fn config_matches_backend(env: &Env, name: &str, k: &mut K) {
+    let Some(devs) = devices(k, name) else { return };
     let mut cases = Vec::new();
     let mut indices = BTreeSet::new();
-    let ctl = match Ctl::open() {
-        Ok(c) => c,
-        Err(e) => return k.result(name, &Outcome::Fail(format!("open: {e}"))),
-    };
-    for slot in 0..env.gpus {
-        let outcome = match ctl.query(slot) {
-            Err(e) => Outcome::Fail(format!("QUERY: {e}")),
+    for (slot, dev) in devs.iter().enumerate() {
+        let outcome = match dev.query(false) {
+            Err(e) => Outcome::Fail(format!("DEVICE_QUERY: {e}")),
             Ok(q) => {
                 let c = &q.config;
                 indices.insert(c.device_index);
@@ -133,16 +198,13 @@ fn config_matches_backend(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
     k.suite(name, cases);
 }
 
-fn get_info_round_trip(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
-    let ctl = match Ctl::open() {
-        Ok(c) => c,
-        Err(e) => return k.result(name, &Outcome::Fail(format!("open: {e}"))),
-    };
+fn get_info_round_trip(_env: &Env, name: &str, k: &mut K) {
+    let Some(devs) = devices(k, name) else { return };
     let mut cases = Vec::new();
-    for slot in 0..env.gpus {
+    for (slot, dev) in devs.iter().enumerate() {
         let outcome = (|| {
-            let a = ctl.query(slot).map_err(|e| format!("first QUERY: {e}"))?;
-            let b = ctl.query(slot).map_err(|e| format!("second QUERY: {e}"))?;
+            let a = dev.query(false).map_err(|e| format!("first QUERY: {e}"))?;
+            let b = dev.query(false).map_err(|e| format!("second QUERY: {e}"))?;
             if a.info.device_index != a.config.device_index {
                 return Err(format!(
                     "GET_INFO device_index {} != config {}",
@@ -176,61 +238,81 @@ fn get_info_round_trip(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
     k.suite(name, cases);
 }
 
-fn errno_of(r: std::io::Result<()>) -> Option<i32> {
-    r.err().and_then(|e| e.raw_os_error())
-}
-
-fn control_node_rejects_bad_input(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
-    let ctl = match Ctl::open() {
-        Ok(c) => c,
-        Err(e) => return k.result(name, &Outcome::Fail(format!("open: {e}"))),
-    };
+fn device_query_rejects_bad_input(_env: &Env, name: &str, k: &mut K) {
+    let Some(devs) = devices(k, name) else { return };
+    let dev = &devs[0];
     let mut cases = Vec::new();
-    for slot in [env.gpus, u32::MAX] {
-        let got = ctl.query(slot).err().and_then(|e| e.raw_os_error());
-        cases.push((
-            format!("slot_{slot}_is_enodev"),
-            Outcome::check(got == Some(libc::ENODEV), format!("got {got:?}")),
-        ));
-    }
+    let mut q = uapi::DeviceQuery {
+        flags: 0x80,
+        ..Default::default()
+    };
+    // SAFETY: `q` has the size the command encodes.
+    let got = errno(unsafe {
+        dev.raw_ioctl(
+            uapi::DRM_IOCTL_SVMGPU_DEVICE_QUERY,
+            (&mut q as *mut uapi::DeviceQuery).cast(),
+        )
+    });
+    cases.push((
+        "undefined_flag_is_einval".into(),
+        Outcome::check(got == Some(libc::EINVAL), format!("got {got:?}")),
+    ));
     // SAFETY: A null argument must be refused by the kernel with EFAULT.
-    let got = errno_of(unsafe { ctl.raw_ioctl(IOCTL_QUERY, std::ptr::null_mut()) });
+    let got =
+        errno(unsafe { dev.raw_ioctl(uapi::DRM_IOCTL_SVMGPU_DEVICE_QUERY, std::ptr::null_mut()) });
     cases.push((
         "null_pointer_is_efault".into(),
         Outcome::check(got == Some(libc::EFAULT), format!("got {got:?}")),
     ));
     let mut junk = [0u8; 256];
+    // An ioctl number past the driver's last one (DRM_COMMAND_BASE + 0x20).
+    let unknown = (3u64 << 30) | (8 << 16) | ((b'd' as u64) << 8) | 0x60;
     // SAFETY: An unknown command must be refused without touching the argument.
-    let got = errno_of(unsafe { ctl.raw_ioctl(0x5300_00ff, junk.as_mut_ptr()) });
+    let got = errno(unsafe { dev.raw_ioctl(unknown, junk.as_mut_ptr()) });
     cases.push((
-        "unknown_ioctl_is_enotty".into(),
-        Outcome::check(got == Some(libc::ENOTTY), format!("got {got:?}")),
+        "unknown_ioctl_is_einval".into(),
+        Outcome::check(got == Some(libc::EINVAL), format!("got {got:?}")),
     ));
     k.suite(name, cases);
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd} {args:?}: {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// The module's KUnit suites (run when it was loaded) report through debugfs.
+fn kunit_suites_pass(_env: &Env, name: &str, k: &mut K) {
+    let mut cases = Vec::new();
+    for suite in ["svmgpu_pagetable", "svmgpu_vm"] {
+        let path = format!("/sys/kernel/debug/kunit/{suite}/results");
+        let outcome = match std::fs::read_to_string(&path) {
+            Err(e) => Outcome::Fail(format!("{path}: {e}")),
+            Ok(text) => {
+                let oks = text
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with("ok "))
+                    .count();
+                let bad: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with("not ok"))
+                    .collect();
+                for l in text.lines().filter(|l| l.trim_start().starts_with("ok ")) {
+                    k.diag(&format!("{suite}: {}", l.trim()));
+                }
+                Outcome::check(
+                    bad.is_empty() && oks > 0,
+                    format!("{} ok, failures: {bad:?}", oks),
+                )
+            }
+        };
+        cases.push((suite.to_string(), outcome));
     }
+    k.suite(name, cases);
 }
 
-fn module_unload_reload(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
+fn module_unload_reload(env: &Env, name: &str, k: &mut K) {
     let mut cases = Vec::new();
     for round in 1..=2 {
         let unload = run("rmmod", &["svmgpu"]).and_then(|()| {
-            if std::path::Path::new(crate::ctl::CTL_PATH).exists() || bound_devices() != 0 {
-                Err("devices or control node left after rmmod".into())
+            let nodes = Device::enumerate().map(|d| d.len()).unwrap_or(0);
+            if nodes != 0 || bound_devices() != 0 {
+                Err("devices or render nodes left after rmmod".into())
             } else {
                 Ok(())
             }
@@ -240,15 +322,16 @@ fn module_unload_reload(env: &Env, name: &str, k: &mut Ktap<Box<dyn Write>>) {
             Outcome::check(unload.is_ok(), unload.err().unwrap_or_default()),
         ));
         let reload = run("insmod", &[MODULE_PATH]).and_then(|()| {
-            let n = Ctl::open()
-                .and_then(|c| c.num_devices())
-                .map_err(|e| e.to_string())?;
-            if n != env.gpus || bound_devices() != env.gpus as usize {
-                return Err(format!("{n} devices after reload, want {}", env.gpus));
+            let devs = Device::enumerate().map_err(|e| e.to_string())?;
+            if devs.len() != env.gpus as usize || bound_devices() != env.gpus as usize {
+                return Err(format!(
+                    "{} devices after reload, want {}",
+                    devs.len(),
+                    env.gpus
+                ));
             }
-            let ctl = Ctl::open().map_err(|e| e.to_string())?;
-            for slot in 0..env.gpus {
-                ctl.query(slot)
+            for (slot, d) in devs.iter().enumerate() {
+                d.query(false)
                     .map_err(|e| format!("QUERY {slot} after reload: {e}"))?;
             }
             Ok(())

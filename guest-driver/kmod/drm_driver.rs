@@ -1,0 +1,402 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The DRM driver: one render node per device, its open files and the ioctls of
+//! `guest-driver/uapi/svmgpu_drm.h` (whose errors are documented there).
+
+use crate::{
+    exec_queue::ExecQueue,
+    gpu::Gpu,
+    virtio,
+    vm::{self, Vm},
+    wire, NotifierMode,
+};
+use kernel::{
+    device::{Core, DeviceContext},
+    drm::{self, gem, ioctl, Registered},
+    new_mutex,
+    prelude::*,
+    sync::{atomic::Relaxed, Arc, Mutex},
+    time::{msecs_to_jiffies, Instant, Monotonic},
+    uapi,
+};
+
+/// The DRM driver of svmgpu devices.
+pub(crate) struct SvmgpuDrm;
+
+/// The driver's DRM device type.
+pub(crate) type SvmgpuDevice<Ctx = drm::Normal> = drm::Device<SvmgpuDrm, Ctx>;
+
+const INFO: drm::DriverInfo = drm::DriverInfo {
+    major: 0,
+    minor: 1,
+    patchlevel: 0,
+    name: c"svmgpu",
+    desc: c"svmgpu virtual GPU",
+};
+
+/// GEM objects: required by the DRM core; the uAPI creates none (memory is userptr).
+#[pin_data]
+pub(crate) struct NoObject {}
+
+impl gem::DriverObject for NoObject {
+    type Driver = SvmgpuDrm;
+    type Args = ();
+
+    fn new(_dev: &SvmgpuDevice, _size: usize, _args: ()) -> impl PinInit<Self, Error> {
+        try_pin_init!(NoObject {})
+    }
+}
+
+#[vtable]
+impl drm::Driver for SvmgpuDrm {
+    type Data = Arc<Gpu>;
+    type RegistrationData<'a> = ();
+    type File = File;
+    type Object = gem::Object<NoObject>;
+    type ParentDevice<Ctx: DeviceContext> = virtio::Device<Ctx>;
+
+    const INFO: drm::DriverInfo = INFO;
+    const FEAT_RENDER: bool = true;
+
+    kernel::declare_drm_ioctls! {
+        (SVMGPU_DEVICE_QUERY, drm_svmgpu_device_query, ioctl::RENDER_ALLOW, File::device_query),
+        (SVMGPU_VM_CREATE, drm_svmgpu_vm_create, ioctl::RENDER_ALLOW, File::vm_create),
+        (SVMGPU_VM_DESTROY, drm_svmgpu_vm_destroy, ioctl::RENDER_ALLOW, File::vm_destroy),
+        (SVMGPU_EXEC_QUEUE_CREATE, drm_svmgpu_exec_queue_create, ioctl::RENDER_ALLOW,
+         File::exec_queue_create),
+        (SVMGPU_EXEC_QUEUE_DESTROY, drm_svmgpu_exec_queue_destroy, ioctl::RENDER_ALLOW,
+         File::exec_queue_destroy),
+        (SVMGPU_VM_BIND, drm_svmgpu_vm_bind, ioctl::RENDER_ALLOW, File::vm_bind),
+        (SVMGPU_EXEC, drm_svmgpu_exec, ioctl::RENDER_ALLOW, File::exec),
+        (SVMGPU_WAIT, drm_svmgpu_wait, ioctl::RENDER_ALLOW, File::wait),
+    }
+}
+
+/// Creates and registers the DRM device of a bound virtio device.
+pub(crate) fn register<'bound>(
+    dev: &'bound virtio::Device<Core<'_>>,
+    gpu: Arc<Gpu>,
+) -> Result<drm::Registration<'bound, SvmgpuDrm>> {
+    let bound: &'bound virtio::Device<kernel::device::Bound> = dev;
+    let drm = drm::UnregisteredDevice::<SvmgpuDrm>::new(bound, Ok::<_, Error>(gpu))?;
+    // SAFETY: The registration is kept in the bus device's data and dropped in `unbind`
+    // (or with the data); it is never forgotten.
+    unsafe { drm::Registration::new(bound.as_ref(), drm, (), 0) }
+}
+
+struct Objs {
+    vms: KVec<(u32, Arc<Vm>)>,
+    queues: KVec<(u32, Arc<ExecQueue>)>,
+    next_id: u32,
+}
+
+impl Objs {
+    fn vm(&self, id: u32) -> Result<Arc<Vm>> {
+        self.vms
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, v)| v.clone())
+            .ok_or(ENOENT)
+    }
+
+    fn queue(&self, id: u32) -> Result<Arc<ExecQueue>> {
+        self.queues
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, q)| q.clone())
+            .ok_or(ENOENT)
+    }
+
+    fn new_id(&mut self) -> u32 {
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.next_id
+    }
+}
+
+/// An open render node: the client's VMs and exec queues.
+#[pin_data(PinnedDrop)]
+pub(crate) struct File {
+    gpu: Arc<Gpu>,
+    #[pin]
+    objs: Mutex<Objs>,
+}
+
+impl drm::file::DriverFile for File {
+    type Driver = SvmgpuDrm;
+
+    fn open(dev: &SvmgpuDevice) -> Result<Pin<KBox<Self>>> {
+        let gpu: Arc<Gpu> = (**dev).clone();
+        KBox::pin_init(
+            try_pin_init!(File {
+                gpu,
+                objs <- new_mutex!(
+                    Objs {
+                        vms: KVec::new(),
+                        queues: KVec::new(),
+                        next_id: 0
+                    },
+                    "svmgpu_file"
+                ),
+            }),
+            GFP_KERNEL,
+        )
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for File {
+    fn drop(self: Pin<&mut Self>) {
+        let (vms, queues) = {
+            let mut o = self.objs.lock();
+            (core::mem::take(&mut o.vms), core::mem::take(&mut o.queues))
+        };
+        for (_, q) in queues.iter() {
+            q.destroy();
+        }
+        drop(queues);
+        for (_, vm) in vms.iter() {
+            vm.destroy();
+        }
+    }
+}
+
+type Dev = SvmgpuDevice<Registered>;
+type DrmFile = drm::File<File>;
+
+fn copy_bytes(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len().min(src.len());
+    dst[..n].copy_from_slice(&src[..n]);
+}
+
+impl File {
+    fn gpu(file: &DrmFile) -> &Arc<Gpu> {
+        &file.inner().get_ref().gpu
+    }
+
+    fn objs(file: &DrmFile) -> &Mutex<Objs> {
+        &file.inner().get_ref().objs
+    }
+
+    pub(crate) fn device_query(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_device_query,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags & !uapi::SVMGPU_QUERY_F_STATS != 0 {
+            return Err(EINVAL);
+        }
+        let gpu = Self::gpu(file);
+        let _acc = gpu.enter()?;
+        let t0 = Instant::<Monotonic>::now();
+        let info = gpu.get_info()?;
+        a.round_trip_ns = t0.elapsed().as_nanos() as u64;
+        a.bus_index = gpu.bus_index;
+        a.features = gpu.features;
+        a.notifier_mode = match gpu.notifier_mode {
+            NotifierMode::Single => uapi::SVMGPU_NOTIFIER_SINGLE,
+            NotifierMode::TwoPass => uapi::SVMGPU_NOTIFIER_TWOPASS,
+        };
+        a.pad = 0;
+        a.invalidations = gpu.stats.invalidations.load(Relaxed);
+        a.invalidation_ns = gpu.stats.invalidation_ns.load(Relaxed);
+        a.gpu_faults = gpu.stats.gpu_faults.load(Relaxed);
+        a.gpu_faults_failed = gpu.stats.gpu_faults_failed.load(Relaxed);
+        copy_bytes(&mut a.config, &gpu.config_raw);
+        copy_bytes(&mut a.info, &info);
+        a.stats = [0; 24];
+        if a.flags & uapi::SVMGPU_QUERY_F_STATS != 0 {
+            a.stats = gpu.get_stats()?;
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn vm_create(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_vm_create,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags & !uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0 {
+            return Err(EINVAL);
+        }
+        let gpu = Self::gpu(file);
+        let acc = gpu.enter()?;
+        let vm = Vm::create(gpu, &acc, a.flags & uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0)?;
+        let mut o = Self::objs(file).lock();
+        if let Err(e) = o.vms.reserve(1, GFP_KERNEL) {
+            drop(o);
+            vm.destroy();
+            return Err(e.into());
+        }
+        let id = o.new_id();
+        // Within the capacity just reserved.
+        let _ = o.vms.push_within_capacity((id, vm));
+        a.vm_id = id;
+        Ok(0)
+    }
+
+    pub(crate) fn vm_destroy(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_vm_destroy,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.pad != 0 {
+            return Err(EINVAL);
+        }
+        let vm = {
+            let mut o = Self::objs(file).lock();
+            let i = o
+                .vms
+                .iter()
+                .position(|(id, _)| *id == a.vm_id)
+                .ok_or(ENOENT)?;
+            if o.queues
+                .iter()
+                .any(|(_, q)| Arc::ptr_eq(&q.vm, &o.vms[i].1))
+            {
+                return Err(EBUSY);
+            }
+            o.vms.remove(i).map_err(|_| ENOENT)?.1
+        };
+        vm.destroy();
+        Ok(0)
+    }
+
+    pub(crate) fn exec_queue_create(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_exec_queue_create,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags & !uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0 || a.pad != 0 {
+            return Err(EINVAL);
+        }
+        let gpu = Self::gpu(file);
+        let vm = Self::objs(file).lock().vm(a.vm_id)?;
+        let _acc = gpu.enter()?;
+        let q = ExecQueue::create(&vm, a.flags & uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0)?;
+        let mut o = Self::objs(file).lock();
+        // The VM may have been destroyed meanwhile (its id is gone): undo.
+        if o.vm(a.vm_id).is_err() || o.queues.reserve(1, GFP_KERNEL).is_err() {
+            drop(o);
+            q.destroy();
+            return Err(ENOENT);
+        }
+        let id = o.new_id();
+        let _ = o.queues.push_within_capacity((id, q));
+        a.queue_id = id;
+        Ok(0)
+    }
+
+    pub(crate) fn exec_queue_destroy(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_exec_queue_destroy,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.pad != 0 {
+            return Err(EINVAL);
+        }
+        let q = {
+            let mut o = Self::objs(file).lock();
+            let i = o
+                .queues
+                .iter()
+                .position(|(id, _)| *id == a.queue_id)
+                .ok_or(ENOENT)?;
+            o.queues.remove(i).map_err(|_| ENOENT)?.1
+        };
+        q.destroy();
+        Ok(0)
+    }
+
+    pub(crate) fn vm_bind(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_vm_bind,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.pad != 0 {
+            return Err(EINVAL);
+        }
+        vm::check_bind_range(a.va, a.size, uapi::SVMGPU_MAX_BIND_SIZE as u64)?;
+        match a.op {
+            uapi::SVMGPU_VM_BIND_OP_MAP_USERPTR => {
+                if a.flags & !uapi::SVMGPU_VM_BIND_F_READONLY != 0
+                    || a.userptr % wire::PAGE_SIZE_4K != 0
+                    || a.userptr.checked_add(a.size).is_none()
+                {
+                    return Err(EINVAL);
+                }
+                let gpu = Self::gpu(file);
+                let vm = Self::objs(file).lock().vm(a.vm_id)?;
+                let acc = gpu.enter()?;
+                vm.bind_userptr(
+                    &acc,
+                    a.va,
+                    a.size,
+                    a.userptr as usize,
+                    a.flags & uapi::SVMGPU_VM_BIND_F_READONLY != 0,
+                )?;
+            }
+            uapi::SVMGPU_VM_BIND_OP_UNMAP => {
+                if a.flags != 0 || a.userptr != 0 {
+                    return Err(EINVAL);
+                }
+                let vm = Self::objs(file).lock().vm(a.vm_id)?;
+                vm.unbind(a.va, a.size)?;
+            }
+            _ => return Err(EINVAL),
+        }
+        Ok(0)
+    }
+
+    pub(crate) fn exec(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_exec,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags != 0
+            || a.pad != 0
+            || a.batch_va % 8 != 0
+            || a.batch_len % 8 != 0
+            || a.batch_len == 0
+            || a.batch_len > uapi::SVMGPU_MAX_BATCH_LEN
+            || a.batch_va.saturating_add(a.batch_len as u64) > 1u64 << wire::VA_BITS
+        {
+            return Err(EINVAL);
+        }
+        let gpu = Self::gpu(file);
+        let q = Self::objs(file).lock().queue(a.queue_id)?;
+        let acc = gpu.enter()?;
+        a.fence = q.vm.exec(&q, &acc, a.batch_va, a.batch_len)?;
+        Ok(0)
+    }
+
+    pub(crate) fn wait(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_wait,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags != 0 || a.timeout_ns < 0 {
+            return Err(EINVAL);
+        }
+        let q = Self::objs(file).lock().queue(a.queue_id)?;
+        let ms = (a.timeout_ns as u64)
+            .div_ceil(1_000_000)
+            .min(u32::MAX as u64) as u32;
+        let jiffies = if a.timeout_ns == 0 {
+            0
+        } else {
+            msecs_to_jiffies(ms).max(1)
+        };
+        let o = q.fences.wait(a.fence, jiffies)?;
+        a.error = o.error;
+        a.job_status = o.status;
+        Ok(0)
+    }
+}

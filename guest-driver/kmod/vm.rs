@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! VMs: a GPU address space on one device (an ASID and its page table), its userptr
+//! bindings, exec submission with revalidation, GPU page-fault resolution, and the
+//! rebind worker that resumes long-running queues after an invalidation.
+
+use crate::{
+    exec_queue::ExecQueue,
+    gpu::{Gpu, GpuAccess},
+    mmu_notifier::{IntervalNotifier, MmRef, Passes},
+    pagetable::PageTable,
+    userptr::{self, Entry, UserptrData},
+    wire, NotifierMode,
+};
+use kernel::{
+    bindings, new_mutex, new_work,
+    prelude::*,
+    sync::{Arc, LockedBy, Mutex},
+    workqueue::{self, impl_has_work, Work, WorkItem},
+};
+
+/// Long-running exec queues per VM (each one is preempted on invalidation).
+pub(crate) const MAX_LR_PER_VM: usize = 16;
+
+/// Whether `[a, a + alen)` and `[b, b + blen)` intersect (lengths nonzero, no overflow).
+pub(crate) fn ranges_overlap(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+/// Whether `[a, a + alen)` contains `x`.
+pub(crate) fn range_contains(a: u64, alen: u64, x: u64) -> bool {
+    x >= a && x - a < alen
+}
+
+/// Validates a VM_BIND range: 4 KiB aligned, nonzero, at most `max`, inside 48 bits.
+pub(crate) fn check_bind_range(va: u64, size: u64, max: u64) -> Result {
+    let page = wire::PAGE_SIZE_4K;
+    if va % page != 0 || size % page != 0 || size == 0 || size > max {
+        return Err(EINVAL);
+    }
+    let end = va.checked_add(size).ok_or(EINVAL)?;
+    if end > 1u64 << wire::VA_BITS {
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+/// A long-running exec queue of the VM, as the notifier sees it.
+pub(crate) struct LrCtx {
+    pub(crate) ctx_id: u32,
+    /// Preempted by an invalidation, not resumed yet.
+    pub(crate) preempted: bool,
+}
+
+/// What the notifier lock protects.
+pub(crate) struct NState {
+    /// The page table (`None` once the VM is destroyed or the device removed).
+    pub(crate) pt: Option<PageTable>,
+    pub(crate) dead: bool,
+    /// Long-running queues (capacity reserved at creation: never allocates).
+    pub(crate) lr: KVec<LrCtx>,
+}
+
+/// What the VM lock protects.
+pub(crate) struct VState {
+    /// Bindings, sorted by VA, non-overlapping.
+    pub(crate) entries: KVec<Entry>,
+    /// Exec queues using the VM.
+    pub(crate) queues: u32,
+    pub(crate) dead: bool,
+}
+
+/// A VM.
+///
+/// Locks, outermost first: `lock` (the "gpu_vm lock": bindings, revalidation, exec), the
+/// mmap lock (taken by `hmm_range_fault` and the core around notifiers), `nlock` (the
+/// "notifier lock": validity of the GPU mappings, PTE writes; taken in MMU-notifier
+/// callbacks, so nothing allocates under it).
+#[pin_data]
+pub(crate) struct Vm {
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) asid: u32,
+    pub(crate) fault_mode: bool,
+    #[pin]
+    pub(crate) lock: Mutex<VState>,
+    #[pin]
+    pub(crate) nlock: Mutex<NState>,
+    #[pin]
+    rebind_work: Work<Vm>,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Vm { self.rebind_work }
+}
+
+impl WorkItem for Vm {
+    type Pointer = Arc<Vm>;
+
+    fn run(this: Arc<Vm>) {
+        this.rebind();
+    }
+}
+
+impl Vm {
+    /// Creates a VM: an ASID bound to an empty page table.
+    pub(crate) fn create(gpu: &Arc<Gpu>, acc: &GpuAccess<'_>, fault_mode: bool) -> Result<Arc<Vm>> {
+        gpu.install_vm(|asid| {
+            let pt = PageTable::new(acc.dma_dev())?;
+            let root = pt.root_gpa();
+            let lr = KVec::with_capacity(MAX_LR_PER_VM, GFP_KERNEL)?;
+            let vm = Arc::pin_init(
+                try_pin_init!(Vm {
+                    gpu: gpu.clone(),
+                    asid,
+                    fault_mode,
+                    lock <- new_mutex!(
+                        VState {
+                            entries: KVec::new(),
+                            queues: 0,
+                            dead: false
+                        },
+                        "svmgpu_vm"
+                    ),
+                    nlock <- new_mutex!(
+                        NState {
+                            pt: Some(pt),
+                            dead: false,
+                            lr
+                        },
+                        "svmgpu_vm_notifier"
+                    ),
+                    rebind_work <- new_work!("svmgpu_vm_rebind"),
+                }),
+                GFP_KERNEL,
+            )?;
+            let body = wire::AsidBindReq {
+                asid,
+                flags: 0,
+                pt_root: root,
+            }
+            .to_bytes();
+            if let Err(e) = gpu
+                .ctrl
+                .call(wire::Opcode::AsidBind, &body, &mut [])
+                .and_then(|r| r.ok())
+            {
+                vm.release(false);
+                return Err(e);
+            }
+            Ok(vm)
+        })
+    }
+
+    /// Binds the ASID to the page table again (after a device reset).
+    pub(crate) fn rebind_asid(&self) {
+        let root = match self.nlock.lock().pt.as_ref() {
+            Some(pt) => pt.root_gpa(),
+            None => return,
+        };
+        let body = wire::AsidBindReq {
+            asid: self.asid,
+            flags: 0,
+            pt_root: root,
+        }
+        .to_bytes();
+        let _ = self.gpu.ctrl.call(wire::Opcode::AsidBind, &body, &mut []);
+    }
+
+    /// Releases the VM's device state. With `unbind`, the ASID is unbound on the device
+    /// first (which drops its TLB entries); without, the device was reset or never used
+    /// the VM. Idempotent.
+    fn release(&self, unbind: bool) {
+        let entries = {
+            let mut vs = self.lock.lock();
+            if vs.dead {
+                return;
+            }
+            vs.dead = true;
+            core::mem::take(&mut vs.entries)
+        };
+        if unbind {
+            let body = wire::AsidUnbindReq {
+                asid: self.asid,
+                flags: 0,
+            }
+            .to_bytes();
+            let r = self
+                .gpu
+                .ctrl
+                .call(wire::Opcode::AsidUnbind, &body, &mut [])
+                .map(|r| r.status);
+            match r {
+                Ok(s) if s == wire::Status::Ok.as_u32() || s == wire::Status::NotFound.as_u32() => {
+                }
+                Err(e) if e == ENODEV => {}
+                _ => self.gpu.reset_and_recover("ASID_UNBIND failed"),
+            }
+        }
+        {
+            let mut ns = self.nlock.lock();
+            ns.dead = true;
+            let dev = self.gpu.dma_dev_raw();
+            for e in entries.iter() {
+                userptr::release_dma(e, &mut ns, dev);
+            }
+            let pt = ns.pt.take();
+            ns.lr.clear();
+            drop(ns);
+            drop(pt);
+        }
+        // Removes the notifiers (waits for invalidations in progress, which see `dead`).
+        drop(entries);
+        // SAFETY: The work item is embedded in `self`, which is alive.
+        unsafe { bindings::flush_work(Work::<Vm>::raw_get(&self.rebind_work)) };
+    }
+
+    /// Destroys the VM (VM_DESTROY, file close). Its exec queues are destroyed already.
+    pub(crate) fn destroy(&self) {
+        self.release(true);
+        drop(self.gpu.uninstall_vm(self));
+    }
+
+    /// Releases the VM's device state when the device is removed (already reset).
+    pub(crate) fn kill(&self) {
+        self.release(false);
+    }
+
+    /// Counts an exec queue on the VM; `ENODEV` if it is dead.
+    pub(crate) fn add_queue(&self, ctx_id: u32, long_running: bool) -> Result {
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        if long_running {
+            let mut ns = self.nlock.lock();
+            if ns.dead {
+                return Err(ENODEV);
+            }
+            ns.lr
+                .push_within_capacity(LrCtx {
+                    ctx_id,
+                    preempted: false,
+                })
+                .map_err(|_| ENOSPC)?;
+        }
+        vs.queues += 1;
+        Ok(())
+    }
+
+    /// Forgets an exec queue.
+    pub(crate) fn remove_queue(&self, ctx_id: u32) {
+        let mut vs = self.lock.lock();
+        vs.queues = vs.queues.saturating_sub(1);
+        let mut ns = self.nlock.lock();
+        ns.lr.retain(|l| l.ctx_id != ctx_id);
+    }
+
+    /// Binds `[va, va + size)` to the CPU range at `cpu` of the calling process.
+    pub(crate) fn bind_userptr(
+        self: &Arc<Self>,
+        acc: &GpuAccess<'_>,
+        va: u64,
+        size: u64,
+        cpu: usize,
+        readonly: bool,
+    ) -> Result {
+        let mm = MmRef::current().ok_or(EFAULT)?;
+        let npages = (size / wire::PAGE_SIZE_4K) as usize;
+        // Everything a binding needs is allocated here, before any lock.
+        let pfns = KVVec::from_elem(0, npages, GFP_KERNEL)?;
+        let staging = KVVec::from_elem(0, npages, GFP_KERNEL)?;
+        let unstate = userptr::new_unstate(npages)?;
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        if vs.entries.iter().any(|e| e.overlaps(va, size)) {
+            return Err(EEXIST);
+        }
+        vs.entries.reserve(1, GFP_KERNEL)?;
+        let passes = match self.gpu.notifier_mode {
+            NotifierMode::Single => Passes::Single,
+            NotifierMode::TwoPass => Passes::Two,
+        };
+        let data = UserptrData {
+            vm: self.clone(),
+            va,
+            size,
+            cpu,
+            readonly,
+            n: LockedBy::new(&self.nlock, unstate),
+        };
+        let up = KBox::pin_init(
+            IntervalNotifier::new(&mm, cpu, size as usize, passes, data),
+            GFP_KERNEL,
+        )?;
+        let mut entry = Entry {
+            up,
+            pfns,
+            staging,
+            broken: false,
+        };
+        if !self.fault_mode {
+            // Fault the CPU pages in now; a hole or a missing permission is EFAULT.
+            if let Err(e) = userptr::revalidate(&mut entry, acc) {
+                drop(vs);
+                drop(entry);
+                return Err(if e == ENOMEM || e == ENODEV {
+                    e
+                } else {
+                    EFAULT
+                });
+            }
+        }
+        vs.entries.push_within_capacity(entry).map_err(|_| ENOMEM)?;
+        vs.entries.sort_unstable_by_key(|e| e.data().va);
+        Ok(())
+    }
+
+    /// Removes the binding that starts at `va` and has `size` bytes: clears its PTEs,
+    /// invalidates the TLBs and waits, then unmaps the pages.
+    pub(crate) fn unbind(&self, va: u64, size: u64) -> Result {
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        let i = vs
+            .entries
+            .iter()
+            .position(|e| e.data().va == va && e.data().size == size)
+            .ok_or(ENOENT)?;
+        let entry = vs.entries.remove(i).map_err(|_| ENOENT)?;
+        {
+            let mut ns = self.nlock.lock();
+            userptr::zap(&entry, &mut ns);
+        }
+        let res = self.invalidate_tlb(va, size);
+        {
+            let mut ns = self.nlock.lock();
+            if !ns.dead {
+                userptr::release_dma(&entry, &mut ns, self.gpu.dma_dev_raw());
+            }
+        }
+        drop(vs);
+        drop(entry);
+        res
+    }
+
+    /// Invalidates the TLBs for `[va, va + size)` and waits; resets the device on failure.
+    fn invalidate_tlb(&self, va: u64, size: u64) -> Result {
+        let body = wire::TlbInvalidateReq {
+            asid: self.asid,
+            flags: 0,
+            va,
+            size,
+        }
+        .to_bytes();
+        let ctrl = &self.gpu.ctrl;
+        let r = ctrl
+            .start(wire::Opcode::TlbInvalidate, &body, true)
+            .and_then(|t| ctrl.wait(t));
+        match r {
+            Ok(d) if d.succeeded() => Ok(()),
+            Err(e) if e == ENODEV => Err(e),
+            _ => {
+                self.gpu
+                    .reset_and_recover("TLB invalidation failed or timed out");
+                Err(EIO)
+            }
+        }
+    }
+
+    /// Resolves a GPU page fault at `va`: revalidates the binding that contains it.
+    pub(crate) fn handle_fault(&self, va: u64, access: u32) -> Result {
+        let acc = self.gpu.enter()?;
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        let va = va & !(wire::PAGE_SIZE_4K - 1);
+        let entry = vs
+            .entries
+            .iter_mut()
+            .find(|e| range_contains(e.data().va, e.data().size, va))
+            .ok_or(EFAULT)?;
+        let write = matches!(
+            wire::AccessKind::from_u32(access),
+            Some(wire::AccessKind::Write | wire::AccessKind::Atomic)
+        );
+        if write && entry.data().readonly {
+            return Err(EFAULT);
+        }
+        userptr::revalidate(entry, &acc)
+    }
+
+    /// Submits a job of `q` (the exec function of the VM_BIND locking rules): revalidate
+    /// what was invalidated, then, under the notifier lock, check that nothing was
+    /// invalidated since and queue the job; else retry. Returns the job's fence.
+    pub(crate) fn exec(
+        &self,
+        q: &ExecQueue,
+        acc: &GpuAccess<'_>,
+        batch_va: u64,
+        batch_len: u32,
+    ) -> Result<u64> {
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        for _ in 0..64 {
+            if !self.fault_mode {
+                for e in vs.entries.iter_mut() {
+                    userptr::revalidate(e, acc).map_err(|e| {
+                        if e == ENOMEM || e == ENODEV || e == EAGAIN {
+                            e
+                        } else {
+                            EFAULT
+                        }
+                    })?;
+                }
+            }
+            let ns = self.nlock.lock();
+            if ns.dead {
+                return Err(ENODEV);
+            }
+            if !self.fault_mode
+                && vs.entries.iter().any(|e| {
+                    let un = e.data().n.access(&ns);
+                    !un.valid || e.up.read_retry(un.seq)
+                })
+            {
+                // An invalidation raced with the revalidation: again.
+                continue;
+            }
+            q.fences.begin_submit()?;
+            let body = wire::JobSubmitReq {
+                ctx_id: q.ctx_id,
+                flags: 0,
+                batch_va,
+                batch_len,
+                reserved: 0,
+            }
+            .to_bytes();
+            // Queued under the notifier lock: an invalidation either ran before (and the
+            // check above saw it) or runs after the job is on the device (and stops it).
+            let r = self
+                .gpu
+                .ctrl
+                .call(wire::Opcode::JobSubmit, &body, &mut [])
+                .and_then(|r| r.ok());
+            drop(ns);
+            return match r {
+                Ok(seqno) => {
+                    q.fences.end_submit(Some(seqno));
+                    Ok(seqno)
+                }
+                Err(e) => {
+                    q.fences.end_submit(None);
+                    Err(e)
+                }
+            };
+        }
+        Err(EAGAIN)
+    }
+
+    /// Queues the rebind worker (after an invalidation preempted long-running queues).
+    pub(crate) fn queue_rebind(self: &Arc<Self>) {
+        // Already queued: that run will see this invalidation's effects.
+        let _ = workqueue::system().enqueue(self.clone());
+    }
+
+    /// The rebind worker: revalidate the bindings and resume the preempted long-running
+    /// queues.
+    fn rebind(&self) {
+        let Ok(acc) = self.gpu.enter() else { return };
+        let mut vs = self.lock.lock();
+        if vs.dead {
+            return;
+        }
+        for e in vs.entries.iter_mut() {
+            let _ = userptr::revalidate(e, &acc);
+        }
+        let mut ns = self.nlock.lock();
+        if ns.dead {
+            return;
+        }
+        // A binding invalidated again since: its invalidation queues this work again.
+        let raced = vs
+            .entries
+            .iter()
+            .any(|e| !e.broken && !e.data().n.access(&ns).valid);
+        if raced {
+            return;
+        }
+        let mut tickets = [const { None }; MAX_LR_PER_VM];
+        for (lr, t) in ns.lr.iter_mut().zip(tickets.iter_mut()) {
+            if lr.preempted {
+                let body = wire::CtxReq {
+                    ctx_id: lr.ctx_id,
+                    flags: 0,
+                }
+                .to_bytes();
+                *t = self
+                    .gpu
+                    .ctrl
+                    .start(wire::Opcode::CtxResume, &body, true)
+                    .ok();
+                lr.preempted = false;
+            }
+        }
+        drop(ns);
+        drop(vs);
+        for t in tickets.iter_mut() {
+            if let Some(t) = t.take() {
+                let _ = self.gpu.ctrl.wait(t);
+            }
+        }
+    }
+}
+
+#[kunit_tests(svmgpu_vm)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlap_is_half_open() {
+        assert!(ranges_overlap(0x1000, 0x1000, 0x1000, 0x1000));
+        assert!(ranges_overlap(0x1000, 0x2000, 0x2000, 0x1000));
+        assert!(!ranges_overlap(0x1000, 0x1000, 0x2000, 0x1000));
+        assert!(!ranges_overlap(0x2000, 0x1000, 0x1000, 0x1000));
+        assert!(ranges_overlap(0, u64::MAX, 0x5000, 0x1000));
+        assert!(range_contains(0x1000, 0x1000, 0x1fff));
+        assert!(!range_contains(0x1000, 0x1000, 0x2000));
+        assert!(!range_contains(0x1000, 0x1000, 0xfff));
+    }
+
+    #[test]
+    fn bind_ranges_are_checked() {
+        let max = 1 << 30;
+        assert!(check_bind_range(0x1000, 0x1000, max).is_ok());
+        assert_eq!(check_bind_range(0x1001, 0x1000, max), Err(EINVAL));
+        assert_eq!(check_bind_range(0x1000, 0x1001, max), Err(EINVAL));
+        assert_eq!(check_bind_range(0x1000, 0, max), Err(EINVAL));
+        assert_eq!(check_bind_range(0x1000, max + 0x1000, max), Err(EINVAL));
+        assert!(check_bind_range((1 << 48) - 0x1000, 0x1000, max).is_ok());
+        assert_eq!(check_bind_range(1 << 48, 0x1000, max), Err(EINVAL));
+        assert_eq!(check_bind_range(u64::MAX - 0xfff, 0x1000, max), Err(EINVAL));
+    }
+}
