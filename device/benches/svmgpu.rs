@@ -114,6 +114,7 @@ fn tlb_hits(ram: &mut Ram) {
         root: ram.root,
         log: &log,
         audit: false,
+        hook: None,
     };
     let mut mmu = Mmu::new(64, 4).unwrap();
     let vas: Vec<u64> = (0..1024u64)
@@ -157,6 +158,7 @@ fn page_walks(ram: &mut Ram) {
         root: ram.root,
         log: &log,
         audit: false,
+        hook: None,
     };
     let mut mmu = Mmu::new(64, 4).unwrap();
     let rounds = 100u64;
@@ -187,6 +189,7 @@ fn through_mmu(ram: &Ram, insn: Insn, bytes: u64, reps: u32) -> f64 {
         root: ram.root,
         log: &log,
         audit: false,
+        hook: None,
     };
     let mut mmu = Mmu::new(1024, 8).unwrap();
     let mut exec = Executor::new();

@@ -75,6 +75,8 @@ pub struct DeviceOptions {
     pub insn_cost_ns: u32,
     /// Time-slice length.
     pub timeslice_us: u32,
+    /// An engine that makes no progress for this long posts ENGINE_HANG (spec 7.2, 17).
+    pub hang_threshold_us: u32,
     /// Audit every access even if the driver did not accept `SVMGPU_F_AUDIT`.
     pub audit: bool,
 }
@@ -93,6 +95,7 @@ impl Default for DeviceOptions {
             walk_latency_ns: defaults::WALK_LATENCY_NS,
             insn_cost_ns: defaults::INSN_COST_NS,
             timeslice_us: defaults::TIMESLICE_US,
+            hang_threshold_us: defaults::HANG_THRESHOLD_US,
             audit: false,
         }
     }
@@ -110,6 +113,8 @@ pub mod defaults {
     pub const INSN_COST_NS: u32 = 20;
     /// Time slice.
     pub const TIMESLICE_US: u32 = 1_000;
+    /// Engine-hang threshold.
+    pub const HANG_THRESHOLD_US: u32 = 100_000;
 }
 
 impl DeviceOptions {
@@ -174,6 +179,7 @@ impl DeviceOptions {
             walk_ns: u64::from(self.walk_latency_ns),
             insn_ns: u64::from(self.insn_cost_ns),
             timeslice_ns: u64::from(self.timeslice_us) * 1000,
+            hang_ns: u64::from(self.hang_threshold_us) * 1000,
         }
     }
 

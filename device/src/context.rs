@@ -81,6 +81,11 @@ pub struct CtxOp {
     pub deadline: Instant,
     /// Preempt: the deadline has passed.
     pub fired: bool,
+    /// Preempt: injected failure (`preempt-error`): completes with this status when it
+    /// fires, without preempting.
+    pub fail: Option<Status>,
+    /// Preempt: injected drop (`preempt-drop`): never fires.
+    pub dropped: bool,
 }
 
 /// One context.

@@ -17,6 +17,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::context::{Context, Job};
 use crate::gpu::{Deferred, Gpu, Shared};
+use crate::inject::{Kind, Subject};
 use crate::mmu::tlb::Scope;
 use crate::stats::Counter;
 
@@ -196,10 +197,27 @@ fn execute(
             want,
         });
     }
-    let body = &req[CtrlHeader::SIZE..];
-    let ok = |body: &[u8], d: Option<Deferred>| Ok((Response::new(Status::Ok, hdr.seqno, body), d));
     let sh = gpu.shared();
     let c = Cmd { sh, op };
+    // Check 8: a device-initiated reset in progress; and the `device-reset` injection, which
+    // starts one at a request (that request is the first to see RESETTING).
+    if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
+        if gpu.resetting() {
+            return Err(c.reject(Status::Resetting, "device-initiated reset in progress"));
+        }
+        if sh.inject.active(Kind::DeviceReset) {
+            let subject = Subject {
+                seqno: Some(hdr.seqno),
+                ..Subject::default()
+            };
+            if let Some(hit) = sh.inject.check(Kind::DeviceReset, &subject, &sh.stats) {
+                sh.begin_device_reset(hit.delay);
+                return Err(c.reject(Status::Resetting, "device-initiated reset (injected)"));
+            }
+        }
+    }
+    let body = &req[CtrlHeader::SIZE..];
+    let ok = |body: &[u8], d: Option<Deferred>| Ok((Response::new(Status::Ok, hdr.seqno, body), d));
     match op {
         Opcode::GetInfo => ok(&get_info(gpu, before).to_bytes(), None),
         Opcode::GetStats => {

@@ -21,7 +21,9 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag, EventNotif
 use vmm_sys_util::signal::register_signal_handler;
 
 use crate::config::DeviceOptions;
+use crate::ctl::ControlServer;
 use crate::gpu::{Gpu, GpuError};
+use crate::inject::{random_seed, InjectError, InjectSpec};
 use crate::vhu_svmgpu::VhostUserSvmgpuBackend;
 
 /// Most devices one process serves.
@@ -61,6 +63,17 @@ pub enum DaemonError {
     /// Spawning a thread failed.
     #[error("cannot spawn a thread: {0}")]
     Thread(std::io::Error),
+    /// Invalid `--inject`.
+    #[error("--inject: {0}")]
+    Inject(#[from] InjectError),
+    /// The control socket could not be set up.
+    #[error("cannot serve the control socket {path}: {source}")]
+    Control {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 /// What to serve.
@@ -74,6 +87,10 @@ pub struct DaemonConfig {
     pub options: DeviceOptions,
     /// Where to write every device's statistics as a JSON array on exit.
     pub stats_json: Option<PathBuf>,
+    /// Fault injection configured at start (`--inject`).
+    pub inject: InjectSpec,
+    /// The runtime control socket (`--control-socket`).
+    pub control_socket: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -82,6 +99,7 @@ impl DaemonConfig {
         if self.socket_count == 0 || self.socket_count > MAX_SOCKETS {
             return Err(DaemonError::SocketCount(self.socket_count));
         }
+        self.inject.check_devices(self.socket_count)?;
         self.options
             .validate()
             .map_err(|e| DaemonError::Gpu(GpuError::Options(e)))
@@ -215,6 +233,16 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
     }
     let gpus: Vec<Arc<Gpu>> = servers.iter().map(DeviceServer::gpu).collect();
     let paths = config.socket_paths();
+    configure_injection(&gpus, &config.inject)?;
+    let control = match &config.control_socket {
+        Some(path) => Some(ControlServer::bind(path, gpus.clone()).map_err(|source| {
+            DaemonError::Control {
+                path: path.clone(),
+                source,
+            }
+        })?),
+        None => None,
+    };
     info!(
         "serving {} svmgpu device(s) on {}",
         servers.len(),
@@ -272,7 +300,25 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
+    if let Some(c) = &control {
+        c.remove();
+    }
     result
+}
+
+/// Applies `--inject` to every device: one seed for all (the given one, or a random one,
+/// logged so that the run can be replayed), then the rules of each device. A device with a
+/// rule offers `SVMGPU_F_FAULT_INJECT`.
+pub fn configure_injection(gpus: &[Arc<Gpu>], spec: &InjectSpec) -> Result<(), DaemonError> {
+    let seed = spec.seed.unwrap_or_else(random_seed);
+    info!("fault injection seed {seed} (replay with --inject seed={seed})");
+    for gpu in gpus {
+        let inj = gpu.injector();
+        inj.set_seed(seed);
+        inj.add(spec)?;
+        inj.set_advertised(inj.applicable(spec) > 0);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -286,6 +332,8 @@ mod tests {
             socket_count: 3,
             options: DeviceOptions::default(),
             stats_json: None,
+            inject: InjectSpec::default(),
+            control_socket: None,
         };
         assert_eq!(
             c.socket_paths(),

@@ -11,8 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::gpu::{fence_done, Pick, Shared, SliceEnd};
+use crate::inject::{Kind, Subject};
 use crate::isa::{Executor, Step};
-use crate::mmu::Space;
+use crate::mmu::{Space, WalkHook};
 use crate::stats::{Counter, Extra};
 use crate::timing::Pacer;
 
@@ -35,12 +36,41 @@ pub(crate) fn run(sh: &Shared, e: usize) {
                 st = sh.work.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let (state, end) = run_slice(sh, e, &mut exec, &pick);
+        let (state, end) = if pick.hang {
+            sh.hang(e, &pick);
+            (pick.exec, SliceEnd::Stopped)
+        } else {
+            run_slice(sh, e, &mut exec, &pick)
+        };
         {
             let mut st = sh.lock();
             sh.finish(&mut st, e, pick, state, end);
         }
         sh.flush();
+    }
+}
+
+/// `walk-read-error` for the walks of one context on one engine.
+#[derive(Debug)]
+struct InjectWalk<'a> {
+    sh: &'a Shared,
+    ctx: u32,
+    engine: u32,
+}
+
+impl WalkHook for InjectWalk<'_> {
+    fn read_error(&self, asid: u32, va: u64) -> Option<u32> {
+        let subject = Subject {
+            asid: Some(asid),
+            ctx: Some(self.ctx),
+            engine: Some(self.engine),
+            va: Some((va, va.saturating_add(1))),
+            ..Subject::default()
+        };
+        self.sh
+            .inject
+            .check(Kind::WalkReadError, &subject, &self.sh.stats)
+            .map(|h| h.level)
     }
 }
 
@@ -63,6 +93,15 @@ fn run_slice(
     let deadline = started + Duration::from_nanos(t.timeslice_ns);
     let mut pacer = Pacer::new();
     let mut insns = 0u64;
+    let walk_hook = InjectWalk {
+        sh,
+        ctx: pick.ctx,
+        engine: e as u32,
+    };
+    let hook = sh
+        .inject
+        .active(Kind::WalkReadError)
+        .then_some(&walk_hook as &dyn WalkHook);
     let end = loop {
         if pick.attention.load(Ordering::Acquire) || sh.shutdown.load(Ordering::Acquire) {
             break SliceEnd::Stopped;
@@ -75,6 +114,7 @@ fn run_slice(
             // Unbound under us: only a reset does that, and it discards the context.
             break SliceEnd::Stopped;
         };
+        let pc = st.pc;
         let (step, walks) = {
             let mut mmu = sh.mmu(e);
             let walks_before = mmu.counters.walks;
@@ -84,13 +124,21 @@ fn run_slice(
                 root,
                 log: &sh.log,
                 audit,
+                hook,
             };
             let step = exec.step(&mut mmu, &sp, &mut st, sh.outbox.fence_room());
             (step, mmu.counters.walks - walks_before)
         };
         pacer.charge(t.insn_ns + walks * t.walk_ns);
         match step {
-            Step::Next => insns += 1,
+            Step::Next => {
+                insns += 1;
+                if sh.inject.active(Kind::FaultSpurious) || sh.inject.active(Kind::FaultPhantom) {
+                    if let Some(f) = sh.inject_after_insn(e, pick, pc) {
+                        break SliceEnd::Fault(f);
+                    }
+                }
+            }
             Step::Fence(value) => {
                 insns += 1;
                 let s = sh.lock();

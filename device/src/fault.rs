@@ -102,6 +102,14 @@ impl FaultTable {
         Raised::New(id)
     }
 
+    /// A fresh fault id that is never outstanding (an injected phantom fault's): a reply
+    /// to it gets NOT_FOUND.
+    pub fn allocate_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
     /// Removes a fault being replied to.
     pub fn take(&mut self, id: u64) -> Option<Outstanding> {
         self.outstanding.remove(&id)
@@ -178,5 +186,8 @@ mod tests {
             Raised::New(3),
             "ids are not reused"
         );
+        assert_eq!(t.allocate_id(), 4);
+        assert_eq!(t.take(4), None, "an allocated id is never outstanding");
+        assert_eq!(t.raise(w(1), report(0), false), Raised::New(5));
     }
 }

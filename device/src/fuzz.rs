@@ -189,6 +189,7 @@ pub fn isa(data: &[u8]) {
         root,
         log: &log,
         audit: true,
+        hook: None,
     };
     let mut mmu = Mmu::new(16, 4).expect("tlb");
     let mut exec = Executor::new();

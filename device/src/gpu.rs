@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use svmgpu_spec::{
-    Completion, CompletionKind, Config, ContextErrorEvent, DeviceResetEvent, Event, Opcode,
-    PageFaultEvent, ResetReason, Status, CONFIG_SIZE, SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE,
+    AccessKind, Completion, CompletionKind, Config, ContextErrorEvent, DeviceResetEvent,
+    EngineHangEvent, Event, FaultReason, Opcode, PageFaultEvent, ResetReason, Status, ASID_ALL,
+    CONFIG_SIZE, CTX_NONE, SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE, VA_BITS,
 };
 use thiserror::Error;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
@@ -27,10 +28,11 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, Gues
 use crate::config::{read_config, DeviceOptions, OptionsError};
 use crate::context::{Context, CtxOp, ExecState, Job, Stall};
 use crate::fault::{FaultReport, FaultTable, Raised, Waiter};
+use crate::inject::{Field, Injector, Kind, RecKind, Subject};
 use crate::mmu::audit::InvalLog;
 use crate::mmu::tlb::Scope;
 use crate::mmu::{Fault, Mmu};
-use crate::outbox::Outbox;
+use crate::outbox::{Injected, Outbox};
 use crate::stats::{Counter, Extra, Stats};
 use crate::timing::Timing;
 
@@ -55,6 +57,8 @@ pub(crate) struct PendingInval {
     pub scope: Scope,
     pub seq: u64,
     pub deadline: Instant,
+    /// `OK`, or the failure an injection (`tlb-inval-error`) completes it with.
+    pub status: Status,
 }
 
 /// Work started after a control response is in the used ring (so that no completion can
@@ -108,6 +112,8 @@ pub(crate) struct State {
     pub reset_count: u64,
     /// A connection has used the device since the last virtio reset.
     pub active: bool,
+    /// A device-initiated reset is in progress until then (DEVICE_RESET is queued then).
+    pub resetting_until: Option<Instant>,
 }
 
 /// What an engine took from the run queue.
@@ -119,6 +125,8 @@ pub(crate) struct Pick {
     pub generation: u64,
     pub exec: ExecState,
     pub attention: Arc<AtomicBool>,
+    /// Injected engine hang: the engine makes no progress on this job.
+    pub hang: bool,
 }
 
 /// How an engine's time slice ended.
@@ -215,6 +223,10 @@ pub(crate) struct Shared {
     /// Device feature bits the driver accepted.
     pub features: AtomicU64,
     pub shutdown: AtomicBool,
+    /// Fault-injection rules.
+    pub inject: Injector,
+    /// A device-initiated reset is in progress (control requests get `RESETTING`).
+    pub resetting: AtomicBool,
 }
 
 /// One emulated svmgpu device.
@@ -272,9 +284,61 @@ impl Shared {
         }
     }
 
-    /// Queues a completion record of the current generation.
+    /// Queues a completion record of the current generation (through the completion
+    /// injections: at most one applies, tried in the order corrupt, duplicate, reorder).
     pub fn complete(&self, st: &State, rec: Completion) {
+        const KINDS: [Kind; 3] = [
+            Kind::CompletionCorrupt,
+            Kind::CompletionDuplicate,
+            Kind::CompletionReorder,
+        ];
+        if KINDS.iter().any(|&k| self.inject.active(k)) {
+            let subject = Subject {
+                ctx: (rec.ctx_id != CTX_NONE).then_some(rec.ctx_id),
+                rec: match CompletionKind::from_u32(rec.kind) {
+                    Some(CompletionKind::CommandDone) => Some(RecKind::Command),
+                    Some(CompletionKind::JobDone) => Some(RecKind::Job),
+                    Some(CompletionKind::Fence) => Some(RecKind::Fence),
+                    None => None,
+                },
+                seqno: Some(rec.seqno),
+                ..Subject::default()
+            };
+            for kind in KINDS {
+                let Some(hit) = self.inject.check(kind, &subject, &self.stats) else {
+                    continue;
+                };
+                let how = match kind {
+                    Kind::CompletionCorrupt => {
+                        let mut bad = rec;
+                        match hit.field {
+                            Field::Seqno => bad.seqno = hit.random | 1 << 63,
+                            Field::Kind => bad.kind = 0xbad0 | (hit.random as u32 & 0xf),
+                            Field::Status => bad.status = 0xb_ad00 | (hit.random as u32 & 0xff),
+                        }
+                        Injected::Corrupt(bad)
+                    }
+                    Kind::CompletionDuplicate => Injected::Duplicate,
+                    _ => {
+                        self.timer.notify_all();
+                        Injected::Reorder(Instant::now() + hit.delay)
+                    }
+                };
+                self.outbox.push_injected(st.generation, rec, how);
+                return;
+            }
+        }
         self.outbox.push_completion(st.generation, rec);
+    }
+
+    /// Queues a droppable event (CONTEXT_ERROR, ENGINE_HANG), unless `event-overflow` drops
+    /// it.
+    fn post_droppable(&self, st: &State, ev: Event, subject: Subject) {
+        if self.inject.check(Kind::EventOverflow, &subject, &self.stats).is_some() {
+            self.outbox.lose_event(st.generation, &self.stats);
+        } else {
+            self.outbox.push_event(st.generation, ev, &self.stats);
+        }
     }
 
     /// Puts a context in the run queue if it can run and is not there yet.
@@ -300,14 +364,31 @@ impl Shared {
             if !c.runnable() {
                 continue;
             }
-            let exec = match c.exec.take() {
-                Some(x) => x,
+            let (exec, fresh) = match c.exec.take() {
+                Some(x) => (x, false),
                 None => match c.jobs.pop_front() {
-                    Some(job) => ExecState::start(job),
+                    Some(job) => (ExecState::start(job), true),
                     None => continue,
                 },
             };
             c.running = Some(e);
+            // An injected hang strikes when a job starts.
+            let hang = fresh
+                && self.inject.active(Kind::EngineHang)
+                && self
+                    .inject
+                    .check(
+                        Kind::EngineHang,
+                        &Subject {
+                            asid: Some(c.asid),
+                            ctx: Some(id),
+                            engine: Some(e as u32),
+                            seqno: Some(exec.job.seqno),
+                            ..Subject::default()
+                        },
+                        &self.stats,
+                    )
+                    .is_some();
             let pick = Pick {
                 ctx: id,
                 uid: c.uid,
@@ -315,6 +396,7 @@ impl Shared {
                 generation,
                 exec,
                 attention: c.attention.clone(),
+                hang,
             };
             st.engines[e] = Some(c.uid);
             return Some(pick);
@@ -407,22 +489,153 @@ impl Shared {
             "svmgpu{}: fault {fid}: ctx {ctx} asid {} va {:#x} {:?} {:?} level {}",
             self.index, r.asid, r.fault.va, r.fault.access, r.fault.reason, r.fault.level
         );
-        self.outbox.push_event(
-            st.generation,
-            Event::PageFault(PageFaultEvent {
-                fault_id: fid,
-                va: r.fault.va,
-                asid: r.asid,
-                ctx_id: ctx,
-                engine: r.engine,
-                access: r.fault.access.as_u32(),
-                reason: r.fault.reason.as_u32(),
-                level: r.fault.level,
+        let ev = Event::PageFault(PageFaultEvent {
+            fault_id: fid,
+            va: r.fault.va,
+            asid: r.asid,
+            ctx_id: ctx,
+            engine: r.engine,
+            access: r.fault.access.as_u32(),
+            reason: r.fault.reason.as_u32(),
+            level: r.fault.level,
+            flags: 0,
+            reserved: 0,
+        });
+        self.outbox.push_event(st.generation, ev, &self.stats);
+        // A duplicate only where the backlog has room (it is not bounded by the fault table).
+        if self.inject.active(Kind::FaultDuplicate) && self.outbox.event_room() {
+            let subject = Subject {
+                asid: Some(r.asid),
+                ctx: Some(ctx),
+                engine: Some(r.engine),
+                va: Some((r.fault.va, r.fault.va.saturating_add(1))),
+                ..Subject::default()
+            };
+            if self
+                .inject
+                .check(Kind::FaultDuplicate, &subject, &self.stats)
+                .is_some()
+            {
+                self.outbox.push_event_if_room(st.generation, ev);
+            }
+        }
+    }
+
+    /// `fault-spurious` and `fault-phantom`, asked after engine `e` executed the
+    /// instruction at `pc` for `pick`. A spurious fault stalls the context on its pc (which
+    /// is mapped: it was just fetched; the context continues after the instruction on
+    /// RESUME); a phantom fault is an event for an address no job touched, with an id that
+    /// is never outstanding (a reply gets NOT_FOUND).
+    pub fn inject_after_insn(&self, e: usize, pick: &Pick, pc: u64) -> Option<Fault> {
+        let subject = Subject {
+            asid: Some(pick.asid),
+            ctx: Some(pick.ctx),
+            engine: Some(e as u32),
+            va: Some((pc, pc.saturating_add(8))),
+            seqno: Some(pick.exec.job.seqno),
+            ..Subject::default()
+        };
+        if self
+            .inject
+            .check(Kind::FaultSpurious, &subject, &self.stats)
+            .is_some()
+        {
+            return Some(Fault {
+                va: pc,
+                access: AccessKind::Exec,
+                reason: FaultReason::NotPresent,
+                level: 0,
+            });
+        }
+        if self.inject.active(Kind::FaultPhantom) && self.outbox.event_room() {
+            let mut st = self.lock();
+            if st.generation != pick.generation {
+                return None;
+            }
+            let hit = self.inject.check(Kind::FaultPhantom, &subject, &self.stats)?;
+            let fault_id = st.faults.allocate_id();
+            let va = hit.phantom_va() & ((1 << VA_BITS) - 1);
+            debug!(
+                "svmgpu{}: phantom fault {fault_id}: ctx {} va {va:#x}",
+                self.index, pick.ctx
+            );
+            let ev = Event::PageFault(PageFaultEvent {
+                fault_id,
+                va,
+                asid: pick.asid,
+                ctx_id: pick.ctx,
+                engine: e as u32,
+                access: AccessKind::Read.as_u32(),
+                reason: FaultReason::NotPresent.as_u32(),
+                level: 0,
                 flags: 0,
                 reserved: 0,
-            }),
-            &self.stats,
-        );
+            });
+            self.outbox.push_event_if_room(st.generation, ev);
+            drop(st);
+            self.flush();
+        }
+        None
+    }
+
+    /// An injected engine hang (`engine-hang`): engine `e` makes no progress on `pick`'s
+    /// job. After the hang threshold it posts ENGINE_HANG (once). It lets go only when the
+    /// context is destroyed, the device resets, or the device shuts down; it ignores
+    /// preemption (a CTX_PREEMPT of the context does not complete).
+    pub fn hang(&self, e: usize, pick: &Pick) {
+        const POLL: Duration = Duration::from_millis(1);
+        let started = Instant::now();
+        let threshold = Duration::from_nanos(self.timing.hang_ns);
+        let mut reported = false;
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            {
+                let st = self.lock();
+                let alive = st.generation == pick.generation
+                    && st
+                        .contexts
+                        .get(&pick.ctx)
+                        .is_some_and(|c| c.uid == pick.uid);
+                if !alive {
+                    return;
+                }
+                let stalled = started.elapsed();
+                if !reported && stalled >= threshold {
+                    reported = true;
+                    self.stats.inc(Counter::EngineHangs);
+                    info!(
+                        "svmgpu{}: engine {e} hung on ctx {} job {}",
+                        self.index, pick.ctx, pick.exec.job.seqno
+                    );
+                    let ev = Event::EngineHang(EngineHangEvent {
+                        engine: e as u32,
+                        ctx_id: pick.ctx,
+                        job_seqno: pick.exec.job.seqno,
+                        pc: pick.exec.pc,
+                        stalled_ns: u64::try_from(stalled.as_nanos()).unwrap_or(u64::MAX),
+                        ..Default::default()
+                    });
+                    let subject = Subject {
+                        asid: Some(pick.asid),
+                        ctx: Some(pick.ctx),
+                        engine: Some(e as u32),
+                        ..Subject::default()
+                    };
+                    self.post_droppable(&st, ev, subject);
+                    drop(st);
+                    self.flush();
+                }
+            }
+            let left = threshold.saturating_sub(started.elapsed());
+            let nap = if reported || left.is_zero() {
+                POLL
+            } else {
+                left.min(POLL)
+            };
+            thread::sleep(nap);
+        }
     }
 
     /// Raises faults that waited for a slot, while slots are free.
@@ -453,7 +666,6 @@ impl Shared {
     /// Puts a context in the error state (section 9.2): JOB_DONE with the error for the
     /// failing job, CONTEXT_ERROR, JOB_SKIPPED for every queued job, its faults dropped.
     pub fn fail_context(&self, st: &mut State, id: u32, f: Failure) {
-        let gen = st.generation;
         let Some(c) = st.contexts.get_mut(&id) else {
             return;
         };
@@ -469,20 +681,24 @@ impl Shared {
         );
         self.stats.inc(Counter::JobsFailed);
         self.complete(st, job_done(f.job.seqno, id, f.status));
-        self.outbox.push_event(
-            gen,
-            Event::ContextError(ContextErrorEvent {
-                ctx_id: id,
-                asid,
-                error: f.status.as_u32(),
-                engine: f.engine,
-                job_seqno: f.job.seqno,
-                pc: f.pc,
-                address: f.address,
-                reserved: 0,
-            }),
-            &self.stats,
-        );
+        let ev = Event::ContextError(ContextErrorEvent {
+            ctx_id: id,
+            asid,
+            error: f.status.as_u32(),
+            engine: f.engine,
+            job_seqno: f.job.seqno,
+            pc: f.pc,
+            address: f.address,
+            reserved: 0,
+        });
+        let subject = Subject {
+            asid: Some(asid),
+            ctx: Some(id),
+            engine: Some(f.engine),
+            seqno: Some(f.job.seqno),
+            ..Subject::default()
+        };
+        self.post_droppable(st, ev, subject);
         for j in skipped {
             self.stats.inc(Counter::JobsFailed);
             self.complete(st, job_done(j.seqno, id, Status::JobSkipped));
@@ -505,6 +721,12 @@ impl Shared {
             if op.preempt {
                 if !op.fired {
                     return;
+                }
+                if let Some(status) = op.fail {
+                    // Injected failure: nothing is preempted, nothing is guaranteed.
+                    c.ops.pop_front();
+                    self.complete(st, command_done(op.seqno, id, Opcode::CtxPreempt, status, 0));
+                    continue;
                 }
                 if c.running.is_some() {
                     c.interrupt();
@@ -536,12 +758,37 @@ impl Shared {
         match d {
             Deferred::Invalidate { seqno, scope } => {
                 let seq = self.log.accept();
-                let deadline = now + Duration::from_nanos(self.timing.tlb_inval_ns);
+                let mut deadline = now + Duration::from_nanos(self.timing.tlb_inval_ns);
+                let mut status = Status::Ok;
+                let subject = Subject {
+                    asid: Some(match scope {
+                        Scope::All => ASID_ALL,
+                        Scope::Asid(a) | Scope::Range { asid: a, .. } => a,
+                    }),
+                    va: Some(match scope {
+                        Scope::Range { start, end, .. } => (start, end),
+                        _ => (0, 1 << VA_BITS),
+                    }),
+                    seqno: Some(seqno),
+                    ..Subject::default()
+                };
+                let inj = &self.inject;
+                if inj.check(Kind::TlbInvalDrop, &subject, &self.stats).is_some() {
+                    // Accepted, never completed: it stays outstanding until a reset.
+                    return;
+                }
+                if let Some(h) = inj.check(Kind::TlbInvalError, &subject, &self.stats) {
+                    status = h.status;
+                }
+                if let Some(h) = inj.check(Kind::TlbInvalDelay, &subject, &self.stats) {
+                    deadline += h.delay;
+                }
                 st.invals.push(PendingInval {
                     seqno,
                     scope,
                     seq,
                     deadline,
+                    status,
                 });
                 self.timer.notify_all();
             }
@@ -554,15 +801,36 @@ impl Shared {
                 let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) else {
                     return;
                 };
-                let deadline = now + Duration::from_nanos(self.timing.preempt_ns);
-                c.ops.push_back(CtxOp {
+                let mut op = CtxOp {
                     seqno,
                     preempt,
-                    deadline,
+                    deadline: now + Duration::from_nanos(self.timing.preempt_ns),
                     fired: false,
-                });
+                    fail: None,
+                    dropped: false,
+                };
                 if preempt {
-                    st.preempt_timers.push((deadline, ctx, uid));
+                    let subject = Subject {
+                        asid: Some(c.asid),
+                        ctx: Some(ctx),
+                        seqno: Some(seqno),
+                        ..Subject::default()
+                    };
+                    let inj = &self.inject;
+                    if inj.check(Kind::PreemptDrop, &subject, &self.stats).is_some() {
+                        op.dropped = true;
+                    } else {
+                        if let Some(h) = inj.check(Kind::PreemptError, &subject, &self.stats) {
+                            op.fail = Some(h.status);
+                        }
+                        if let Some(h) = inj.check(Kind::PreemptDelay, &subject, &self.stats) {
+                            op.deadline += h.delay;
+                        }
+                    }
+                }
+                c.ops.push_back(op);
+                if preempt && !op.dropped {
+                    st.preempt_timers.push((op.deadline, ctx, uid));
                     self.timer.notify_all();
                 }
                 self.advance_ops(&mut st, ctx);
@@ -653,10 +921,84 @@ impl Shared {
     /// 15). `virtio` also forgets the rings and restarts `event_seq`.
     pub fn reset(&self, reason: Option<ResetReason>) {
         let mut st = self.lock();
-        if reason.is_none() && !st.active {
-            return;
+        if reason.is_none() {
+            // A virtio reset also ends a device-initiated reset (no DEVICE_RESET: the queues
+            // are reset too).
+            st.resetting_until = None;
+            self.resetting.store(false, Ordering::Release);
+            if !st.active {
+                return;
+            }
         }
-        self.outbox.discard(reason.is_none());
+        st = self.stop_all(st, reason.is_none());
+        st.reset_count += 1;
+        self.stats.inc(Counter::Resets);
+        match reason {
+            Some(reason) => {
+                self.outbox.push_event(
+                    st.generation,
+                    Event::DeviceReset(DeviceResetEvent {
+                        reason: reason.as_u32(),
+                        reset_count: st.reset_count,
+                        ..Default::default()
+                    }),
+                    &self.stats,
+                );
+            }
+            None => st.active = false,
+        }
+        info!("svmgpu{}: reset ({reason:?})", self.index);
+        drop(st);
+        self.flush();
+    }
+
+    /// Starts a device-initiated reset (`device-reset` injection): everything is stopped and
+    /// discarded now, control requests are answered `RESETTING` for `duration`, then the
+    /// timer queues DEVICE_RESET (`DEVICE_INITIATED`) and the device serves again.
+    pub fn begin_device_reset(&self, duration: Duration) {
+        let mut st = self.lock();
+        self.resetting.store(true, Ordering::Release);
+        st = self.stop_all(st, false);
+        st.reset_count += 1;
+        self.stats.inc(Counter::Resets);
+        st.resetting_until = Some(Instant::now() + duration);
+        info!(
+            "svmgpu{}: device-initiated reset started ({} µs)",
+            self.index,
+            duration.as_micros()
+        );
+        self.timer.notify_all();
+    }
+
+    /// Ends a device-initiated reset whose time is up: queues DEVICE_RESET, then lets
+    /// control requests through. True if it ended one.
+    pub fn end_device_reset(&self, st: &mut State, now: Instant) -> bool {
+        if st.resetting_until.is_none_or(|d| d > now) {
+            return false;
+        }
+        st.resetting_until = None;
+        self.outbox.push_event(
+            st.generation,
+            Event::DeviceReset(DeviceResetEvent {
+                reason: ResetReason::DeviceInitiated.as_u32(),
+                reset_count: st.reset_count,
+                ..Default::default()
+            }),
+            &self.stats,
+        );
+        self.resetting.store(false, Ordering::Release);
+        info!("svmgpu{}: device-initiated reset done", self.index);
+        true
+    }
+
+    /// The common part of every reset: discard the records, contexts, faults, pending
+    /// commands and bindings, wait for the engines to let go, empty the TLBs.
+    fn stop_all<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        virtio: bool,
+    ) -> MutexGuard<'a, State> {
+        self.outbox.discard(virtio);
         st.generation = self.outbox.generation();
         for c in st.contexts.values() {
             c.interrupt();
@@ -681,25 +1023,7 @@ impl Shared {
         for e in 0..self.mmus.len() {
             self.mmu(e).tlb_mut().invalidate(Scope::All);
         }
-        st.reset_count += 1;
-        self.stats.inc(Counter::Resets);
-        match reason {
-            Some(reason) => {
-                self.outbox.push_event(
-                    st.generation,
-                    Event::DeviceReset(DeviceResetEvent {
-                        reason: reason.as_u32(),
-                        reset_count: st.reset_count,
-                        ..Default::default()
-                    }),
-                    &self.stats,
-                );
-            }
-            None => st.active = false,
-        }
-        info!("svmgpu{}: reset ({reason:?})", self.index);
-        drop(st);
-        self.flush();
+        st
     }
 }
 
@@ -736,6 +1060,7 @@ impl Gpu {
                 next_uid: 1,
                 reset_count: 0,
                 active: false,
+                resetting_until: None,
             }),
             work: Condvar::new(),
             timer: Condvar::new(),
@@ -746,6 +1071,8 @@ impl Gpu {
             outbox: Outbox::new(options.max_faults),
             features: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
+            inject: Injector::new(index),
+            resetting: AtomicBool::new(false),
         });
         let gpu = Gpu {
             shared: shared.clone(),
@@ -804,6 +1131,16 @@ impl Gpu {
     /// Statistics.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// Fault-injection rules (spec section 16.3).
+    pub fn injector(&self) -> &Injector {
+        &self.shared.inject
+    }
+
+    /// True while a device-initiated reset is in progress.
+    pub fn resetting(&self) -> bool {
+        self.shared.resetting.load(Ordering::Acquire)
     }
 
     /// Uses this guest memory from now on (SET_MEM_TABLE). TLBs are flushed, since what

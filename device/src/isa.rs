@@ -472,6 +472,7 @@ mod tests {
                 root: self.root,
                 log: &self.log,
                 audit: false,
+                hook: None,
             };
             for n in 1..10_000 {
                 match self.exec.step(&mut self.mmu, &sp, &mut st, fence_room) {

@@ -19,18 +19,23 @@
 //! - [`engine`], [`timer`]: the engine threads and the latency timer;
 //! - [`outbox`]: events and completions, and their delivery;
 //! - [`timing`]: the timing model;
+//! - [`inject`]: fault injection (rules, matcher, seeded RNG);
+//! - [`ctl`], [`json`]: the runtime control socket and its line-oriented JSON protocol;
 //! - [`fuzz`]: entry points shared by the fuzzers and the tests that replay their inputs.
 
 pub mod chain;
 pub mod config;
 pub mod context;
 pub mod control;
+pub mod ctl;
 pub mod daemon;
 mod engine;
 pub mod fault;
 pub mod fuzz;
 pub mod gpu;
+pub mod inject;
 pub mod isa;
+pub mod json;
 pub mod mmu;
 pub mod outbox;
 pub mod stats;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use svmgpu_device::config::{defaults, DeviceOptions};
 use svmgpu_device::daemon::{self, DaemonConfig};
+use svmgpu_device::inject::InjectSpec;
 
 /// svmgpu: a virtual GPU with device page tables, TLBs and recoverable page faults, served
 /// as vhost-user devices (virtio ID 62).
@@ -79,18 +80,37 @@ struct Args {
     #[arg(long, default_value_t = defaults::TIMESLICE_US)]
     timeslice_us: u32,
 
+    /// An engine that makes no progress for this long (an injected hang) posts ENGINE_HANG,
+    /// in microseconds.
+    #[arg(long, default_value_t = defaults::HANG_THRESHOLD_US)]
+    hang_threshold_us: u32,
+
+    /// Fault injection: `ITEM[;ITEM...]`, each `seed=S` or `KIND[:key=value,...]`
+    /// (repeatable; see device/README.md, "Fault injection").
+    #[arg(long, value_name = "SPEC")]
+    inject: Vec<String>,
+
+    /// Serve the runtime control socket (svmgpu-ctl) at PATH, owner-only (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+
     /// Audit every engine access (re-walk and count stale accesses) even if the driver does
     /// not accept the AUDIT feature.
     #[arg(long)]
     audit: bool,
 }
 
-impl From<Args> for DaemonConfig {
-    fn from(a: Args) -> Self {
-        DaemonConfig {
+impl TryFrom<Args> for DaemonConfig {
+    type Error = String;
+
+    fn try_from(a: Args) -> Result<Self, String> {
+        let inject = InjectSpec::parse_all(&a.inject).map_err(|e| format!("--inject: {e}"))?;
+        Ok(DaemonConfig {
             socket_path: a.socket_path.unwrap_or_default(),
             socket_count: a.socket_count,
             stats_json: a.stats_json,
+            inject,
+            control_socket: a.control_socket,
             options: DeviceOptions {
                 engines: a.engines,
                 asids: a.asids,
@@ -103,9 +123,10 @@ impl From<Args> for DaemonConfig {
                 walk_latency_ns: a.walk_latency_ns,
                 insn_cost_ns: a.insn_cost_ns,
                 timeslice_us: a.timeslice_us,
+                hang_threshold_us: a.hang_threshold_us,
                 audit: a.audit,
             },
-        }
+        })
     }
 }
 
@@ -113,7 +134,13 @@ fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
     let print_config = args.print_config;
-    let config = DaemonConfig::from(args);
+    let config = match DaemonConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("svmgpu-device: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if print_config {
         if let Err(e) = config.options.validate() {
             eprintln!("svmgpu-device: {e}");
@@ -139,9 +166,13 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    fn cfg(a: Args) -> DaemonConfig {
+        DaemonConfig::try_from(a).unwrap()
+    }
+
     #[test]
     fn defaults() {
-        let c = DaemonConfig::from(Args::parse_from(["svmgpu-device", "-s", "/tmp/x"]));
+        let c = cfg(Args::parse_from(["svmgpu-device", "-s", "/tmp/x"]));
         assert_eq!(c.socket_path, PathBuf::from("/tmp/x"));
         assert_eq!(c.stats_json, None);
         assert_eq!(c.socket_count, 1);
@@ -150,7 +181,7 @@ mod tests {
 
     #[test]
     fn all_options() {
-        let c = DaemonConfig::from(Args::parse_from([
+        let c = cfg(Args::parse_from([
             "svmgpu-device",
             "--socket-path",
             "/tmp/y",
@@ -178,8 +209,21 @@ mod tests {
             "4",
             "--timeslice-us",
             "5",
+            "--hang-threshold-us",
+            "6",
             "--audit",
+            "--inject",
+            "seed=3;engine-hang:count=1",
+            "--inject",
+            "device-reset:p=0.5",
+            "--control-socket",
+            "/tmp/ctl",
         ]));
+        assert_eq!(
+            c.inject.to_string(),
+            "seed=3;engine-hang:count=1;device-reset:p=0.5"
+        );
+        assert_eq!(c.control_socket, Some(PathBuf::from("/tmp/ctl")));
         assert_eq!(c.socket_count, 4);
         assert_eq!(
             c.options,
@@ -195,6 +239,7 @@ mod tests {
                 walk_latency_ns: 3,
                 insn_cost_ns: 4,
                 timeslice_us: 5,
+                hang_threshold_us: 6,
                 audit: true,
             }
         );
@@ -203,7 +248,7 @@ mod tests {
 
     #[test]
     fn invalid_geometry_is_reported() {
-        let c = DaemonConfig::from(Args::parse_from([
+        let c = cfg(Args::parse_from([
             "svmgpu-device",
             "-s",
             "/tmp/z",
@@ -215,6 +260,22 @@ mod tests {
             e.contains("--tlb-entries (10) must be a multiple of --tlb-ways (4)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn invalid_inject_is_reported() {
+        let a = Args::parse_from(["svmgpu-device", "-s", "/tmp/z", "--inject", "engine-hung"]);
+        let e = DaemonConfig::try_from(a).unwrap_err();
+        assert!(e.starts_with("--inject: unknown injection kind 'engine-hung'"), "{e}");
+        let c = cfg(Args::parse_from([
+            "svmgpu-device",
+            "-s",
+            "/tmp/z",
+            "--inject",
+            "engine-hang:device=1",
+        ]));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("device=1, but there are only 1 device(s)"), "{e}");
     }
 
     #[test]

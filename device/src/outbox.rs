@@ -15,10 +15,17 @@
 //!
 //! A reset discards the backlogs; records produced by work of an earlier reset generation are
 //! dropped on arrival.
+//!
+//! Fault injection (spec section 16.3) acts here too: a completion may be queued corrupted,
+//! twice, or held back behind the next one (at most one record is held back, and only until
+//! its deadline); a droppable event may be dropped as if the backlog were full. Bounds hold:
+//! a duplicate is one more record per record, and is not counted against the FENCE or
+//! asynchronous-command budgets, which follow the original.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use log::warn;
 use svmgpu_spec::{
@@ -35,10 +42,34 @@ use crate::stats::{Counter, Stats};
 /// FENCE completions the device holds before a FENCE with NOTIFY waits for complq buffers.
 pub const FENCE_BACKLOG: usize = svmgpu_spec::FENCE_BACKLOG as usize;
 
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 struct Held {
     rec: Completion,
+    /// Counts against `async_pending` until delivered.
     is_async: bool,
+    /// Counts against the FENCE backlog until delivered.
+    fence: bool,
+}
+
+impl Held {
+    fn new(rec: Completion) -> Self {
+        Self {
+            rec,
+            is_async: rec.kind == CompletionKind::CommandDone.as_u32(),
+            fence: rec.kind == CompletionKind::Fence.as_u32(),
+        }
+    }
+}
+
+/// How an injected completion is queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injected {
+    /// Queued as this (corrupted) record; the budgets follow the original.
+    Corrupt(Completion),
+    /// Queued twice.
+    Duplicate,
+    /// Held back until the next completion is queued, or until the deadline.
+    Reorder(Instant),
 }
 
 struct Inner {
@@ -48,6 +79,8 @@ struct Inner {
     lost: u64,
     next_event_seq: u64,
     completions: VecDeque<Held>,
+    /// A completion held back by `completion-reorder`, and when it goes anyway.
+    held_back: Option<(Held, Instant)>,
     eventq: Option<VringRwLock>,
     complq: Option<VringRwLock>,
 }
@@ -90,6 +123,7 @@ impl Outbox {
                 lost: 0,
                 next_event_seq: 1,
                 completions: VecDeque::new(),
+                held_back: None,
                 eventq: None,
                 complq: None,
             }),
@@ -139,6 +173,7 @@ impl Outbox {
         i.events.clear();
         i.lost = 0;
         i.completions.clear();
+        i.held_back = None;
         self.fences.store(0, Ordering::Release);
         self.async_pending.store(0, Ordering::Release);
         if virtio {
@@ -164,17 +199,101 @@ impl Outbox {
         i.events.push_back(ev);
     }
 
-    /// Queues a completion produced in generation `gen`.
+    /// True if a droppable event would be kept now.
+    pub fn event_room(&self) -> bool {
+        let i = self.lock();
+        i.events.len() < i.event_cap
+    }
+
+    /// Queues an event of generation `gen` only if the backlog has room (injected events,
+    /// which the bounds of section 7.3 do not account for). False if it was not queued.
+    pub fn push_event_if_room(&self, gen: u64, ev: Event) -> bool {
+        let mut i = self.lock();
+        if gen != i.generation || i.events.len() >= i.event_cap {
+            return false;
+        }
+        i.events.push_back(ev);
+        true
+    }
+
+    /// Drops an event of generation `gen` as if the backlog were full (`event-overflow`):
+    /// counted in `events_lost` and reported by EVENTS_LOST.
+    pub fn lose_event(&self, gen: u64, stats: &Stats) {
+        let mut i = self.lock();
+        if gen == i.generation {
+            i.lost += 1;
+            stats.inc(Counter::EventsLost);
+        }
+    }
+
+    fn queue(&self, i: &mut Inner, h: Held) {
+        if h.fence {
+            self.fences.fetch_add(1, Ordering::AcqRel);
+        }
+        i.completions.push_back(h);
+    }
+
+    /// Queues a completion produced in generation `gen` (and after it, a completion held
+    /// back by `completion-reorder`).
     pub fn push_completion(&self, gen: u64, rec: Completion) {
         let mut i = self.lock();
         if gen != i.generation {
             return;
         }
-        let is_async = rec.kind == CompletionKind::CommandDone.as_u32();
-        if rec.kind == CompletionKind::Fence.as_u32() {
-            self.fences.fetch_add(1, Ordering::AcqRel);
+        self.queue(&mut i, Held::new(rec));
+        if let Some((h, _)) = i.held_back.take() {
+            self.queue(&mut i, h);
         }
-        i.completions.push_back(Held { rec, is_async });
+    }
+
+    /// Queues a completion of generation `gen` the way fault injection says.
+    pub fn push_injected(&self, gen: u64, rec: Completion, how: Injected) {
+        let mut i = self.lock();
+        if gen != i.generation {
+            return;
+        }
+        let h = Held::new(rec);
+        match how {
+            Injected::Corrupt(bad) => self.queue(&mut i, Held { rec: bad, ..h }),
+            Injected::Duplicate => {
+                self.queue(&mut i, h);
+                let copy = Held {
+                    is_async: false,
+                    fence: false,
+                    ..h
+                };
+                self.queue(&mut i, copy);
+            }
+            Injected::Reorder(deadline) => {
+                // One record is held back at a time: an earlier one goes first.
+                if let Some((old, _)) = i.held_back.take() {
+                    self.queue(&mut i, old);
+                }
+                i.held_back = Some((h, deadline));
+                return;
+            }
+        }
+        if let Some((h, _)) = i.held_back.take() {
+            self.queue(&mut i, h);
+        }
+    }
+
+    /// When the held-back completion goes anyway, if there is one.
+    pub fn held_back_deadline(&self) -> Option<Instant> {
+        self.lock().held_back.map(|(_, d)| d)
+    }
+
+    /// Queues the held-back completion if its deadline is reached; true if it did.
+    pub fn release_held_back(&self, now: Instant) -> bool {
+        let mut i = self.lock();
+        match i.held_back {
+            Some((h, d)) if d <= now => {
+                i.held_back = None;
+                self.queue(&mut i, h);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Delivers what the rings have buffers for; returns true if a FENCE record left the
@@ -198,7 +317,7 @@ impl Outbox {
                                 |n| n.checked_sub(1),
                             );
                         }
-                        if h.rec.kind == CompletionKind::Fence.as_u32() {
+                        if h.fence {
                             self.fences.fetch_sub(1, Ordering::AcqRel);
                             fence_freed = true;
                         }
@@ -241,7 +360,10 @@ impl Outbox {
     /// Records held (events, completions), for tests and statistics.
     pub fn held(&self) -> (usize, usize) {
         let i = self.lock();
-        (i.events.len(), i.completions.len())
+        (
+            i.events.len(),
+            i.completions.len() + usize::from(i.held_back.is_some()),
+        )
     }
 }
 

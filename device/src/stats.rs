@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use svmgpu_spec::StatsResp;
 
+use crate::inject::{Kind, KIND_COUNT};
+
 /// Defines the counter enum, its names and the mapping onto [`StatsResp`] in one place, so
 /// that the three can never disagree.
 macro_rules! counters {
@@ -121,6 +123,8 @@ pub struct Stats {
     counters: [AtomicU64; NUM_COUNTERS],
     extra: [AtomicU64; 2],
     engines: Vec<EngineStats>,
+    /// Injections per kind (their sum is `injected_faults`).
+    injected: [AtomicU64; KIND_COUNT],
 }
 
 impl Stats {
@@ -177,6 +181,16 @@ impl Stats {
         self.extra[c as usize].load(Ordering::Relaxed)
     }
 
+    /// Counts one injection of `kind` (the caller counts `injected_faults`).
+    pub fn inc_injected(&self, kind: Kind) {
+        self.injected[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Injections of `kind` so far.
+    pub fn get_injected(&self, kind: Kind) -> u64 {
+        self.injected[kind as usize].load(Ordering::Relaxed)
+    }
+
     /// A one-line JSON object `{"device_index":N,"commands_completed":N,...}`.
     pub fn to_json(&self, device_index: u32) -> String {
         let mut s = format!("{{\"device_index\":{device_index}");
@@ -201,7 +215,12 @@ impl Stats {
                 ld(&e.tlb_misses)
             );
         }
-        s.push_str("]}");
+        s.push_str("],\"injected\":{");
+        for (i, &k) in Kind::ALL.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(s, "{sep}\"{}\":{}", k.name(), self.get_injected(k));
+        }
+        s.push_str("}}");
         s
     }
 }
@@ -250,16 +269,20 @@ mod tests {
         s.inc_extra(Extra::FaultsCoalesced);
         assert!(s
             .to_json(3)
-            .ends_with("\"audit_mismatches\":0,\"faults_coalesced\":1,\"engines\":[]}"));
+            .contains("\"audit_mismatches\":0,\"faults_coalesced\":1,\"engines\":[],"));
+        s.inc_injected(Kind::EventOverflow);
+        let j = s.to_json(3);
+        assert!(j.contains(",\"injected\":{\"tlb-inval-delay\":0,"), "{j}");
+        assert!(j.ends_with(",\"event-overflow\":1}}"), "{j}");
         let e = Stats::with_engines(2);
         e.engine(1).unwrap().slices.fetch_add(3, Ordering::Relaxed);
         assert!(e.engine(2).is_none());
         let j = e.to_json(0);
         assert!(
-            j.ends_with(
+            j.contains(
                 "\"engines\":[{\"engine\":0,\"slices\":0,\"busy_ns\":0,\"instructions\":0,\
                  \"tlb_hits\":0,\"tlb_misses\":0},{\"engine\":1,\"slices\":3,\"busy_ns\":0,\
-                 \"instructions\":0,\"tlb_hits\":0,\"tlb_misses\":0}]}"
+                 \"instructions\":0,\"tlb_hits\":0,\"tlb_misses\":0}],\"injected\":{"
             ),
             "{j}"
         );

@@ -6,9 +6,14 @@
 //! An invalidation completes by dropping the covered entries from every engine's TLB — each
 //! MMU lock waits for the instruction in flight on that engine, so every access that used an
 //! old translation has finished — then recording it for the audit and posting COMMAND_DONE.
+//!
+//! It also runs the deadlines of fault injection: the end of a device-initiated reset, and
+//! the release of a completion held back by `completion-reorder`.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+use crate::gpu::State;
 
 use svmgpu_spec::{Opcode, Status, CTX_NONE};
 
@@ -35,11 +40,23 @@ pub(crate) fn run(sh: &Shared) {
         });
         for (ctx, uid) in fired {
             if let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) {
-                for op in c.ops.iter_mut().filter(|o| o.preempt && o.deadline <= now) {
+                for op in c
+                    .ops
+                    .iter_mut()
+                    .filter(|o| o.preempt && !o.dropped && o.deadline <= now)
+                {
                     op.fired = true;
                 }
                 sh.advance_ops(&mut st, ctx);
             }
+        }
+        // Fault injection: a device-initiated reset that is over, a held-back completion.
+        let ended = sh.end_device_reset(&mut st, now);
+        if sh.outbox.release_held_back(now) || ended {
+            drop(st);
+            sh.flush();
+            st = sh.lock();
+            continue;
         }
         // Invalidations whose latency elapsed.
         let mut due: Vec<PendingInval> = Vec::new();
@@ -59,12 +76,7 @@ pub(crate) fn run(sh: &Shared) {
             st = sh.lock();
             continue;
         }
-        let next = st
-            .invals
-            .iter()
-            .map(|i| i.deadline)
-            .chain(st.preempt_timers.iter().map(|p| p.0))
-            .min();
+        let next = next_deadline(sh, &st);
         drop(st);
         sh.flush();
         st = sh.lock();
@@ -72,12 +84,7 @@ pub(crate) fn run(sh: &Shared) {
             return;
         }
         // Re-check: work may have arrived while the lock was released.
-        let next_now = st
-            .invals
-            .iter()
-            .map(|i| i.deadline)
-            .chain(st.preempt_timers.iter().map(|p| p.0))
-            .min();
+        let next_now = next_deadline(sh, &st);
         st = match next_now.or(next) {
             Some(d) => {
                 let wait = d.saturating_duration_since(Instant::now());
@@ -91,8 +98,29 @@ pub(crate) fn run(sh: &Shared) {
     }
 }
 
+/// The earliest deadline the timer has to act on.
+fn next_deadline(sh: &Shared, st: &State) -> Option<Instant> {
+    st.invals
+        .iter()
+        .map(|i| i.deadline)
+        .chain(st.preempt_timers.iter().map(|p| p.0))
+        .chain(st.resetting_until)
+        .chain(sh.outbox.held_back_deadline())
+        .min()
+}
+
 fn complete_invalidations(sh: &Shared, due: &[PendingInval], generation: u64) {
     for inv in due {
+        if inv.status != Status::Ok {
+            // Injected failure (`tlb-inval-error`): nothing is dropped and the audit does not
+            // count it as completed; the completion guarantees nothing (spec 11.2).
+            let st = sh.lock();
+            if st.generation == generation {
+                let done = command_done(inv.seqno, CTX_NONE, Opcode::TlbInvalidate, inv.status, 0);
+                sh.complete(&st, done);
+            }
+            continue;
+        }
         let mut dropped = 0;
         for e in 0..sh.mmus.len() {
             dropped += sh.mmu(e).tlb_mut().invalidate(inv.scope);

@@ -21,6 +21,8 @@ pub struct Timing {
     pub insn_ns: u64,
     /// Time-slice length.
     pub timeslice_ns: u64,
+    /// Engine-hang threshold: no progress for this long posts ENGINE_HANG.
+    pub hang_ns: u64,
 }
 
 /// How far the modelled time may run ahead of real time before the engine sleeps; below

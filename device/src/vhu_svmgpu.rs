@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use log::{debug, error, info, warn};
 use svmgpu_spec::{
     MAX_QUEUE_SIZE, NUM_QUEUES, QUEUE_COMPLETION, QUEUE_CONTROL, QUEUE_EVENT, SVMGPU_FEATURES_MASK,
-    SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE,
+    SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE, SVMGPU_F_FAULT_INJECT,
 };
 use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -163,7 +163,11 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
     }
 
     fn features(&self) -> u64 {
-        Self::FEATURES
+        if self.gpu.injector().advertised() {
+            Self::FEATURES | (1 << SVMGPU_F_FAULT_INJECT)
+        } else {
+            Self::FEATURES
+        }
     }
 
     fn acked_features(&self, features: u64) {

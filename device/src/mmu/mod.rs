@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use audit::InvalLog;
 use tlb::{Tlb, TlbEntry, TlbError};
-use walker::{walk, Leaf, WalkFault};
+use walker::{walk, walk_with, Leaf, WalkFault};
 
 /// A failed translation, as reported in a PAGE_FAULT event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +44,15 @@ pub struct Space<'a> {
     pub log: &'a InvalLog,
     /// Audit mode negotiated.
     pub audit: bool,
+    /// Fault injection into page walks (`walk-read-error`), asked before every walk that
+    /// translates an access (never for audit walks, which stay exact).
+    pub hook: Option<&'a dyn WalkHook>,
+}
+
+/// Asked before each translating page walk: `Some(level)` makes the read at that level fail.
+pub trait WalkHook: std::fmt::Debug + Sync {
+    /// The level whose read fails for this walk, if any.
+    fn read_error(&self, asid: u32, va: u64) -> Option<u32>;
 }
 
 /// A successful translation.
@@ -114,7 +123,8 @@ impl Mmu {
 
     fn do_walk(&mut self, sp: &Space<'_>, va: u64, access: AccessKind) -> Result<Leaf, Fault> {
         self.counters.walks += 1;
-        walk(sp.mem, sp.root, va).map_err(|f| {
+        let read_error = sp.hook.and_then(|h| h.read_error(sp.asid, va));
+        walk_with(sp.mem, sp.root, va, read_error).map_err(|f| {
             if f.is_pte_error() {
                 self.counters.pte_errors += 1;
             }
@@ -234,6 +244,7 @@ mod tests {
             root: pt.root,
             log: &log,
             audit: true,
+            hook: None,
         };
         let mut m = Mmu::new(16, 4).unwrap();
         let t = m.translate(&sp, 0x1234, AccessKind::Write).unwrap();
@@ -298,6 +309,7 @@ mod tests {
             root: pt.root,
             log: &log,
             audit: false,
+            hook: None,
         };
         let mut m = Mmu::new(8, 2).unwrap();
         m.translate(&sp, 0x1000, AccessKind::Read).unwrap();

@@ -73,6 +73,19 @@ impl WalkFault {
 /// Walks the table rooted at `root` for `va`. Does not check permissions (see
 /// [`Leaf::permits`]); does check that the whole leaf page is guest RAM.
 pub fn walk(mem: &GuestMemoryMmap<()>, root: u64, va: u64) -> Result<Leaf, WalkFault> {
+    walk_with(mem, root, va, None)
+}
+
+/// [`walk`], with an injected guest-memory read error (fault injection, spec section 16.3):
+/// the read of the entry at level `read_error` fails — or, if the walk would end above that
+/// level, the read of the entry that ends it — as if its table were not guest RAM
+/// (`BAD_TABLE_ADDRESS` at that level).
+pub fn walk_with(
+    mem: &GuestMemoryMmap<()>,
+    root: u64,
+    va: u64,
+    read_error: Option<u32>,
+) -> Result<Leaf, WalkFault> {
     if va >> VA_BITS != 0 {
         return Err(WalkFault {
             reason: FaultReason::VaRange,
@@ -83,12 +96,20 @@ pub fn walk(mem: &GuestMemoryMmap<()>, root: u64, va: u64) -> Result<Leaf, WalkF
     // Fixed depth: four iterations at most, whatever the tables contain.
     for level in (0..=pte::ROOT_LEVEL).rev() {
         let fault = |reason| WalkFault { reason, level };
+        if read_error == Some(level) {
+            return Err(fault(FaultReason::BadTableAddress));
+        }
         let addr =
             pte::entry_address(table, va, level).ok_or(fault(FaultReason::BadTableAddress))?;
         let raw: u64 = mem
             .load(GuestAddress(addr), Ordering::Acquire)
             .map_err(|_| fault(FaultReason::BadTableAddress))?;
-        match pte::decode(raw, level) {
+        let kind = pte::decode(raw, level);
+        if read_error.is_some_and(|l| l < level) && !matches!(kind, PteKind::Table { .. }) {
+            // The walk ends here, above the level asked for: this read fails instead.
+            return Err(fault(FaultReason::BadTableAddress));
+        }
+        match kind {
             PteKind::NotPresent => return Err(fault(FaultReason::NotPresent)),
             PteKind::Reserved | PteKind::BadLevel => return Err(fault(FaultReason::ReservedBit)),
             PteKind::Table { pa } => table = pa,
