@@ -751,8 +751,10 @@ pub fn userptr_invalidate_fork_cow(_env: &Env, name: &str, k: &mut K) {
     });
 }
 
-/// A long job writes the data buffer while the CPU invalidates it with `invalidate`; the
-/// job's final store must land in the CPU's current pages.
+/// A long job writes the data buffer while the CPU invalidates it with `invalidate` (30
+/// times, 3 ms apart); then the CPU lets the job finish (a semaphore in the batch buffer,
+/// which is not invalidated) and the job's final store must land in the CPU's current
+/// pages.
 fn invalidate_during_job(
     d: &Device,
     fault_mode: bool,
@@ -761,31 +763,53 @@ fn invalidate_during_job(
 ) -> Result<String, String> {
     let mut s = Setup::new(d, fault_mode, long_running)?;
     s.bind_data(4 * 4096)?;
-    let job = counting_job(DATA_VA, 1500, 40_000, DATA_VA + 8, 0xfeed_beef);
+    let go_off = 3 * 4096;
+    s.batch_buf.write_u32(go_off, 0);
+    let mut job = svmgpu::Batch::new();
+    job.push(Insn::AtomicAdd {
+        size64: false,
+        va: DATA_VA,
+        value: 1,
+    })
+    .push(Insn::Delay { ns: 40_000 });
+    let body = job.len_bytes() as i64;
+    job.push(Insn::Loop {
+        count: 1500,
+        offset: -body,
+    })
+    .push(Insn::Wait {
+        size64: false,
+        op: svmgpu::spec::isa::CompareOp::Eq,
+        timeout_us: 0,
+        va: BATCH_VA + go_off as u64,
+        value: 1,
+    })
+    .push(Insn::Store {
+        size64: false,
+        va: DATA_VA + 8,
+        value: 0xfeed_beef,
+    })
+    .end();
     let f = ctx("EXEC", s.submit(&job))?;
-    let mut n = 0;
-    loop {
+    for n in 0..30 {
         match d.wait(s.q, f, 0) {
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
-            Ok(o) => {
-                ensure(o.error == 0, || {
-                    format!("job failed after {n} invalidations: {o:?}")
-                })?;
-                break;
-            }
+            Ok(o) => return Err(format!("job ended early after {n} invalidations: {o:?}")),
             Err(e) => return Err(format!("WAIT: {e}")),
         }
         invalidate(s.data())?;
-        n += 1;
         sleep_ms(3);
     }
+    let counter = s.data().read_u32(0);
+    s.batch_buf.write_u32(go_off, 1);
+    let o = ctx("WAIT", s.wait(f))?;
+    ensure(o.error == 0, || format!("job failed: {o:?}"))?;
     let magic = s.data().read_u32(8);
     ensure(magic == 0xfeed_beef, || {
         format!("final store not visible: {magic:#x}")
     })?;
     Ok(format!(
-        "{n} invalidations while the job ran, counter {}",
-        s.data().read_u32(0)
+        "30 invalidations while the job ran (counter {counter} after the last)"
     ))
 }
 
