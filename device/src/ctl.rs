@@ -120,7 +120,11 @@ fn accept(s: UnixStream, gpus: &Arc<[Arc<Gpu>]>, clients: &Arc<AtomicUsize>) {
     if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
         clients.fetch_sub(1, Ordering::AcqRel);
         let mut s = s;
-        let _ = writeln!(s, "{}", error(&format!("too many clients (at most {MAX_CLIENTS})")));
+        let _ = writeln!(
+            s,
+            "{}",
+            error(&format!("too many clients (at most {MAX_CLIENTS})"))
+        );
         return;
     }
     let gpus = gpus.clone();
@@ -165,7 +169,11 @@ pub fn serve_client(stream: UnixStream, gpus: &[Arc<Gpu>]) -> io::Result<()> {
             buf.pop();
         }
         if buf.len() > MAX_LINE {
-            writeln!(out, "{}", error(&format!("request longer than {MAX_LINE} bytes")))?;
+            writeln!(
+                out,
+                "{}",
+                error(&format!("request longer than {MAX_LINE} bytes"))
+            )?;
             // Skip the rest of the line, a bounded chunk at a time.
             let mut done = complete;
             while !done {
@@ -214,9 +222,7 @@ fn parse_request(line: &str) -> Result<Request, String> {
             match k.as_str() {
                 "cmd" => r.cmd = v.as_str().ok_or("\"cmd\" must be a string")?.into(),
                 "spec" => r.spec = Some(v.as_str().ok_or("\"spec\" must be a string")?.into()),
-                "device" => {
-                    r.device = Some(v.as_u64().ok_or("\"device\" must be a device index")?)
-                }
+                "device" => r.device = Some(v.as_u64().ok_or("\"device\" must be a device index")?),
                 other => return Err(format!("unknown member \"{other}\"")),
             }
         }
@@ -279,7 +285,11 @@ fn execute(gpus: &[Arc<Gpu>], line: &str) -> Result<String, String> {
             spec.check_devices(gpus.len() as u32)
                 .map_err(|e| e.to_string())?;
             if let Some(d) = r.device {
-                if let Some(x) = spec.rules.iter().find(|x| x.device.is_some_and(|m| u64::from(m) != d)) {
+                if let Some(x) = spec
+                    .rules
+                    .iter()
+                    .find(|x| x.device.is_some_and(|m| u64::from(m) != d))
+                {
                     return Err(format!("rule '{x}' names another device than device={d}"));
                 }
             }
@@ -413,7 +423,10 @@ mod tests {
     #[test]
     fn protocol() {
         let g = gpus(2);
-        let v = ok(&g, r#"{"cmd":"inject","spec":"seed=5;tlb-inval-drop:count=1;engine-hang:device=1"}"#);
+        let v = ok(
+            &g,
+            r#"{"cmd":"inject","spec":"seed=5;tlb-inval-drop:count=1;engine-hang:device=1"}"#,
+        );
         let d = v.get("devices").and_then(Value::as_array).unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].get("rules").unwrap(), &json::parse("[1]").unwrap());
@@ -437,7 +450,9 @@ mod tests {
         let s = &v.get("devices").unwrap().as_array().unwrap()[1];
         assert_eq!(s.get("device_index").and_then(Value::as_u64), Some(1));
         assert_eq!(
-            s.get("injected").and_then(|i| i.get("engine-hang")).and_then(Value::as_u64),
+            s.get("injected")
+                .and_then(|i| i.get("engine-hang"))
+                .and_then(Value::as_u64),
             Some(0)
         );
         let v = ok(&g, r#"{"cmd":"seed"}"#);

@@ -334,7 +334,11 @@ impl Shared {
     /// Queues a droppable event (CONTEXT_ERROR, ENGINE_HANG), unless `event-overflow` drops
     /// it.
     fn post_droppable(&self, st: &State, ev: Event, subject: Subject) {
-        if self.inject.check(Kind::EventOverflow, &subject, &self.stats).is_some() {
+        if self
+            .inject
+            .check(Kind::EventOverflow, &subject, &self.stats)
+            .is_some()
+        {
             self.outbox.lose_event(st.generation, &self.stats);
         } else {
             self.outbox.push_event(st.generation, ev, &self.stats);
@@ -552,7 +556,9 @@ impl Shared {
             if st.generation != pick.generation {
                 return None;
             }
-            let hit = self.inject.check(Kind::FaultPhantom, &subject, &self.stats)?;
+            let hit = self
+                .inject
+                .check(Kind::FaultPhantom, &subject, &self.stats)?;
             let fault_id = st.faults.allocate_id();
             let va = hit.phantom_va() & ((1 << VA_BITS) - 1);
             debug!(
@@ -725,7 +731,10 @@ impl Shared {
                 if let Some(status) = op.fail {
                     // Injected failure: nothing is preempted, nothing is guaranteed.
                     c.ops.pop_front();
-                    self.complete(st, command_done(op.seqno, id, Opcode::CtxPreempt, status, 0));
+                    self.complete(
+                        st,
+                        command_done(op.seqno, id, Opcode::CtxPreempt, status, 0),
+                    );
                     continue;
                 }
                 if c.running.is_some() {
@@ -773,7 +782,10 @@ impl Shared {
                     ..Subject::default()
                 };
                 let inj = &self.inject;
-                if inj.check(Kind::TlbInvalDrop, &subject, &self.stats).is_some() {
+                if inj
+                    .check(Kind::TlbInvalDrop, &subject, &self.stats)
+                    .is_some()
+                {
                     // Accepted, never completed: it stays outstanding until a reset.
                     return;
                 }
@@ -817,7 +829,10 @@ impl Shared {
                         ..Subject::default()
                     };
                     let inj = &self.inject;
-                    if inj.check(Kind::PreemptDrop, &subject, &self.stats).is_some() {
+                    if inj
+                        .check(Kind::PreemptDrop, &subject, &self.stats)
+                        .is_some()
+                    {
                         op.dropped = true;
                     } else {
                         if let Some(h) = inj.check(Kind::PreemptError, &subject, &self.stats) {

@@ -502,11 +502,11 @@ impl RuleSpec {
             why,
         };
         let num = || parse_u64(v).ok_or_else(|| bad("not a number (decimal or 0x hex)"));
-        let num32 = || {
-            num().and_then(|n| u32::try_from(n).map_err(|_| bad("more than 32 bits")))
-        };
+        let num32 = || num().and_then(|n| u32::try_from(n).map_err(|_| bad("more than 32 bits")));
         match key {
-            Key::P => self.trigger.p_ppb = Some(parse_p(v).ok_or_else(|| bad("not a decimal in [0, 1]"))?),
+            Key::P => {
+                self.trigger.p_ppb = Some(parse_p(v).ok_or_else(|| bad("not a decimal in [0, 1]"))?)
+            }
             Key::Count => self.trigger.count = Some(num()?),
             Key::Every => {
                 let n = num()?;
@@ -1194,22 +1194,39 @@ mod tests {
             assert_eq!(r.rules[0].kind, *k);
             assert_eq!(r.rules[0].to_string(), k.name());
         }
-        let s = p("walk-read-error:va=0x1000-0x3000,level=0,ctx=2,engine=1,every=3,after=2,device=1");
+        let s =
+            p("walk-read-error:va=0x1000-0x3000,level=0,ctx=2,engine=1,every=3,after=2,device=1");
         let r = s.rules[0];
         assert_eq!(r.filter.va, Some((0x1000, 0x3000)));
         assert_eq!(r.params.level, Some(0));
-        assert_eq!((r.filter.ctx, r.filter.engine, r.device), (Some(2), Some(1), Some(1)));
+        assert_eq!(
+            (r.filter.ctx, r.filter.engine, r.device),
+            (Some(2), Some(1), Some(1))
+        );
         assert_eq!((r.trigger.every, r.trigger.after), (Some(3), 2));
-        let s = p("completion-corrupt:field=kind,rec=job;tlb-inval-error:status=internal;seed=0x10");
+        let s =
+            p("completion-corrupt:field=kind,rec=job;tlb-inval-error:status=internal;seed=0x10");
         assert_eq!(s.seed, Some(16));
         assert_eq!(s.rules[0].params.field, Some(Field::Kind));
         assert_eq!(s.rules[0].filter.rec, Some(RecKind::Job));
         assert_eq!(s.rules[1].params.status, Some(Status::Internal));
-        assert_eq!(p("fault-spurious:va=0x2000").rules[0].filter.va, Some((0x2000, 0x2001)));
+        assert_eq!(
+            p("fault-spurious:va=0x2000").rules[0].filter.va,
+            Some((0x2000, 0x2001))
+        );
         assert_eq!(p("").rules.len(), 0);
         assert!(p(" ; ;").is_empty());
-        assert_eq!(p("engine-hang:count=1_000").rules[0].trigger.count, Some(1000));
-        for (text, ppb) in [("0", 0), ("1", PPB), ("1.0", PPB), (".5", PPB / 2), ("0.000000001", 1)] {
+        assert_eq!(
+            p("engine-hang:count=1_000").rules[0].trigger.count,
+            Some(1000)
+        );
+        for (text, ppb) in [
+            ("0", 0),
+            ("1", PPB),
+            ("1.0", PPB),
+            (".5", PPB / 2),
+            ("0.000000001", 1),
+        ] {
             assert_eq!(parse_p(text), Some(ppb), "{text}");
         }
     }
@@ -1220,7 +1237,10 @@ mod tests {
         assert!(err("tlb-inval-nope").contains("tlb-inval-delay, tlb-inval-drop"));
         let e = err("device-reset:asid=1");
         assert!(e.contains("device-reset: unknown key 'asid'"), "{e}");
-        assert!(e.contains("keys: p, count, every, after, device, delay_us"), "{e}");
+        assert!(
+            e.contains("keys: p, count, every, after, device, delay_us"),
+            "{e}"
+        );
         assert!(err("tlb-inval-drop:count").contains("'count' is not key=value"));
         assert!(err("tlb-inval-drop:count=x").contains("bad value 'x' for 'count'"));
         assert!(err("tlb-inval-drop:count=1,count=2").contains("'count' given twice"));
@@ -1241,7 +1261,10 @@ mod tests {
         assert!(err("device-reset:delay_us=99999999999").contains("one hour"));
         assert!(err("seed=zz").contains("seed"));
         assert!(err("tlb-inval-drop:count=99999999999999999999").contains("not a number"));
-        assert_eq!(InjectSpec::parse(&"x".repeat(5000)), Err(InjectError::TooLong));
+        assert_eq!(
+            InjectSpec::parse(&"x".repeat(5000)),
+            Err(InjectError::TooLong)
+        );
         let many = vec!["engine-hang"; MAX_RULES + 1].join(";");
         assert!(matches!(
             InjectSpec::parse(&many),
@@ -1371,7 +1394,8 @@ mod tests {
         let mixed = {
             let i = Injector::new(0);
             let s = Stats::new();
-            i.add(&p("seed=5;tlb-inval-error:p=0.5;fault-phantom:p=0.5")).unwrap();
+            i.add(&p("seed=5;tlb-inval-error:p=0.5;fault-phantom:p=0.5"))
+                .unwrap();
             (0..100)
                 .map(|_| {
                     i.check(Kind::FaultPhantom, &ANY, &s);
@@ -1392,10 +1416,19 @@ mod tests {
         };
         let k = Kind::TlbInvalDrop;
         assert!(i.check(k, &inval(2, 0x10000, 0x11000), &s).is_none());
-        assert!(i.check(k, &inval(3, 0x20000, 0x21000), &s).is_none(), "half-open");
+        assert!(
+            i.check(k, &inval(3, 0x20000, 0x21000), &s).is_none(),
+            "half-open"
+        );
         assert!(i.check(k, &inval(3, 0x0, 0x10000), &s).is_none());
-        assert!(i.check(k, &inval(3, 0xf000, 0x11000), &s).is_some(), "overlap");
-        assert!(i.check(k, &inval(ASID_ALL, 0, 1 << 48), &s).is_some(), "every ASID");
+        assert!(
+            i.check(k, &inval(3, 0xf000, 0x11000), &s).is_some(),
+            "overlap"
+        );
+        assert!(
+            i.check(k, &inval(ASID_ALL, 0, 1 << 48), &s).is_some(),
+            "every ASID"
+        );
         assert!(i.check(k, &ANY, &s).is_none(), "no ASID: no match");
         assert_eq!(i.rules()[0].matches, 2);
 
@@ -1434,7 +1467,10 @@ mod tests {
     fn hits_carry_defaults_and_params() {
         let (i, s) = inj("tlb-inval-delay;device-reset:delay_us=7;walk-read-error:level=1");
         let h = i.check(Kind::TlbInvalDelay, &ANY, &s).unwrap();
-        assert_eq!((h.delay, h.status, h.level), (Duration::from_micros(1000), Status::Timeout, 3));
+        assert_eq!(
+            (h.delay, h.status, h.level),
+            (Duration::from_micros(1000), Status::Timeout, 3)
+        );
         assert_eq!(h.seq, 1);
         let h = i.check(Kind::DeviceReset, &ANY, &s).unwrap();
         assert_eq!((h.delay, h.seq), (Duration::from_micros(7), 2));
@@ -1446,7 +1482,9 @@ mod tests {
     fn device_selection_bounds_and_clear() {
         let i = Injector::new(1);
         let ids = i
-            .add(&p("seed=9;engine-hang:device=0;engine-hang:device=1;device-reset"))
+            .add(&p(
+                "seed=9;engine-hang:device=0;engine-hang:device=1;device-reset",
+            ))
             .unwrap();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(i.seed(), 9);

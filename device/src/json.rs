@@ -314,8 +314,9 @@ mod tests {
 
     #[test]
     fn parses_what_the_protocol_needs() {
-        let v = parse(r#" {"cmd":"inject","spec":"a;b:c=1","device":3,"x":[1,-2.5e3,true,null,{}]} "#)
-            .unwrap();
+        let v =
+            parse(r#" {"cmd":"inject","spec":"a;b:c=1","device":3,"x":[1,-2.5e3,true,null,{}]} "#)
+                .unwrap();
         assert_eq!(v.get("cmd").and_then(Value::as_str), Some("inject"));
         assert_eq!(v.get("spec").and_then(Value::as_str), Some("a;b:c=1"));
         assert_eq!(v.get("device").and_then(Value::as_u64), Some(3));
@@ -337,8 +338,24 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         for bad in [
-            "", "{", "}", "{\"a\"}", "{\"a\":}", "[1,]", "[1 2]", "tru", "\"abc", "\"\\x\"",
-            "\"\\ud800\"", "01x", "-", "1.", "{} {}", "\"a\u{1}\"", "{a:1}", "\"\\u12\"",
+            "",
+            "{",
+            "}",
+            "{\"a\"}",
+            "{\"a\":}",
+            "[1,]",
+            "[1 2]",
+            "tru",
+            "\"abc",
+            "\"\\x\"",
+            "\"\\ud800\"",
+            "01x",
+            "-",
+            "1.",
+            "{} {}",
+            "\"a\u{1}\"",
+            "{a:1}",
+            "\"\\u12\"",
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
@@ -350,7 +367,14 @@ mod tests {
 
     #[test]
     fn string_escaping_round_trips() {
-        for s in ["plain", "q\"uote", "back\\slash", "nl\nx\t\r", "\u{1}\u{1f}", "é😀"] {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\nx\t\r",
+            "\u{1}\u{1f}",
+            "é😀",
+        ] {
             assert_eq!(parse(&string(s)).unwrap(), Value::String(s.into()), "{s:?}");
         }
     }

@@ -266,7 +266,10 @@ mod tests {
     fn invalid_inject_is_reported() {
         let a = Args::parse_from(["svmgpu-device", "-s", "/tmp/z", "--inject", "engine-hung"]);
         let e = DaemonConfig::try_from(a).unwrap_err();
-        assert!(e.starts_with("--inject: unknown injection kind 'engine-hung'"), "{e}");
+        assert!(
+            e.starts_with("--inject: unknown injection kind 'engine-hung'"),
+            "{e}"
+        );
         let c = cfg(Args::parse_from([
             "svmgpu-device",
             "-s",
@@ -275,7 +278,10 @@ mod tests {
             "engine-hang:device=1",
         ]));
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("device=1, but there are only 1 device(s)"), "{e}");
+        assert!(
+            e.contains("device=1, but there are only 1 device(s)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -452,6 +452,50 @@ mod tests {
             o.push_completion(g + 1, fence);
         }
         assert!(!o.fence_room());
+        // Injected completions: a duplicate, a corrupt record and one held back.
+        let o = Outbox::new(1);
+        let g = o.generation();
+        let cmd = |seqno| Completion {
+            kind: CompletionKind::CommandDone.as_u32(),
+            seqno,
+            ..Default::default()
+        };
+        o.async_accepted();
+        o.push_injected(g, cmd(1), Injected::Duplicate);
+        assert_eq!(o.held().1, 2);
+        let mut bad = fence;
+        bad.seqno = 1 << 63;
+        o.push_injected(g, fence, Injected::Corrupt(bad));
+        assert_eq!(
+            o.fences.load(Ordering::Relaxed),
+            1,
+            "budget of the original"
+        );
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        o.push_injected(g, cmd(2), Injected::Reorder(later));
+        assert_eq!(o.held_back_deadline(), Some(later));
+        assert_eq!(o.held().1, 4, "the held-back record counts as held");
+        assert!(!o.release_held_back(Instant::now()));
+        o.push_completion(g, cmd(3));
+        assert_eq!(o.held_back_deadline(), None);
+        let order: Vec<u64> = o.lock().completions.iter().map(|h| h.rec.seqno).collect();
+        assert_eq!(order, [1, 1, 1 << 63, 3, 2]);
+        o.push_injected(g, cmd(4), Injected::Reorder(Instant::now()));
+        assert!(o.release_held_back(Instant::now()));
+        // Injected events: dropped as lost, or queued only where there is room.
+        let s2 = Stats::new();
+        o.lose_event(g, &s2);
+        assert_eq!(s2.get(Counter::EventsLost), 1);
+        for _ in 0..EVENT_BACKLOG_EXTRA + 1 {
+            assert!(o.event_room());
+            assert!(o.push_event_if_room(g, ctx_err));
+        }
+        assert!(!o.event_room());
+        assert!(!o.push_event_if_room(g, ctx_err));
+        o.discard(false);
+        assert_eq!(o.held(), (0, 0));
+        assert_eq!(o.held_back_deadline(), None);
+
         // No rings attached: nothing is delivered.
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();

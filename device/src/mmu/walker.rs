@@ -251,6 +251,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn injected_read_errors() {
+        let mem = ram();
+        let mut pt = Pt::new();
+        pt.map_4k(&mem, 0x3000, 0x40_0000, RW);
+        pt.map_2m(&mem, 0x4000_0000, 0x60_0000, RW);
+        let bad = |level| {
+            Err(WalkFault {
+                reason: FaultReason::BadTableAddress,
+                level,
+            })
+        };
+        for level in 0..=3 {
+            assert_eq!(walk_with(&mem, pt.root, 0x3000, Some(level)), bad(level));
+        }
+        assert_eq!(
+            walk_with(&mem, pt.root, 0x3000, None),
+            walk(&mem, pt.root, 0x3000)
+        );
+        // A 2 MiB leaf ends the walk at level 1: a read error asked for level 0 hits it.
+        assert_eq!(walk_with(&mem, pt.root, 0x4000_0000, Some(0)), bad(1));
+        assert_eq!(walk_with(&mem, pt.root, 0x4000_0000, Some(2)), bad(2));
+        // So does a walk that ends on a non-present entry.
+        assert_eq!(walk_with(&mem, pt.root, 0x80_0000_0000, Some(0)), bad(3));
+        assert_eq!(
+            walk_with(&mem, pt.root, 0x20_0000, Some(0)),
+            bad(1),
+            "level 1 entry not present"
+        );
+        // VA range is checked first.
+        assert_eq!(
+            walk_with(&mem, pt.root, 1 << 48, Some(3)),
+            Err(WalkFault {
+                reason: FaultReason::VaRange,
+                level: 3
+            })
+        );
+    }
+
+    #[test]
     fn faults() {
         let mem = ram();
         let mut pt = Pt::new();
