@@ -44,13 +44,17 @@ impl InvalLog {
     }
 
     /// Records that the invalidation `seq` with `scope` completed (its completion is about to
-    /// be posted).
+    /// be posted). The log is kept in sequence order, so that [`InvalLog::is_stale`] finds
+    /// every later invalidation at its end even when invalidations complete out of order
+    /// (an injected delay).
     pub fn complete(&self, scope: Scope, seq: u64) {
         let mut d = self.done.lock().unwrap_or_else(|p| p.into_inner());
         if d.len() == AUDIT_LOG_LEN {
             d.pop_front();
         }
-        d.push_back((scope, seq));
+        // Usually the last position: completions come in acceptance order but for delays.
+        let at = d.iter().rposition(|(_, s)| *s <= seq).map_or(0, |i| i + 1);
+        d.insert(at, (scope, seq));
     }
 
     /// True if a completed invalidation covering `e` was accepted after `e`'s walk started.
@@ -105,5 +109,35 @@ mod tests {
             ..e
         };
         assert!(!log.is_stale(&fresh));
+    }
+
+    #[test]
+    fn out_of_order_completions_are_still_found() {
+        let log = InvalLog::new();
+        let e = TlbEntry {
+            asid: 1,
+            leaf: Leaf {
+                page_va: 0x1000,
+                pa: 0x2000,
+                huge: false,
+                writable: true,
+                executable: true,
+            },
+            fill_seq: log.current(),
+        };
+        // The entry's walk started after invalidation `old` was accepted; `covering`, accepted
+        // after the walk, completes before `old`, which was delayed.
+        let old = log.accept();
+        let covering = log.accept();
+        let e = TlbEntry { fill_seq: old, ..e };
+        let later = log.accept();
+        log.complete(Scope::Asid(9), later);
+        assert!(!log.is_stale(&e));
+        log.complete(Scope::Asid(1), covering);
+        log.complete(Scope::Asid(9), old);
+        assert!(
+            log.is_stale(&e),
+            "found behind an older one that completed later"
+        );
     }
 }
