@@ -17,6 +17,10 @@ opens a guest shell on this terminal (Ctrl-A X quits QEMU).
 Options:
   --gpus N            number of vGPUs: 1, 2, 4 or 8 (qemu-configs/svmgpu-N.cfg; default 2)
   --device-args ARGS  extra arguments for svmgpu-device (e.g. "--engines 4 --tlb-entries 128")
+  --inject SPEC       fault injection, passed to svmgpu-device --inject (repeatable; grammar in
+                      device/README.md). The device always serves its control socket at
+                      svmgpu-ctl.sock in the run directory (the path is printed at start):
+                      target/release/svmgpu-ctl --socket PATH inject|clear|list|stats
   --timeout SECS      kill the guest after SECS (default 900 with CMD, none without)
   --out DIR           keep console.log, channel.log and device.log in DIR
   --check-console     fail if the console log shows a kernel warning, BUG, lockdep or
@@ -28,11 +32,12 @@ EOF
 }
 
 GPUS=2 DEVICE_ARGS="" TIMEOUT="" OUT="" CHECK_CONSOLE=0 KVM=0
-CMD=()
+CMD=() INJECT=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --gpus) GPUS=$2; shift 2 ;;
         --device-args) DEVICE_ARGS=$2; shift 2 ;;
+        --inject) INJECT+=(--inject "$2"); shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --check-console) CHECK_CONSOLE=1; shift ;;
@@ -84,7 +89,8 @@ trap 'exit 130' INT TERM
 log "starting svmgpu-device with $GPUS sockets ${DEVICE_ARGS:+($DEVICE_ARGS)}"
 # shellcheck disable=SC2086
 RUST_LOG=${RUST_LOG:-info} "$DEVICE" --socket-path "$RUN/svmgpu.sock" --socket-count "$GPUS" \
-    --stats-json "$RUN/device-stats.json" $DEVICE_ARGS >"$RUN/device.log" 2>&1 &
+    --stats-json "$RUN/device-stats.json" --control-socket "$RUN/svmgpu-ctl.sock" \
+    ${INJECT[@]+"${INJECT[@]}"} $DEVICE_ARGS >"$RUN/device.log" 2>&1 &
 DEV_PID=$!
 for _ in $(seq 100); do
     ready=1
@@ -94,6 +100,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [[ $ready -eq 1 ]] || { cat "$RUN/device.log" >&2; die "svmgpu-device sockets did not appear"; }
+log "control socket: $RUN/svmgpu-ctl.sock (target/release/svmgpu-ctl --socket $RUN/svmgpu-ctl.sock list)"
 
 # Per-run initramfs part: the command and the expectations (concatenated cpio archives).
 mkdir -p "$RUN/extra/etc"
