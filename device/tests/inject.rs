@@ -649,3 +649,175 @@ fn no_rules_no_feature_bit() {
     let fe = TestFrontend::connect(&be.path, RAM);
     assert_ne!(fe.offered_features & (1 << SVMGPU_F_FAULT_INJECT), 0);
 }
+
+#[test]
+fn a_storm_with_every_kind_injected_stays_safe_and_a_reset_recovers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use svmgpu_spec::pte;
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("svmgpu"))
+        {
+            PANICKED.store(true, Ordering::SeqCst);
+        }
+        prev(info);
+    }));
+
+    let mut r = Rig::new(
+        DeviceOptions {
+            engines: 2,
+            max_contexts: 8,
+            max_faults: 4,
+            tlb_entries: 8,
+            tlb_ways: 2,
+            tlb_inval_latency_ns: 20_000,
+            preempt_latency_ns: 30_000,
+            timeslice_us: 100,
+            hang_threshold_us: 500,
+            ..options()
+        },
+        (1 << SVMGPU_F_AUDIT) | (1 << SVMGPU_F_FAULT_COALESCE),
+    );
+    let kinds: Vec<String> = Kind::ALL
+        .iter()
+        .map(|k| match k {
+            Kind::DeviceReset => "device-reset:p=0.004,delay_us=500".to_string(),
+            Kind::EngineHang => "engine-hang:p=0.1".to_string(),
+            Kind::FaultSpurious | Kind::FaultPhantom => format!("{}:p=0.03", k.name()),
+            Kind::TlbInvalDelay | Kind::PreemptDelay | Kind::CompletionReorder => {
+                format!("{}:p=0.05,delay_us=300", k.name())
+            }
+            k => format!("{}:p=0.05", k.name()),
+        })
+        .collect();
+    r.inject(&format!("seed=77;{}", kinds.join(";")));
+
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..800 {
+        let v = next();
+        let ctx = (v >> 8) as u32 % 4;
+        let va = DATA_VA + (((v >> 16) % 0x1_0000) & !7);
+        match v % 12 {
+            0 | 1 => {
+                let b = CtxCreateReq {
+                    ctx_id: ctx,
+                    asid: ASID,
+                    flags: 0,
+                    reserved: 0,
+                };
+                if r.d.cmd(Opcode::CtxCreate, &b.to_bytes()).0 == Status::BadState {
+                    // Unbound by a device-initiated reset: bind again.
+                    let b = AsidBindReq {
+                        asid: ASID,
+                        flags: 0,
+                        pt_root: r.pt.root,
+                    };
+                    let _ = r.d.cmd(Opcode::AsidBind, &b.to_bytes());
+                }
+            }
+            2 => {
+                if v >> 50 & 3 == 0 {
+                    let _ = r.d.cmd(Opcode::CtxDestroy, &Driver::ctx_body(ctx));
+                }
+            }
+            3..=6 => {
+                let insns = match v >> 40 & 3 {
+                    0 => vec![store64(va, v), Insn::End],
+                    1 => counting_loop(va, (v >> 20) as u32 % 30 + 1, 2_000),
+                    2 => vec![store64(0x6000_0000 + (va & 0xfff8), 1), Insn::End],
+                    _ => vec![
+                        Insn::Fence {
+                            notify: true,
+                            va,
+                            value: v,
+                        },
+                        Insn::End,
+                    ],
+                };
+                let bytes = encode(&insns);
+                let off = (v >> 24) % 60 * 1024;
+                r.d.fe.ram.write(r.batch + off, &bytes);
+                let b = JobSubmitReq {
+                    ctx_id: ctx,
+                    flags: 0,
+                    batch_va: BATCH_VA + off,
+                    batch_len: bytes.len() as u32,
+                    reserved: 0,
+                };
+                let _ = r.d.cmd(Opcode::JobSubmit, &b.to_bytes());
+            }
+            7 => {
+                let _ = r.d.cmd(Opcode::CtxPreempt, &Driver::ctx_body(ctx));
+            }
+            8 => {
+                let _ = r.d.cmd(Opcode::CtxResume, &Driver::ctx_body(ctx));
+            }
+            9 => {
+                let raw = if v >> 36 & 1 == 0 {
+                    0
+                } else {
+                    pte::page_4k(r.data + ((v >> 20) % 16) * 4096, RW).unwrap()
+                };
+                r.d.set_pte(&r.pt, va & !0xfff, 0, raw);
+                let b = TlbInvalidateReq {
+                    asid: ASID,
+                    flags: 0,
+                    va: va & !0xfff,
+                    size: 4096,
+                };
+                let _ = r.d.cmd(Opcode::TlbInvalidate, &b.to_bytes());
+            }
+            _ => {
+                r.d.poll();
+                let faults: Vec<PageFaultEvent> =
+                    r.d.events
+                        .drain(..)
+                        .filter_map(|(_, e)| match e {
+                            Event::PageFault(f) => Some(f),
+                            _ => None,
+                        })
+                        .collect();
+                for f in faults {
+                    let action = if v >> 35 & 1 == 0 {
+                        FaultAction::Resume
+                    } else {
+                        FaultAction::Cancel
+                    };
+                    let _ = r.d.reply(f.fault_id, action);
+                }
+                r.d.completions.clear();
+            }
+        }
+    }
+    let gpu = r.be.gpu.clone();
+    assert!(
+        gpu.stats()
+            .get(svmgpu_device::stats::Counter::InjectedFaults)
+            > 20
+    );
+    // Recovery: no more rules, wait for a device-initiated reset to end, RESET.
+    gpu.injector().clear();
+    wait_until("the end of a device-initiated reset", || !gpu.resetting());
+    r.d.ok(Opcode::Reset, &ResetReq::default().to_bytes());
+    r.d.bind(ASID, &r.pt);
+    r.d.map_4k(&r.pt, DATA_VA, r.data, RW);
+    r.d.create(0, ASID);
+    let s = r.run(0, &[store64(DATA_VA, 0x5a5a), Insn::End]);
+    assert_eq!(r.d.wait_job(s), 0);
+    assert_eq!(r.d.read_u64(r.data), 0x5a5a);
+    let st = r.d.stats();
+    assert_eq!(st.stale_accesses, 0, "safety holds under injection");
+    assert!(st.audit_checks > 0);
+    assert!(!PANICKED.load(Ordering::SeqCst), "a device thread panicked");
+    let per_kind: u64 = Kind::ALL.iter().map(|&k| gpu.stats().get_injected(k)).sum();
+    assert_eq!(per_kind, st.injected_faults);
+}
