@@ -333,10 +333,12 @@ impl CtrlQueue {
         let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
         loop {
             if let SlotState::Done(len) = inner.states[idx] {
+                // Decode before the slot is freed: another sender may reuse its buffers.
+                let reply = Self::decode_reply(&inner, idx, len, seqno, resp_body);
                 inner.states[idx] = SlotState::Free;
                 drop(inner);
                 self.done.notify_all();
-                return self.decode_reply(idx, len, seqno, resp_body);
+                return reply;
             }
             if inner.closed {
                 inner.states[idx] = SlotState::Abandoned;
@@ -353,13 +355,12 @@ impl CtrlQueue {
     }
 
     fn decode_reply(
-        &self,
+        inner: &Inner,
         idx: usize,
         len: u32,
         seqno: u64,
         resp_body: &mut [u8],
     ) -> Result<Reply> {
-        let inner = self.inner.lock();
         if inner.vq.is_none() {
             return Err(ENODEV);
         }
@@ -528,7 +529,8 @@ impl CtrlQueue {
                     Some(SlotState::Async(aidx)) => {
                         inner.states[idx] = SlotState::Free;
                         let off = (2 * idx + 1) * BUF_SIZE;
-                        let hdr = wire::RespHeader::decode(&inner.bufs[off..off + len as usize]);
+                        let n = (len as usize).min(BUF_SIZE);
+                        let hdr = wire::RespHeader::decode(&inner.bufs[off..off + n]);
                         let seqno = inner.asyncs[aidx as usize].seqno;
                         match hdr {
                             // Accepted: the COMMAND_DONE completes it.

@@ -103,7 +103,10 @@ impl RxQueue {
                         break;
                     };
                     let i = token.wrapping_sub(1);
-                    let Some(buf) = bufs.get_mut(i * rec..(i + 1) * rec) else {
+                    let Some(buf) = i
+                        .checked_mul(rec)
+                        .and_then(|start| bufs.get_mut(start..start.checked_add(rec)?))
+                    else {
                         continue;
                     };
                     if (len as usize) < rec {
