@@ -147,6 +147,11 @@ fn run_slice(
                 }
                 drop(s);
                 sh.flush();
+                if sh.inject.active(Kind::FaultSpurious) || sh.inject.active(Kind::FaultPhantom) {
+                    if let Some(f) = sh.inject_after_insn(e, pick, pc) {
+                        break SliceEnd::Fault(f);
+                    }
+                }
             }
             Step::End => {
                 insns += 1;
