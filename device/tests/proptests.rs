@@ -1,13 +1,18 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Property tests (proptest) of the command decoder, the page walker and the ISA decoder and
-//! executor, through the same entry points as the cargo-fuzz targets (`svmgpu_device::fuzz`),
+//! Property tests (proptest) of the command decoder, the page walker, the ISA decoder and
+//! executor, the fault-injection grammar and the control-socket protocol, through the same entry points as the cargo-fuzz targets (`svmgpu_device::fuzz`),
 //! plus a replay of every input the fuzzers found (`tests/fuzz_regressions/<target>/`).
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use proptest::prelude::*;
+use svmgpu_device::config::DeviceOptions;
 use svmgpu_device::fuzz;
+use svmgpu_device::gpu::Gpu;
+use svmgpu_device::inject::{InjectSpec, Kind};
+use svmgpu_device::{ctl, json};
 use svmgpu_spec::isa::{header, insn_qwords};
 use svmgpu_spec::pte;
 use svmgpu_spec::{CtrlHeader, Opcode};
@@ -236,4 +241,93 @@ fn fuzz_regressions_replay() {
         + replay("isa", fuzz::isa);
     // Inputs are kept only when a fuzzer found something; none is also fine.
     println!("replayed {n} fuzzer-found inputs");
+}
+
+/// Text that looks like an injection spec: kinds, keys, values and separators, mixed.
+fn spec_text() -> impl Strategy<Value = String> {
+    let kinds: Vec<String> = Kind::ALL.iter().map(|k| k.name().to_string()).collect();
+    let token = prop_oneof![
+        prop::sample::select(kinds),
+        prop::sample::select(
+            [
+                "p", "count", "every", "after", "device", "asid", "ctx", "engine", "va", "rec",
+                "delay_us", "status", "field", "level", "seed", "bogus",
+            ]
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+        ),
+        prop::sample::select(
+            [
+                ":",
+                ",",
+                ";",
+                "=",
+                "-",
+                " ",
+                "0",
+                "1",
+                "0.5",
+                "0x1000",
+                "1_0",
+                "3",
+                "9999999999999999999999",
+                "job",
+                "timeout",
+                "kind",
+                ".",
+                "",
+            ]
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+        ),
+        "[ -~]{0,6}",
+    ];
+    prop::collection::vec(token, 0..24).prop_map(|t| t.concat())
+}
+
+fn ctl_gpus() -> &'static [Arc<Gpu>] {
+    static GPUS: OnceLock<Vec<Arc<Gpu>>> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        (0..2)
+            .map(|i| Arc::new(Gpu::new(i, &DeviceOptions::default()).unwrap()))
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..config() })]
+
+    #[test]
+    fn inject_grammar_never_panics_and_round_trips(text in spec_text()) {
+        if let Ok(spec) = InjectSpec::parse(&text) {
+            let canon = spec.to_string();
+            prop_assert_eq!(InjectSpec::parse(&canon), Ok(spec), "{} -> {}", text, canon);
+        }
+    }
+
+    #[test]
+    fn control_protocol_always_answers_one_json_line(
+        form in 0u8..4,
+        text in spec_text(),
+        raw in "\\PC{0,80}",
+    ) {
+        let line = match form {
+            0 => format!("inject {text}"),
+            1 => format!("{{\"cmd\":\"inject\",\"spec\":{}}}", json::string(&text)),
+            2 => raw,
+            _ => format!("{{\"cmd\":{}}}", json::string(&text)),
+        };
+        let out = ctl::handle_line(ctl_gpus(), &line);
+        prop_assert!(!out.contains('\n'));
+        let v = json::parse(&out).map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
+        prop_assert!(v.get("ok").and_then(json::Value::as_bool).is_some(), "{}", out);
+        // Keep room for more rules.
+        if ctl_gpus()[0].injector().rules().len() > 48 {
+            for g in ctl_gpus() {
+                g.injector().clear();
+            }
+        }
+    }
 }
