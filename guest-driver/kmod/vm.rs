@@ -305,7 +305,7 @@ impl Vm {
             if let Err(e) = userptr::revalidate(&mut entry, acc) {
                 drop(vs);
                 drop(entry);
-                return Err(if e == ENOMEM || e == ENODEV {
+                return Err(if e == ENOMEM || e == ENODEV || e == EAGAIN {
                     e
                 } else {
                     EFAULT

@@ -33,7 +33,8 @@
  * are EINVAL; unknown VM/queue ids are ENOENT; ENODEV means the device was removed (the
  * file stays usable only for closing); EFAULT means the argument pointer itself is bad
  * (and for VM_BIND also the CPU range, see there); ERESTARTSYS/EINTR a signal arrived.
- * An ioctl that fails has no effect.
+ * An ioctl that fails has no effect. An ioctl number this header does not define is
+ * EINVAL (the DRM core's answer).
  */
 #ifndef _UAPI_SVMGPU_DRM_H_
 #define _UAPI_SVMGPU_DRM_H_
@@ -135,7 +136,8 @@ struct drm_svmgpu_vm_destroy {
  * @pad: zero.
  *
  * Errors: EINVAL (flag, pad), ENOENT (no such VM), ENOSPC (every device context is in
- * use), ENOMEM, EIO/ETIMEDOUT (CTX_CREATE failed), ENODEV.
+ * use, or the VM has 16 long-running queues already), ENOMEM, EIO/ETIMEDOUT (CTX_CREATE
+ * failed), ENODEV.
  */
 struct drm_svmgpu_exec_queue_create {
 	__u32 vm_id;
@@ -188,7 +190,8 @@ struct drm_svmgpu_exec_queue_destroy {
  * EEXIST (MAP: the range overlaps an existing binding), EFAULT (MAP, not fault mode:
  * the CPU range is not entirely mapped with the needed access, e.g. a hole or, without
  * READONLY, a read-only mapping), ENOMEM, ETIMEDOUT/EIO (the device did not complete
- * the TLB invalidation; the device is then reset), ENODEV.
+ * the TLB invalidation; the device is then reset), EAGAIN (CPU invalidations kept racing
+ * with the bind: retry), ENODEV.
  */
 struct drm_svmgpu_vm_bind {
 	__u32 vm_id;
@@ -221,7 +224,8 @@ struct drm_svmgpu_vm_bind {
  * EFAULT (not fault mode: a binding's CPU range is no longer mapped; unbind it),
  * EIO (the queue is in the error state after a failed job, or was lost in a device
  * reset: destroy it), EBUSY (64 jobs already queued on it: wait for a fence first),
- * ETIMEDOUT, ENOMEM, ENODEV, ERESTARTSYS.
+ * EAGAIN (CPU invalidations kept racing with the revalidation: retry), ETIMEDOUT,
+ * ENOMEM, ENODEV, ERESTARTSYS.
  */
 struct drm_svmgpu_exec {
 	__u32 queue_id;
