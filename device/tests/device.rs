@@ -10,18 +10,14 @@ mod harness;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::driver::{encode, Driver, PageTable, RW, RWX, RX};
+use harness::driver::{encode, Driver, RW, RWX, RX};
+use harness::rig::{Rig, ASID, BATCH_VA, DATA_VA, RAM};
 use harness::{InProcessBackend, TestFrontend};
 use svmgpu_device::config::DeviceOptions;
 use svmgpu_device::stats::Extra;
 use svmgpu_spec::isa::{fnv1a64, header, CompareOp, Insn, OP_NOP, OP_STORE};
 use svmgpu_spec::pte::{self, Perms};
 use svmgpu_spec::*;
-
-const RAM: u64 = 64 << 20;
-const ASID: u32 = 1;
-const BATCH_VA: u64 = 0x1000_0000;
-const DATA_VA: u64 = 0x2000_0000;
 
 fn options() -> DeviceOptions {
     DeviceOptions {
@@ -34,55 +30,6 @@ fn options() -> DeviceOptions {
         walk_latency_ns: 0,
         insn_cost_ns: 0,
         ..Default::default()
-    }
-}
-
-struct Rig {
-    be: InProcessBackend,
-    d: Driver,
-    pt: PageTable,
-    /// GPA of the batch area (64 KiB mapped RWX at BATCH_VA).
-    batch: u64,
-    /// GPA of the data area (256 KiB mapped RW at DATA_VA).
-    data: u64,
-    /// Next free batch offset.
-    next: u64,
-}
-
-impl Rig {
-    fn new(opts: DeviceOptions, features: u64) -> Self {
-        let be = InProcessBackend::start(0, &opts);
-        let fe = TestFrontend::connect_with(&be.path, RAM, features);
-        let mut d = Driver::new(fe, 64);
-        let pt = d.page_table();
-        let batch = d.alloc_mapped(&pt, BATCH_VA, 64 << 10, RWX);
-        let data = d.alloc_mapped(&pt, DATA_VA, 256 << 10, RW);
-        d.bind(ASID, &pt);
-        Self {
-            be,
-            d,
-            pt,
-            batch,
-            data,
-            next: 0,
-        }
-    }
-
-    /// Writes a batch into the batch area and submits it on `ctx`; returns the job seqno.
-    fn run(&mut self, ctx: u32, insns: &[Insn]) -> u64 {
-        let len = encode(insns).len() as u64;
-        if self.next + len > 64 << 10 {
-            self.next = 0;
-        }
-        let off = self.next;
-        self.next = (off + len + 63) & !63;
-        self.d
-            .run_batch(ctx, BATCH_VA + off, self.batch + off, insns)
-    }
-
-    fn run_ok(&mut self, ctx: u32, insns: &[Insn]) {
-        let s = self.run(ctx, insns);
-        assert_eq!(self.d.wait_job(s), 0, "{insns:?}");
     }
 }
 
@@ -1285,18 +1232,7 @@ fn unusable_event_and_completion_buffers() {
     d.post_raw(false, RAM + 4096, 32);
     d.post_raw(true, short, 16);
     d.supply(8);
-    let pt = d.page_table();
-    let batch = d.alloc_mapped(&pt, BATCH_VA, 64 << 10, RWX);
-    let data = d.alloc_mapped(&pt, DATA_VA, 256 << 10, RW);
-    d.bind(ASID, &pt);
-    let mut r = Rig {
-        be,
-        d,
-        pt,
-        batch,
-        data,
-        next: 0,
-    };
+    let mut r = Rig::with_driver(be, d);
     r.d.create(1, ASID);
     let before = r.d.stats().malformed_chains;
     r.run_ok(1, &[Insn::End]);

@@ -10,17 +10,14 @@ mod harness;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::driver::{encode, Driver, PageTable, RW, RWX, RX};
+use harness::driver::{encode, Driver, RW, RX};
+use harness::rig::{Rig, ASID, BATCH_VA, DATA_VA, RAM};
 use harness::{InProcessBackend, TestFrontend};
 use svmgpu_device::config::DeviceOptions;
 use svmgpu_device::inject::{InjectSpec, Kind};
 use svmgpu_spec::isa::Insn;
 use svmgpu_spec::*;
 
-const RAM: u64 = 64 << 20;
-const ASID: u32 = 1;
-const BATCH_VA: u64 = 0x1000_0000;
-const DATA_VA: u64 = 0x2000_0000;
 /// How long "never" is checked for.
 const QUIET: Duration = Duration::from_millis(40);
 
@@ -37,55 +34,11 @@ fn options() -> DeviceOptions {
     }
 }
 
-struct Rig {
-    be: InProcessBackend,
-    d: Driver,
-    pt: PageTable,
-    batch: u64,
-    data: u64,
-    next: u64,
-}
-
+/// Injection helpers of this file.
 impl Rig {
-    fn new(opts: DeviceOptions, features: u64) -> Self {
-        let be = InProcessBackend::start(0, &opts);
-        let fe = TestFrontend::connect_with(&be.path, RAM, features);
-        let mut d = Driver::new(fe, 64);
-        let pt = d.page_table();
-        let batch = d.alloc_mapped(&pt, BATCH_VA, 64 << 10, RWX);
-        let data = d.alloc_mapped(&pt, DATA_VA, 64 << 10, RW);
-        d.bind(ASID, &pt);
-        Self {
-            be,
-            d,
-            pt,
-            batch,
-            data,
-            next: 0,
-        }
-    }
-
     fn inject(&self, spec: &str) {
         let spec = InjectSpec::parse(spec).unwrap();
         self.be.gpu.injector().add(&spec).unwrap();
-    }
-
-    /// Writes a batch and submits it on `ctx`; returns (job seqno, batch VA).
-    fn run_at(&mut self, ctx: u32, insns: &[Insn]) -> (u64, u64) {
-        let len = encode(insns).len() as u64;
-        if self.next + len > 64 << 10 {
-            self.next = 0;
-        }
-        let off = self.next;
-        self.next = (off + len + 63) & !63;
-        let s = self
-            .d
-            .run_batch(ctx, BATCH_VA + off, self.batch + off, insns);
-        (s, BATCH_VA + off)
-    }
-
-    fn run(&mut self, ctx: u32, insns: &[Insn]) -> u64 {
-        self.run_at(ctx, insns).0
     }
 
     fn injected(&self, k: Kind) -> u64 {

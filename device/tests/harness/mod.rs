@@ -17,6 +17,7 @@
 //! Include with `#[allow(dead_code)] mod harness;` from a test file.
 
 pub mod driver;
+pub mod rig;
 
 use std::collections::HashMap;
 use std::fs::File;
