@@ -29,7 +29,7 @@ use kernel::{
     new_condvar, new_spinlock_irq,
     prelude::*,
     sync::{CondVar, CondVarTimeoutResult, SpinLockIrq, SpinLockIrqGuard},
-    time::{msecs_to_jiffies, Jiffies},
+    time::{delay::fsleep, msecs_to_jiffies, Delta, Instant, Jiffies, Monotonic},
 };
 
 /// Number of commands that can be in flight at once.
@@ -90,8 +90,30 @@ struct Inner {
     /// Asynchronous entries not `Free`.
     async_busy: usize,
     next_seqno: u64,
-    /// Chains or completions that matched nothing the driver sent.
-    bogus: u64,
+    /// `COMMAND_DONE` completions that matched no incomplete command (corrupted seqno,
+    /// duplicated, or for a command a reset discarded).
+    bogus_done: u64,
+    /// Used chains whose token matched no slot in flight.
+    bogus_chains: u64,
+    /// Requests answered `RESETTING` and sent again.
+    resetting_retries: u64,
+}
+
+/// Counters of the control queue (debugfs).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct CtrlCounters {
+    pub(crate) bogus_command_done: u64,
+    pub(crate) bogus_chains: u64,
+    pub(crate) resetting_retries: u64,
+}
+
+/// Called with the seqno a request gets, under the queue's lock before the request is on
+/// the ring (so before the device can answer it), and again if it was not accepted.
+pub(crate) trait SeqnoHook {
+    /// The request is about to be sent with `seqno`; false: do not send it (`EBUSY`).
+    fn register(&self, seqno: u64) -> bool;
+    /// The request sent with `seqno` was not accepted (refused, or no answer).
+    fn unregister(&self, seqno: u64);
 }
 
 /// The reply to a synchronous command.
@@ -153,9 +175,13 @@ pub(crate) struct AsyncDone {
 }
 
 impl AsyncDone {
-    /// Whether the command's guarantees hold (status OK, or discarded by a reset).
+    /// Whether the command's guarantees hold: status OK, discarded by a reset, or refused
+    /// `NOT_FOUND` (the context or ASID does not exist on the device, e.g. a hung context
+    /// the driver destroyed: nothing of it can run or translate).
     pub(crate) fn succeeded(&self) -> bool {
-        self.status == wire::Status::Ok.as_u32() || self.status == STATUS_RESET
+        self.status == wire::Status::Ok.as_u32()
+            || self.status == STATUS_RESET
+            || self.status == wire::Status::NotFound.as_u32()
     }
 }
 
@@ -189,12 +215,30 @@ impl CtrlQueue {
             asyncs,
             async_busy: 0,
             next_seqno: 1,
-            bogus: 0,
+            bogus_done: 0,
+            bogus_chains: 0,
+            resetting_retries: 0,
         };
         Ok(pin_init!(Self {
             inner <- new_spinlock_irq!(inner, "svmgpu_ctrl"),
             done <- new_condvar!("svmgpu_ctrl_done"),
         }))
+    }
+
+    /// The queue's counters.
+    pub(crate) fn counters(&self) -> CtrlCounters {
+        let inner = self.inner.lock();
+        CtrlCounters {
+            bogus_command_done: inner.bogus_done,
+            bogus_chains: inner.bogus_chains,
+            resetting_retries: inner.resetting_retries,
+        }
+    }
+
+    /// Whether the queue refuses commands (device removed, or given up after a failed
+    /// reset).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.lock().closed
     }
 
     /// The last seqno handed out.
@@ -319,17 +363,74 @@ impl CtrlQueue {
 
     /// Sends a synchronous command and waits up to [`TIMEOUT_MS`] for its response; the
     /// response body (if any, status OK) is copied into `resp_body`.
+    ///
+    /// A `RESETTING` answer (a device-initiated reset is in progress, spec 15.1) is not
+    /// returned: the request is sent again (every 2 ms, for at most [`TIMEOUT_MS`]), as the
+    /// spec asks; only then is `RESETTING` returned (`EAGAIN`).
     pub(crate) fn call(
         &self,
         opcode: wire::Opcode,
         body: &[u8],
         resp_body: &mut [u8],
     ) -> Result<Reply> {
+        self.call_with(opcode, body, resp_body, None)
+    }
+
+    /// [`CtrlQueue::call`] with a [`SeqnoHook`] that learns the request's seqno before the
+    /// device can answer it (job submission).
+    pub(crate) fn call_with(
+        &self,
+        opcode: wire::Opcode,
+        body: &[u8],
+        resp_body: &mut [u8],
+        hook: Option<&dyn SeqnoHook>,
+    ) -> Result<Reply> {
+        let t0 = Instant::<Monotonic>::now();
+        loop {
+            let registered = core::cell::Cell::new(None);
+            let r = self.call_once(opcode, body, resp_body, hook, &registered);
+            let retry = matches!(&r, Ok(reply) if reply.status == wire::Status::Resetting.as_u32());
+            let accepted = matches!(&r, Ok(reply) if reply.status == wire::Status::Ok.as_u32());
+            if let (Some(h), Some(seqno)) = (hook, registered.get()) {
+                if !accepted {
+                    // Refused, not sent, or no answer: no JOB_DONE is expected for it (a
+                    // late one is ignored as unknown).
+                    h.unregister(seqno);
+                }
+            }
+            if !retry || t0.elapsed().as_millis() >= TIMEOUT_MS as i64 {
+                return r;
+            }
+            self.inner.lock().resetting_retries += 1;
+            fsleep(Delta::from_millis(2));
+        }
+    }
+
+    fn call_once(
+        &self,
+        opcode: wire::Opcode,
+        body: &[u8],
+        resp_body: &mut [u8],
+        hook: Option<&dyn SeqnoHook>,
+        registered: &core::cell::Cell<Option<u64>>,
+    ) -> Result<Reply> {
         let resp_len = wire::RespHeader::SIZE + resp_body.len();
         let mut inner = self.inner.lock();
-        let (idx, seqno) = self.send(&mut inner, opcode, body, resp_len, true, |_| {
-            Ok(SlotState::InFlight)
-        })?;
+        let (idx, seqno) = self.send(
+            &mut inner,
+            opcode,
+            body,
+            resp_len,
+            true,
+            |seqno| match hook {
+                Some(h) if !h.register(seqno) => Err(EBUSY),
+                Some(_) => {
+                    registered.set(Some(seqno));
+                    Ok(SlotState::InFlight)
+                }
+                None => Ok(SlotState::InFlight),
+            },
+        )?;
         let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
         loop {
             if let SlotState::Done(len) = inner.states[idx] {
@@ -505,7 +606,7 @@ impl CtrlQueue {
                 Self::finish_async(&mut inner, aidx, seqno, status, value);
             }
             // The spec: ignore completions that match nothing outstanding.
-            None => inner.bogus += 1,
+            None => inner.bogus_done += 1,
         }
         drop(inner);
         self.done.notify_all();
@@ -544,7 +645,7 @@ impl CtrlQueue {
                             }
                         }
                     }
-                    _ => inner.bogus += 1,
+                    _ => inner.bogus_chains += 1,
                 }
             }
             let more = inner.vq.as_mut().is_some_and(|vq| !vq.enable_cb());

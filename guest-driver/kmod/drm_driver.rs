@@ -5,6 +5,7 @@
 
 use crate::{
     exec_queue::ExecQueue,
+    fence::Client,
     gpu::Gpu,
     virtio,
     vm::{self, Vm},
@@ -117,6 +118,8 @@ impl Objs {
 #[pin_data(PinnedDrop)]
 pub(crate) struct File {
     gpu: Arc<Gpu>,
+    /// Hang accounting of this client (banned after repeated hangs).
+    client: Arc<Client>,
     #[pin]
     objs: Mutex<Objs>,
 }
@@ -126,9 +129,11 @@ impl drm::file::DriverFile for File {
 
     fn open(dev: &SvmgpuDevice) -> Result<Pin<KBox<Self>>> {
         let gpu: Arc<Gpu> = (**dev).clone();
+        let client = Client::new()?;
         KBox::pin_init(
             try_pin_init!(File {
                 gpu,
+                client,
                 objs <- new_mutex!(
                     Objs {
                         vms: KVec::new(),
@@ -276,7 +281,11 @@ impl File {
         let gpu = Self::gpu(file);
         let vm = Self::objs(file).lock().vm(a.vm_id)?;
         let _acc = gpu.enter()?;
-        let q = ExecQueue::create(&vm, a.flags & uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0)?;
+        let q = ExecQueue::create(
+            &vm,
+            a.flags & uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0,
+            &file.inner().get_ref().client,
+        )?;
         let mut o = Self::objs(file).lock();
         // The VM may have been destroyed meanwhile (its id is gone): undo.
         if o.vm(a.vm_id).is_err() || o.queues.reserve(1, GFP_KERNEL).is_err() {
@@ -371,6 +380,9 @@ impl File {
         }
         let gpu = Self::gpu(file);
         let q = Self::objs(file).lock().queue(a.queue_id)?;
+        if q.fences.client.banned() {
+            return Err(ECANCELED);
+        }
         let acc = gpu.enter()?;
         a.fence = q.vm.exec(&q, &acc, a.batch_va, a.batch_len)?;
         Ok(0)

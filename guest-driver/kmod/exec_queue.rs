@@ -2,7 +2,11 @@
 
 //! Exec queues: a device context on a VM, with its job fences.
 
-use crate::{fence::Fences, vm::Vm, wire};
+use crate::{
+    fence::{Client, Fences},
+    vm::Vm,
+    wire,
+};
 use kernel::{bindings, prelude::*, sync::Arc};
 
 /// An exec queue.
@@ -13,10 +17,21 @@ pub(crate) struct ExecQueue {
 }
 
 impl ExecQueue {
-    /// Creates a context on `vm`'s ASID.
-    pub(crate) fn create(vm: &Arc<Vm>, long_running: bool) -> Result<Arc<Self>> {
+    /// Creates a context on `vm`'s ASID for a queue of `client` (`ECANCELED` if the
+    /// client is banned after repeated hangs).
+    pub(crate) fn create(
+        vm: &Arc<Vm>,
+        long_running: bool,
+        client: &Arc<Client>,
+    ) -> Result<Arc<Self>> {
+        if client.banned() {
+            return Err(ECANCELED);
+        }
         let gpu = &vm.gpu;
-        let fences = Arc::pin_init(Fences::new(gpu.ctrl.last_seqno()), GFP_KERNEL)?;
+        let fences = Arc::pin_init(
+            Fences::new(gpu.ctrl.last_seqno(), client.clone()),
+            GFP_KERNEL,
+        )?;
         let ctx_id = gpu.alloc_ctx(fences.clone())?;
         let q = match Arc::new(
             Self {

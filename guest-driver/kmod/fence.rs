@@ -4,39 +4,98 @@
 //!
 //! The kernel's Rust tree has no `dma_fence` / syncobj abstraction yet, so the fences are
 //! the driver's own: a job's fence is the `seqno` of its `JOB_SUBMIT`. The control queue
-//! hands out seqnos in the order it puts commands on the ring, and the device runs the
-//! jobs of one context in that order and posts their `JOB_DONE`s in that order, so one
-//! number per exec queue says which fences have signalled: `completed` (the seqno of the
-//! last `JOB_DONE`). The first failed job is remembered (the context then stays in the
-//! error state: later jobs are skipped); jobs the device discards without a `JOB_DONE`
-//! (context destroyed, device reset or removed) fail with the error recorded by
-//! [`Fences::lose`].
+//! hands out seqnos in the order it puts commands on the ring, so the jobs of one exec
+//! queue have increasing seqnos. A fence signals when its job *and every earlier job of the
+//! queue* got a `JOB_DONE`: `completed` is the seqno up to which that holds.
+//!
+//! Nothing a `JOB_DONE` says is trusted blindly (spec 8, 16.3.3): every job the device
+//! accepted is recorded in `pending` (under the control queue's lock, before the request
+//! is on the ring, so a `JOB_DONE` can never arrive before its job is known), and a
+//! `JOB_DONE` is accepted only for a pending job that has none yet. Completions for
+//! unknown seqnos (corrupted), a second `JOB_DONE` for a job (duplicated) are counted and
+//! ignored; a `JOB_DONE` that arrives before an earlier job's (reordered) is kept until
+//! the earlier one arrives. The first failed job is remembered (the context then stays in
+//! the error state: later jobs are skipped); jobs the device discards without a `JOB_DONE`
+//! (context destroyed, device reset or removed, hang) fail with the errors recorded by
+//! [`Fences::lose`] / [`Fences::hang`].
 //!
 //! `JOB_DONE` is handled in the complq interrupt callback: the state is under an IRQ-safe
 //! spinlock and waiters sleep on a condition variable.
 
 use crate::wire;
 use kernel::{
-    new_condvar, new_spinlock_irq,
+    bindings, new_condvar, new_spinlock_irq,
     prelude::*,
-    sync::{CondVar, CondVarTimeoutResult, SpinLockIrq},
-    time::Jiffies,
+    sync::{
+        atomic::{Atomic, Relaxed},
+        Arc, CondVar, CondVarTimeoutResult, SpinLockIrq,
+    },
+    time::{Instant, Jiffies, Monotonic},
 };
 
+/// Jobs of one queue the driver tracks at once (the device's `JOB_QUEUE_DEPTH`).
+pub(crate) const MAX_PENDING: usize = 64;
+
+/// Hangs of an open file's jobs after which the file is banned (uAPI: `ECANCELED`).
+pub(crate) const HANG_BAN_LIMIT: u32 = 3;
+
+/// Per open file: how many of its jobs hung (shared by its queues' fences).
+pub(crate) struct Client {
+    pub(crate) hangs: Atomic<u32>,
+}
+
+impl Client {
+    pub(crate) fn new() -> Result<Arc<Client>> {
+        Ok(Arc::new(
+            Client {
+                hangs: Atomic::new(0),
+            },
+            GFP_KERNEL,
+        )?)
+    }
+
+    /// Whether the file is banned (too many hangs).
+    pub(crate) fn banned(&self) -> bool {
+        self.hangs.load(Relaxed) >= HANG_BAN_LIMIT
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Job {
+    seqno: u64,
+    /// The `JOB_DONE` status, once it arrived.
+    done: Option<u32>,
+}
+
+/// Why the queue's remaining jobs failed without a `JOB_DONE`.
+#[derive(Clone, Copy)]
+struct Lost {
+    /// The first job without `JOB_DONE` fails with `first` (hang: `-ETIMEDOUT`), the
+    /// others with `rest`.
+    first_seqno: u64,
+    first: i32,
+    rest: i32,
+}
+
 struct State {
-    /// Seqnos up to this one belong to commands sent before the queue existed (a late
-    /// `JOB_DONE` of a previous owner of the context id is ignored).
+    /// Seqnos up to this one belong to commands sent before the queue existed.
     floor: u64,
     /// Largest seqno returned to user space.
     submitted: u64,
-    /// Seqno of the last `JOB_DONE`.
+    /// Every job of the queue with a seqno up to this one has completed.
     completed: u64,
-    /// Jobs submitted and not completed (for statistics and idling).
-    inflight: u32,
+    /// Jobs accepted (or being submitted) and not retired, oldest first.
+    pending: [Job; MAX_PENDING],
+    npending: usize,
+    /// When the oldest pending job last made progress (submitted to an idle queue, or an
+    /// earlier job completed): the driver's hang timeout counts from here.
+    progress: Instant<Monotonic>,
     /// The first failed job: seqno, errno, device status.
     error: Option<(u64, i32, u32)>,
-    /// Every job not completed failed with this errno (queue lost).
-    lost: Option<i32>,
+    /// The queue is lost: every job not completed failed.
+    lost: Option<Lost>,
+    /// A job of the queue hung: the queue is banned (uAPI: `ECANCELED`).
+    hung: bool,
 }
 
 /// The outcome of a signalled fence.
@@ -48,14 +107,25 @@ pub(crate) struct Outcome {
     pub(crate) status: u32,
 }
 
+/// What [`Fences::job_done`] made of a `JOB_DONE`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DoneKind {
+    /// It completed a pending job (possibly ahead of an earlier one).
+    Accepted,
+    /// Its seqno matches no job of the queue (corrupted, or a late one of a lost queue).
+    Unknown,
+    /// The job already had its `JOB_DONE`.
+    Duplicate,
+}
+
 /// Maps a job status to the errno user space sees on the fence.
 pub(crate) fn job_errno(status: u32) -> i32 {
     use wire::Status as S;
     match S::from_u32(status) {
         Some(S::Ok) => 0,
-        Some(S::JobFault) => -(kernel::bindings::EFAULT as i32),
-        Some(S::JobSkipped) => -(kernel::bindings::ECANCELED as i32),
-        _ => -(kernel::bindings::EIO as i32),
+        Some(S::JobFault) => -(bindings::EFAULT as i32),
+        Some(S::JobSkipped) => -(bindings::ECANCELED as i32),
+        _ => -(bindings::EIO as i32),
     }
 }
 
@@ -66,78 +136,202 @@ pub(crate) struct Fences {
     state: SpinLockIrq<State>,
     #[pin]
     cv: CondVar,
+    /// The open file the queue belongs to (hang accounting, bans).
+    pub(crate) client: Arc<Client>,
 }
 
 impl Fences {
-    pub(crate) fn new(floor: u64) -> impl PinInit<Self> {
+    pub(crate) fn new(floor: u64, client: Arc<Client>) -> impl PinInit<Self> {
         pin_init!(Self {
             state <- new_spinlock_irq!(
                 State {
                     floor,
                     submitted: floor,
                     completed: floor,
-                    inflight: 0,
+                    pending: [Job { seqno: 0, done: None }; MAX_PENDING],
+                    npending: 0,
+                    progress: Instant::<Monotonic>::now(),
                     error: None,
-                    lost: None
+                    lost: None,
+                    hung: false,
                 },
                 "svmgpu_fences"
             ),
             cv <- new_condvar!("svmgpu_fences_cv"),
+            client,
         })
     }
 
-    /// A job is about to be submitted. Fails if the queue is lost or in the error state.
+    /// A job is about to be submitted. `ECANCELED` if a job of the queue hung (banned),
+    /// `EIO` if the queue is lost or in the error state, `EBUSY` if it has
+    /// [`MAX_PENDING`] jobs in flight.
     pub(crate) fn begin_submit(&self) -> Result {
-        let mut s = self.state.lock();
+        let s = self.state.lock();
+        if s.hung {
+            return Err(ECANCELED);
+        }
         if s.lost.is_some() || s.error.is_some() {
             return Err(EIO);
         }
-        s.inflight += 1;
+        if s.npending == MAX_PENDING {
+            return Err(EBUSY);
+        }
         Ok(())
     }
 
-    /// The submission of a job ended: with its seqno if the device queued it.
-    pub(crate) fn end_submit(&self, seqno: Option<u64>) {
+    /// Records the seqno of a `JOB_SUBMIT` about to be put on the ring (called under the
+    /// control queue's lock, so before any `JOB_DONE` for it can arrive). Returns false if
+    /// there is no room (the submission must then not be sent).
+    pub(crate) fn register(&self, seqno: u64) -> bool {
         let mut s = self.state.lock();
-        match seqno {
-            Some(seqno) => s.submitted = s.submitted.max(seqno),
-            None => s.inflight = s.inflight.saturating_sub(1),
+        if s.npending == MAX_PENDING || s.lost.is_some() {
+            return false;
+        }
+        if s.npending == 0 {
+            s.progress = Instant::<Monotonic>::now();
+        }
+        let n = s.npending;
+        s.pending[n] = Job { seqno, done: None };
+        s.npending += 1;
+        true
+    }
+
+    /// The submission of `seqno` ended: accepted (its fence is returned to user space) or
+    /// not (refused, or no answer: no `JOB_DONE` is expected for it).
+    pub(crate) fn end_submit(&self, seqno: u64, accepted: bool) {
+        let mut s = self.state.lock();
+        if accepted {
+            s.submitted = s.submitted.max(seqno);
+            return;
+        }
+        if let Some(i) = s.pending[..s.npending]
+            .iter()
+            .position(|j| j.seqno == seqno)
+        {
+            let n = s.npending;
+            s.pending.copy_within(i + 1..n, i);
+            s.npending -= 1;
+        }
+        Self::retire(&mut s);
+        drop(s);
+        self.cv.notify_all();
+    }
+
+    /// Retires completed jobs from the front, in seqno order.
+    fn retire(s: &mut State) {
+        let mut k = 0;
+        while k < s.npending {
+            let Some(status) = s.pending[k].done else {
+                break;
+            };
+            let seqno = s.pending[k].seqno;
+            s.completed = s.completed.max(seqno);
+            if status != wire::Status::Ok.as_u32()
+                && status != wire::Status::JobSkipped.as_u32()
+                && s.error.is_none()
+            {
+                s.error = Some((seqno, job_errno(status), status));
+            }
+            k += 1;
+        }
+        if k > 0 {
+            let n = s.npending;
+            s.pending.copy_within(k..n, 0);
+            s.npending -= k;
+            s.progress = Instant::<Monotonic>::now();
         }
     }
 
     /// `JOB_DONE` for `seqno` with `status` (interrupt context).
-    pub(crate) fn job_done(&self, seqno: u64, status: u32) {
+    pub(crate) fn job_done(&self, seqno: u64, status: u32) -> DoneKind {
         let mut s = self.state.lock();
-        if seqno <= s.floor {
-            return;
+        if s.lost.is_some() {
+            return DoneKind::Unknown;
         }
-        s.completed = s.completed.max(seqno);
-        s.inflight = s.inflight.saturating_sub(1);
-        if status != wire::Status::Ok.as_u32() && status != wire::Status::JobSkipped.as_u32() {
-            if s.error.is_none() {
-                s.error = Some((seqno, job_errno(status), status));
-            }
+        let n = s.npending;
+        let Some(job) = s.pending[..n].iter_mut().find(|j| j.seqno == seqno) else {
+            return DoneKind::Unknown;
+        };
+        if job.done.is_some() {
+            return DoneKind::Duplicate;
         }
+        job.done = Some(status);
+        Self::retire(&mut s);
+        drop(s);
+        self.cv.notify_all();
+        DoneKind::Accepted
+    }
+
+    /// Every job without a `JOB_DONE` fails with `errno` (negative), and so do later
+    /// submissions (`EIO`).
+    pub(crate) fn lose(&self, errno: i32) {
+        let mut s = self.state.lock();
+        if s.lost.is_none() {
+            s.lost = Some(Lost {
+                first_seqno: 0,
+                first: errno,
+                rest: errno,
+            });
+        }
+        s.npending = 0;
         drop(s);
         self.cv.notify_all();
     }
 
-    /// Every job without a `JOB_DONE` fails with `errno` (negative), and so do later
-    /// submissions.
-    pub(crate) fn lose(&self, errno: i32) {
+    /// The job `seqno` hung (or, with `None`, the oldest job without a `JOB_DONE`): it
+    /// fails with `-ETIMEDOUT`, later jobs with `-ECANCELED`, and the queue is banned.
+    /// Returns the seqno of the job declared hung, or `None` if `seqno` is not a pending
+    /// job without `JOB_DONE` (a bogus `ENGINE_HANG`) or the queue is lost already.
+    pub(crate) fn hang(&self, seqno: Option<u64>) -> Option<u64> {
         let mut s = self.state.lock();
-        if s.lost.is_none() {
-            s.lost = Some(errno);
+        if s.lost.is_some() {
+            return None;
         }
-        s.inflight = 0;
+        let n = s.npending;
+        let first = s.pending[..n].iter().find(|j| j.done.is_none())?.seqno;
+        if let Some(want) = seqno {
+            if !s.pending[..n]
+                .iter()
+                .any(|j| j.seqno == want && j.done.is_none())
+            {
+                return None;
+            }
+        }
+        let hung = seqno.unwrap_or(first);
+        s.lost = Some(Lost {
+            first_seqno: hung,
+            first: -(bindings::ETIMEDOUT as i32),
+            rest: -(bindings::ECANCELED as i32),
+        });
+        s.hung = true;
+        // Jobs before the hung one that did complete keep their outcome.
+        Self::retire(&mut s);
+        s.npending = 0;
         drop(s);
         self.cv.notify_all();
+        Some(hung)
+    }
+
+    /// If the oldest pending job made no progress for `timeout_ms`, its seqno.
+    pub(crate) fn overdue(&self, timeout_ms: u32) -> Option<u64> {
+        let s = self.state.lock();
+        if s.lost.is_some() || s.npending == 0 {
+            return None;
+        }
+        let waited = s.progress.elapsed().as_nanos() as u64;
+        if waited < timeout_ms as u64 * 1_000_000 {
+            return None;
+        }
+        s.pending[..s.npending]
+            .iter()
+            .find(|j| j.done.is_none())
+            .map(|j| j.seqno)
     }
 
     /// Jobs submitted and not completed.
     #[allow(dead_code)]
     pub(crate) fn inflight(&self) -> u32 {
-        self.state.lock().inflight
+        self.state.lock().npending as u32
     }
 
     fn outcome(s: &State, fence: u64) -> Option<Outcome> {
@@ -145,7 +339,7 @@ impl Fences {
             return Some(match s.error {
                 Some((seq, err, status)) if seq == fence => Outcome { error: err, status },
                 Some((seq, _, _)) if seq < fence => Outcome {
-                    error: -(kernel::bindings::ECANCELED as i32),
+                    error: -(bindings::ECANCELED as i32),
                     status: wire::Status::JobSkipped.as_u32(),
                 },
                 _ => Outcome {
@@ -154,8 +348,12 @@ impl Fences {
                 },
             });
         }
-        s.lost.map(|e| Outcome {
-            error: e,
+        s.lost.map(|l| Outcome {
+            error: if fence == l.first_seqno {
+                l.first
+            } else {
+                l.rest
+            },
             status: 0,
         })
     }
@@ -186,5 +384,15 @@ impl Fences {
                 }
             }
         }
+    }
+}
+
+impl crate::ctrl::SeqnoHook for Fences {
+    fn register(&self, seqno: u64) -> bool {
+        Fences::register(self, seqno)
+    }
+
+    fn unregister(&self, seqno: u64) {
+        self.end_submit(seqno, false);
     }
 }

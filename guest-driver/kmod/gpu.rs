@@ -7,24 +7,26 @@ use crate::{
     ctrl::CtrlQueue,
     drm_driver::{self, SvmgpuDrm},
     events::RxQueue,
-    fence::Fences,
+    fence::{DoneKind, Fences},
     userptr::FinishPool,
     virtio,
     vm::Vm,
     wire, NotifierMode,
 };
 use kernel::{
-    bindings,
+    bindings, debugfs,
     device::{self, Core},
-    drm, new_condvar, new_mutex, new_spinlock, new_spinlock_irq, new_work,
+    drm, new_condvar, new_delayed_work, new_mutex, new_spinlock, new_spinlock_irq, new_work,
     prelude::*,
+    str::CString,
     sync::{
         aref::ARef,
         atomic::{Atomic, Relaxed},
-        Arc, CondVar, Mutex, SpinLock, SpinLockIrq,
+        Arc, CondVar, CondVarTimeoutResult, Mutex, SpinLock, SpinLockIrq,
     },
-    time::{Instant, Monotonic},
-    workqueue::{self, impl_has_work, Work, WorkItem},
+    time::{msecs_to_jiffies, Instant, Monotonic},
+    uaccess::UserSliceReader,
+    workqueue::{self, impl_has_delayed_work, impl_has_work, DelayedWork, Work, WorkItem},
 };
 
 /// Receive buffers posted on eventq and complq.
@@ -67,6 +69,118 @@ pub(crate) struct Stats {
     pub(crate) resets: Atomic<u64>,
 }
 
+/// Recovery counters, per kind (debugfs `svmgpu/virtioN/recovery`, spec 16.3.3).
+pub(crate) struct Recovery {
+    /// Completion records too short or otherwise undecodable.
+    pub(crate) completions_corrupt: Atomic<u64>,
+    /// Completion records of an undefined kind.
+    pub(crate) completions_unknown_kind: Atomic<u64>,
+    /// `JOB_DONE`s matching no job in flight (corrupted seqno, unknown context, late).
+    pub(crate) job_done_unknown: Atomic<u64>,
+    /// Second `JOB_DONE`s for one job.
+    pub(crate) job_done_duplicate: Atomic<u64>,
+    /// Event records undecodable or of an unknown type.
+    pub(crate) events_corrupt: Atomic<u64>,
+    /// Events whose `event_seq` is not newer than the last one (replayed).
+    pub(crate) events_stale: Atomic<u64>,
+    /// `PAGE_FAULT` events for a fault already queued (duplicated).
+    pub(crate) fault_events_duplicate: Atomic<u64>,
+    /// `FAULT_REPLY`s answered `NOT_FOUND` (duplicated or phantom faults).
+    pub(crate) fault_replies_not_found: Atomic<u64>,
+    /// `EVENTS_LOST` events, and the events they report.
+    pub(crate) events_lost_reports: Atomic<u64>,
+    pub(crate) events_lost: Atomic<u64>,
+    /// `ENGINE_HANG` events that named a job in flight, and the others (ignored).
+    pub(crate) hang_events: Atomic<u64>,
+    pub(crate) hang_events_bogus: Atomic<u64>,
+    /// Jobs the driver's own timeout declared hung.
+    pub(crate) job_timeouts: Atomic<u64>,
+    /// Open files banned after repeated hangs.
+    pub(crate) clients_banned: Atomic<u64>,
+    /// Invalidations or preemptions that failed or timed out (each resets the device).
+    pub(crate) invalidation_failures: Atomic<u64>,
+    /// `RESET` commands the driver sent and that completed.
+    pub(crate) resets_driver: Atomic<u64>,
+    /// Device-initiated resets recovered from, and those a driver reset had covered.
+    pub(crate) resets_device: Atomic<u64>,
+    pub(crate) resets_superseded: Atomic<u64>,
+    /// `RESET` failed: the driver reset the device through virtio and gave it up.
+    pub(crate) virtio_resets: Atomic<u64>,
+    /// `ASID_BIND`s that failed while restoring VMs after a reset.
+    pub(crate) rebind_failures: Atomic<u64>,
+}
+
+impl Recovery {
+    fn new() -> Self {
+        Self {
+            completions_corrupt: Atomic::new(0),
+            completions_unknown_kind: Atomic::new(0),
+            job_done_unknown: Atomic::new(0),
+            job_done_duplicate: Atomic::new(0),
+            events_corrupt: Atomic::new(0),
+            events_stale: Atomic::new(0),
+            fault_events_duplicate: Atomic::new(0),
+            fault_replies_not_found: Atomic::new(0),
+            events_lost_reports: Atomic::new(0),
+            events_lost: Atomic::new(0),
+            hang_events: Atomic::new(0),
+            hang_events_bogus: Atomic::new(0),
+            job_timeouts: Atomic::new(0),
+            clients_banned: Atomic::new(0),
+            invalidation_failures: Atomic::new(0),
+            resets_driver: Atomic::new(0),
+            resets_device: Atomic::new(0),
+            resets_superseded: Atomic::new(0),
+            virtio_resets: Atomic::new(0),
+            rebind_failures: Atomic::new(0),
+        }
+    }
+}
+
+/// What the driver knows about the device's resets (`DEVICE_RESET` events).
+struct ResetEvents {
+    /// Largest `reset_count` seen in a `DEVICE_RESET` event.
+    seen_count: u64,
+    /// Largest `reset_count` of a `DEVICE_INITIATED` one.
+    initiated_count: u64,
+    /// `DRIVER_REQUEST` events seen.
+    driver_events: u64,
+    /// The driver restored its state after every reset up to this count.
+    recovered_count: u64,
+    /// Largest `event_seq` seen.
+    last_event_seq: u64,
+}
+
+/// The last reset, for debugfs.
+struct LastReset {
+    reason: &'static str,
+    /// When (none yet: `None`).
+    at: Option<Instant<Monotonic>>,
+}
+
+/// Hangs reported by `ENGINE_HANG` events, waiting for the reset worker.
+const HANG_SLOTS: usize = 16;
+
+struct HangRing {
+    recs: [(u32, u64); HANG_SLOTS],
+    len: usize,
+}
+
+/// Default of the driver's job timeout (`svmgpu/virtioN/job_timeout_ms` in debugfs).
+pub(crate) const JOB_TIMEOUT_MS: u32 = 10_000;
+/// How often the watchdog looks for overdue jobs.
+const WATCHDOG_MS: u32 = 250;
+
+/// The virtio device, for a virtio reset when `RESET` does not answer.
+struct VdevPtr(*mut bindings::virtio_device);
+
+// SAFETY: The pointer is only used while the device is bound (resets run with a
+// `GpuAccess` or from notifiers of live VMs, which removal waits for), and the virtio core
+// serialises what `virtio_reset_device` does.
+unsafe impl Send for VdevPtr {}
+// SAFETY: See `Send`.
+unsafe impl Sync for VdevPtr {}
+
 /// The driver's state of one device. Shared (`Arc`) by the bus binding, the DRM device,
 /// open files, VMs and work items; it outlives the binding, but after removal every
 /// operation fails with `ENODEV`.
@@ -102,10 +216,24 @@ pub(crate) struct Gpu {
     fault_work: Work<Gpu, 0>,
     #[pin]
     reset_work: Work<Gpu, 1>,
-    /// A device-initiated reset (or a hang) is pending for `reset_work`.
-    reset_pending: Atomic<u32>,
+    /// The watchdog: fails jobs that make no progress (driver-side hang detection).
+    #[pin]
+    watchdog: DelayedWork<Gpu, 2>,
+    /// Hangs reported by `ENGINE_HANG` events for `reset_work`.
+    #[pin]
+    hangs: SpinLockIrq<HangRing>,
+    #[pin]
+    reset_events: SpinLockIrq<ResetEvents>,
+    #[pin]
+    reset_cv: CondVar,
     #[pin]
     reset_lock: Mutex<()>,
+    #[pin]
+    last_reset: SpinLock<LastReset>,
+    vdev: VdevPtr,
+    /// The driver's job timeout (ms), writable in debugfs.
+    pub(crate) job_timeout_ms: Atomic<u32>,
+    pub(crate) recovery: Recovery,
     #[pin]
     access: SpinLock<Access>,
     #[pin]
@@ -118,6 +246,14 @@ pub(crate) struct Gpu {
 impl_has_work! {
     impl HasWork<Self, 0> for Gpu { self.fault_work }
     impl HasWork<Self, 1> for Gpu { self.reset_work }
+}
+
+impl_has_delayed_work! {
+    impl HasDelayedWork<Self, 2> for Gpu { self.watchdog }
+}
+
+fn inc(c: &Atomic<u64>) {
+    c.add(1, Relaxed);
 }
 
 /// Proof that the device is bound (removal waits until every guard is gone): DMA
@@ -251,11 +387,16 @@ impl Gpu {
 
     // ---- interrupt callbacks -----------------------------------------------------------
 
+    /// A completion record (interrupt context). Nothing in it is trusted (spec 8, 16.3.3):
+    /// undecodable records, unknown kinds and seqnos, duplicates are counted and ignored.
     fn on_completion(self: &Arc<Self>, rec: &[u8]) {
+        let r = &self.recovery;
         let Some(c) = wire::Completion::decode(rec) else {
+            inc(&r.completions_corrupt);
             return;
         };
         match wire::CompletionKind::from_u32(c.kind) {
+            // Unknown seqnos and duplicates are counted by the control queue.
             Some(wire::CompletionKind::CommandDone) => {
                 self.ctrl.command_done(c.seqno, c.status, c.value)
             }
@@ -265,23 +406,45 @@ impl Gpu {
                     .lock()
                     .get(c.ctx_id as usize)
                     .and_then(|f| f.clone());
-                if let Some(f) = f {
-                    f.job_done(c.seqno, c.status);
+                match f.map(|f| f.job_done(c.seqno, c.status)) {
+                    Some(DoneKind::Accepted) => {}
+                    Some(DoneKind::Duplicate) => inc(&r.job_done_duplicate),
+                    Some(DoneKind::Unknown) | None => inc(&r.job_done_unknown),
                 }
             }
             // FENCE completions carry nothing the driver's fences need.
-            _ => {}
+            Some(wire::CompletionKind::Fence) => {}
+            None => inc(&r.completions_unknown_kind),
         }
     }
 
+    /// An event record (interrupt context); as untrusted as completions.
     fn on_event(self: &Arc<Self>, rec: &[u8]) {
-        let Some((_, ev)) = wire::Event::decode(rec) else {
+        let r = &self.recovery;
+        let Some((seq, ev)) = wire::Event::decode(rec) else {
+            inc(&r.events_corrupt);
             return;
         };
+        {
+            let mut re = self.reset_events.lock();
+            if seq <= re.last_event_seq {
+                drop(re);
+                inc(&r.events_stale);
+                return;
+            }
+            re.last_event_seq = seq;
+        }
         match ev {
             wire::Event::PageFault(f) => {
                 let mut ring = self.faults.lock();
                 let cap = ring.recs.len();
+                let queued =
+                    (0..ring.len).any(|i| ring.recs[(ring.head + i) % cap].fault_id == f.fault_id);
+                if queued {
+                    drop(ring);
+                    inc(&r.fault_events_duplicate);
+                    return;
+                }
                 if ring.len == cap {
                     ring.dropped += 1;
                 } else {
@@ -297,18 +460,41 @@ impl Gpu {
                 drop(ring);
                 let _ = workqueue::system().enqueue::<_, 0>(self.clone());
             }
-            wire::Event::DeviceReset(r) => {
-                if r.reason != wire::ResetReason::DriverRequest.as_u32() {
-                    self.reset_pending.store(1, Relaxed);
+            wire::Event::DeviceReset(e) => {
+                let initiated = e.reason != wire::ResetReason::DriverRequest.as_u32();
+                {
+                    let mut re = self.reset_events.lock();
+                    re.seen_count = re.seen_count.max(e.reset_count);
+                    if initiated {
+                        re.initiated_count = re.initiated_count.max(e.reset_count);
+                    } else {
+                        re.driver_events += 1;
+                    }
+                }
+                self.reset_cv.notify_all();
+                if initiated {
                     let _ = workqueue::system().enqueue::<_, 1>(self.clone());
                 }
             }
-            wire::Event::EngineHang(_) => {
-                self.reset_pending.store(2, Relaxed);
+            wire::Event::EngineHang(h) => {
+                let mut ring = self.hangs.lock();
+                if ring.len < HANG_SLOTS {
+                    let n = ring.len;
+                    ring.recs[n] = (h.ctx_id, h.job_seqno);
+                    ring.len += 1;
+                }
+                // Else dropped: the watchdog's timeout catches the hang.
+                drop(ring);
                 let _ = workqueue::system().enqueue::<_, 1>(self.clone());
             }
+            wire::Event::EventsLost(l) => {
+                // Context errors also come with the job's JOB_DONE status; hangs are
+                // caught by the watchdog.
+                inc(&r.events_lost_reports);
+                r.events_lost.add(l.lost, Relaxed);
+            }
             // The job's JOB_DONE carries the error; nothing else to do.
-            wire::Event::ContextError(_) | wire::Event::EventsLost(_) => {}
+            wire::Event::ContextError(_) => {}
         }
     }
 
@@ -355,22 +541,39 @@ impl Gpu {
                 flags: 0,
             }
             .to_bytes();
-            // NOT_FOUND is normal (duplicated faults, context destroyed meanwhile).
-            let _ = self.ctrl.call(wire::Opcode::FaultReply, &body, &mut []);
+            // NOT_FOUND is normal (duplicated or phantom faults, context destroyed or
+            // device reset meanwhile): counted, not an error.
+            if let Ok(reply) = self.ctrl.call(wire::Opcode::FaultReply, &body, &mut []) {
+                if reply.status == wire::Status::NotFound.as_u32() {
+                    inc(&self.recovery.fault_replies_not_found);
+                }
+            }
         }
     }
 
-    // ---- resets ------------------------------------------------------------------------
+    // ---- resets and hangs ----------------------------------------------------------------
+
+    fn note_reset(&self, reason: &'static str) {
+        let mut l = self.last_reset.lock();
+        l.reason = reason;
+        l.at = Some(Instant::<Monotonic>::now());
+    }
 
     /// Resets the device with the `RESET` command (after a failed or timed-out
-    /// invalidation or preemption, or a hang) and restores what the driver still needs.
-    /// Afterwards the device runs nothing and caches no translation.
-    pub(crate) fn reset_and_recover(&self, why: &str) {
-        if self.is_dead() {
+    /// invalidation, preemption or `CTX_DESTROY`) and restores what the driver still needs.
+    /// Afterwards the device runs nothing and caches no translation. If `RESET` is not
+    /// answered in time (`RESETTING` answers are retried), the device is reset through
+    /// virtio, which stops every access to guest memory, and given up (every operation
+    /// then fails with `ENODEV`): either way nothing the device did before can reach guest
+    /// memory when this returns.
+    pub(crate) fn reset_and_recover(&self, why: &'static str) {
+        if self.is_dead() || self.ctrl.is_closed() {
             return;
         }
         let _guard = self.reset_lock.lock();
         pr_warn!("virtio{}: resetting the device ({})\n", self.bus_index, why);
+        self.note_reset(why);
+        let before = self.reset_events.lock().driver_events;
         let body = wire::ResetReq {
             flags: 0,
             reserved: 0,
@@ -381,22 +584,56 @@ impl Gpu {
             .call(wire::Opcode::Reset, &body, &mut [])
             .and_then(|r| r.ok())
         {
-            Ok(_) => self.after_reset(),
+            Ok(_) => {
+                inc(&self.recovery.resets_driver);
+                // Wait (bounded) for the reset's DEVICE_RESET event: events before it (an
+                // earlier device-initiated reset) are then known to be covered by this one.
+                let mut re = self.reset_events.lock();
+                let mut remaining = msecs_to_jiffies(1000);
+                while re.driver_events == before {
+                    match self.reset_cv.wait_timeout(&mut re, remaining) {
+                        CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                        _ => break,
+                    }
+                }
+                re.recovered_count = re.recovered_count.max(re.seen_count);
+                drop(re);
+                self.after_reset();
+            }
             Err(e) => {
                 pr_err!(
-                    "svmgpu: virtio{}: RESET failed ({:?}); the device is unusable\n",
+                    "svmgpu: virtio{}: RESET failed ({:?}); virtio reset, the device is given up\n",
                     self.bus_index,
                     e
                 );
-                self.ctrl.close();
+                self.note_reset("RESET failed: virtio reset, device given up");
+                self.wedge();
             }
+        }
+    }
+
+    /// Stops the device for good with a virtio reset (it then touches no memory and raises
+    /// no interrupt) and fails everything: the last resort when `RESET` does not work.
+    fn wedge(&self) {
+        inc(&self.recovery.virtio_resets);
+        // SAFETY: The device is bound (see `VdevPtr`); a virtio reset is allowed at any time.
+        unsafe { bindings::virtio_reset_device(self.vdev.0) };
+        // The device owns no buffer any more: retire every slot, fail every waiter.
+        let _ = self.ctrl.detach();
+        let _ = self.eventq.detach();
+        let _ = self.complq.detach();
+        self.ctrl.reset_done();
+        let ctxs = self.ctxs.lock();
+        for f in ctxs.iter().flatten() {
+            f.lose(-(bindings::EIO as i32));
         }
     }
 
     /// What the driver does after any device reset: every incomplete asynchronous command
     /// counts as complete, every job without a `JOB_DONE` fails, outstanding faults are
-    /// gone, and the ASIDs of live VMs are bound again (their queues are lost: user space
-    /// sees `EIO` and recreates them).
+    /// gone, and the ASIDs of live VMs are bound again to their page tables (which live in
+    /// guest memory and stay valid); their queues are lost: user space sees `EIO` and
+    /// recreates them.
     fn after_reset(&self) {
         self.stats.resets.add(1, Relaxed);
         self.ctrl.reset_done();
@@ -410,22 +647,153 @@ impl Gpu {
             let mut ring = self.faults.lock();
             ring.len = 0;
         }
+        self.hangs.lock().len = 0;
         let t = self.vms.lock();
         for vm in t.vms.iter().flatten() {
-            vm.rebind_asid();
+            if vm.rebind_asid().is_err() {
+                inc(&self.recovery.rebind_failures);
+            }
         }
     }
 
+    /// The reset worker: device-initiated resets, then `ENGINE_HANG` reports.
     fn handle_reset(self: &Arc<Self>) {
-        match self.reset_pending.xchg(0, Relaxed) {
-            1 => {
-                let _guard = self.reset_lock.lock();
+        {
+            let _guard = self.reset_lock.lock();
+            let mut re = self.reset_events.lock();
+            if re.initiated_count > re.recovered_count {
+                re.recovered_count = re.seen_count;
+                drop(re);
                 pr_warn!("virtio{}: the device reset itself\n", self.bus_index);
+                inc(&self.recovery.resets_device);
+                self.note_reset("device-initiated reset");
                 self.after_reset();
+            } else if re.initiated_count > 0 {
+                // A RESET of the driver's since covered it.
+                drop(re);
+                inc(&self.recovery.resets_superseded);
             }
-            2 => self.reset_and_recover("engine hang"),
-            _ => {}
         }
+        loop {
+            let h = {
+                let mut ring = self.hangs.lock();
+                if ring.len == 0 {
+                    break;
+                }
+                ring.len -= 1;
+                let n = ring.len;
+                ring.recs[n]
+            };
+            self.handle_hang(h.0, Some(h.1), false);
+        }
+    }
+
+    /// A job of context `ctx_id` hung: `job` (reported by `ENGINE_HANG`, which must name a
+    /// job in flight) or the oldest in flight (the watchdog). Fails it with `-ETIMEDOUT`
+    /// (later jobs `-ECANCELED`), bans the queue, counts the hang against its file (banned
+    /// after [`crate::fence::HANG_BAN_LIMIT`]), and destroys the context, which frees the
+    /// engine; if `CTX_DESTROY` does not answer, resets the device.
+    fn handle_hang(&self, ctx_id: u32, job: Option<u64>, timeout: bool) {
+        let f = self
+            .ctxs
+            .lock()
+            .get(ctx_id as usize)
+            .and_then(|f| f.clone());
+        let hung = f.as_ref().and_then(|f| f.hang(job));
+        let (Some(f), Some(seqno)) = (f, hung) else {
+            if !timeout {
+                inc(&self.recovery.hang_events_bogus);
+            }
+            return;
+        };
+        inc(if timeout {
+            &self.recovery.job_timeouts
+        } else {
+            &self.recovery.hang_events
+        });
+        let hangs = f.client.hangs.fetch_add(1, Relaxed) + 1;
+        if hangs == crate::fence::HANG_BAN_LIMIT {
+            inc(&self.recovery.clients_banned);
+        }
+        pr_warn!(
+            "virtio{}: job {} of context {} hung ({}); the queue is banned\n",
+            self.bus_index,
+            seqno,
+            ctx_id,
+            if timeout {
+                "driver timeout"
+            } else {
+                "ENGINE_HANG"
+            }
+        );
+        let body = wire::CtxReq { ctx_id, flags: 0 }.to_bytes();
+        match self.ctrl.call(wire::Opcode::CtxDestroy, &body, &mut []) {
+            Ok(r)
+                if r.status == wire::Status::Ok.as_u32()
+                    || r.status == wire::Status::NotFound.as_u32() => {}
+            Err(e) if e == ENODEV => {}
+            _ => self.reset_and_recover("CTX_DESTROY of a hung context failed"),
+        }
+    }
+
+    /// The watchdog: declares hung the oldest job of every queue that made no progress for
+    /// the job timeout (the `ENGINE_HANG` event may have been lost, or never sent).
+    fn watchdog(&self) {
+        let timeout = self.job_timeout_ms.load(Relaxed);
+        let n = self.ctxs.lock().len();
+        for id in 0..n {
+            let f = self.ctxs.lock().get(id).and_then(|f| f.clone());
+            if let Some(seqno) = f.and_then(|f| f.overdue(timeout)) {
+                self.handle_hang(id as u32, Some(seqno), true);
+            }
+        }
+    }
+
+    /// The debugfs `recovery` file.
+    fn write_recovery(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let r = &self.recovery;
+        let c = self.ctrl.counters();
+        let l = |a: &Atomic<u64>| a.load(Relaxed);
+        writeln!(f, "resets {}", l(&self.stats.resets))?;
+        writeln!(f, "resets_driver {}", l(&r.resets_driver))?;
+        writeln!(f, "resets_device {}", l(&r.resets_device))?;
+        writeln!(f, "resets_superseded {}", l(&r.resets_superseded))?;
+        writeln!(f, "virtio_resets {}", l(&r.virtio_resets))?;
+        writeln!(f, "invalidation_failures {}", l(&r.invalidation_failures))?;
+        writeln!(f, "rebind_failures {}", l(&r.rebind_failures))?;
+        writeln!(f, "hang_events {}", l(&r.hang_events))?;
+        writeln!(f, "hang_events_bogus {}", l(&r.hang_events_bogus))?;
+        writeln!(f, "job_timeouts {}", l(&r.job_timeouts))?;
+        writeln!(f, "clients_banned {}", l(&r.clients_banned))?;
+        writeln!(f, "completions_corrupt {}", l(&r.completions_corrupt))?;
+        writeln!(
+            f,
+            "completions_unknown_kind {}",
+            l(&r.completions_unknown_kind)
+        )?;
+        writeln!(f, "command_done_unknown {}", c.bogus_command_done)?;
+        writeln!(f, "job_done_unknown {}", l(&r.job_done_unknown))?;
+        writeln!(f, "job_done_duplicate {}", l(&r.job_done_duplicate))?;
+        writeln!(f, "chains_unknown {}", c.bogus_chains)?;
+        writeln!(f, "resetting_retries {}", c.resetting_retries)?;
+        writeln!(f, "events_corrupt {}", l(&r.events_corrupt))?;
+        writeln!(f, "events_stale {}", l(&r.events_stale))?;
+        writeln!(f, "fault_events_duplicate {}", l(&r.fault_events_duplicate))?;
+        writeln!(
+            f,
+            "fault_replies_not_found {}",
+            l(&r.fault_replies_not_found)
+        )?;
+        writeln!(f, "fault_ring_overflows {}", self.faults.lock().dropped)?;
+        writeln!(f, "events_lost_reports {}", l(&r.events_lost_reports))?;
+        writeln!(f, "events_lost {}", l(&r.events_lost))?;
+        writeln!(f, "job_timeout_ms {}", self.job_timeout_ms.load(Relaxed))?;
+        let last = self.last_reset.lock();
+        match last.at {
+            Some(t) => writeln!(f, "last_reset_ms_ago {}", t.elapsed().as_millis())?,
+            None => writeln!(f, "last_reset_ms_ago none")?,
+        }
+        writeln!(f, "last_reset_reason {}", last.reason)
     }
 
     // ---- removal -----------------------------------------------------------------------
@@ -495,6 +863,22 @@ impl WorkItem<1> for Gpu {
     }
 }
 
+impl WorkItem<2> for Gpu {
+    type Pointer = Arc<Gpu>;
+
+    fn run(this: Arc<Gpu>) {
+        let Ok(access) = this.enter() else { return };
+        this.watchdog();
+        // Not again once removal started. Queued while `access` is held: removal waits for
+        // it (after marking the device dead), then flushes the queued run, which returns.
+        if !this.is_dead() {
+            let _ = workqueue::system()
+                .enqueue_delayed::<_, 2>(this.clone(), msecs_to_jiffies(WATCHDOG_MS));
+        }
+        drop(access);
+    }
+}
+
 unsafe extern "C" fn ctrl_callback(vq: *mut bindings::virtqueue) {
     // SAFETY: The callback context is the `Gpu` set in `probe`, valid until the queues are
     // deleted in `unbind`.
@@ -543,6 +927,59 @@ pub(crate) struct BoundGpu<'bound> {
     gpu: Arc<Gpu>,
     #[pin]
     drm: Mutex<Option<drm::Registration<'bound, SvmgpuDrm>>>,
+    /// debugfs `svmgpu/virtioN/` and its files (removed with the binding).
+    _debugfs: Option<DebugFs>,
+}
+
+/// A device's debugfs directory: `recovery` (counters, last reset) and `job_timeout_ms`.
+struct DebugFs {
+    _files: [Pin<KBox<debugfs::File<Arc<Gpu>>>>; 2],
+    _dir: debugfs::Dir,
+}
+
+fn write_job_timeout(gpu: &Arc<Gpu>, r: &mut UserSliceReader) -> Result {
+    let mut buf = [0u8; 16];
+    let n = r.len();
+    if n == 0 || n > buf.len() {
+        return Err(EINVAL);
+    }
+    r.read_slice(&mut buf[..n])?;
+    let s = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?;
+    let v: u32 = s.trim().parse().map_err(|_| EINVAL)?;
+    if v < 100 {
+        return Err(EINVAL);
+    }
+    gpu.job_timeout_ms.store(v, Relaxed);
+    Ok(())
+}
+
+impl DebugFs {
+    fn new(gpu: &Arc<Gpu>) -> Result<Self> {
+        let Some(root) = crate::debugfs_root() else {
+            return Err(ENOENT);
+        };
+        let name = CString::try_from_fmt(fmt!("virtio{}", gpu.bus_index))?;
+        let dir = root.subdir(&name);
+        let recovery = KBox::pin_init(
+            dir.read_callback_file(c"recovery", gpu.clone(), &|g: &Arc<Gpu>, f| {
+                g.write_recovery(f)
+            }),
+            GFP_KERNEL,
+        )?;
+        let timeout = KBox::pin_init(
+            dir.read_write_callback_file(
+                c"job_timeout_ms",
+                gpu.clone(),
+                &|g: &Arc<Gpu>, f| writeln!(f, "{}", g.job_timeout_ms.load(Relaxed)),
+                &write_job_timeout,
+            ),
+            GFP_KERNEL,
+        )?;
+        Ok(Self {
+            _files: [recovery, timeout],
+            _dir: dir,
+        })
+    }
 }
 
 static ID_TABLE: virtio::IdTable = virtio::IdTable::new(wire::VIRTIO_ID_SVMGPU);
@@ -624,8 +1061,30 @@ impl GpuDriver {
                 ),
                 fault_work <- new_work!("svmgpu_fault_work"),
                 reset_work <- new_work!("svmgpu_reset_work"),
-                reset_pending: Atomic::new(0),
+                watchdog <- new_delayed_work!("svmgpu_watchdog"),
+                hangs <- new_spinlock_irq!(
+                    HangRing { recs: [(0, 0); HANG_SLOTS], len: 0 },
+                    "svmgpu_hangs"
+                ),
+                reset_events <- new_spinlock_irq!(
+                    ResetEvents {
+                        seen_count: 0,
+                        initiated_count: 0,
+                        driver_events: 0,
+                        recovered_count: 0,
+                        last_event_seq: 0,
+                    },
+                    "svmgpu_reset_events"
+                ),
+                reset_cv <- new_condvar!("svmgpu_reset_cv"),
                 reset_lock <- new_mutex!((), "svmgpu_reset"),
+                last_reset <- new_spinlock!(
+                    LastReset { reason: "none", at: None },
+                    "svmgpu_last_reset"
+                ),
+                vdev: VdevPtr(dev.as_raw()),
+                job_timeout_ms: Atomic::new(JOB_TIMEOUT_MS),
+                recovery: Recovery::new(),
                 access <- new_spinlock!(Access { users: 0, dead: false }, "svmgpu_access"),
                 access_cv <- new_condvar!("svmgpu_access_cv"),
                 finish_pool: FinishPool::new()?,
@@ -709,12 +1168,21 @@ impl virtio::Driver for GpuDriver {
             Ok((gpu, reg))
         };
         let res = setup();
+        let dbg = match &res {
+            Ok((gpu, _)) => {
+                let _ = workqueue::system()
+                    .enqueue_delayed::<_, 2>(gpu.clone(), msecs_to_jiffies(WATCHDOG_MS));
+                DebugFs::new(gpu).ok()
+            }
+            Err(_) => None,
+        };
         try_pin_init!(BoundGpu {
             gpu: match &res {
                 Ok((gpu, _)) => gpu.clone(),
                 Err(e) => Err(*e)?,
             },
             drm <- new_mutex!(res.ok().map(|r| r.1), "svmgpu_drm_reg"),
+            _debugfs: dbg,
         })
     }
 
@@ -728,11 +1196,18 @@ impl virtio::Driver for GpuDriver {
         gpu.wait_users();
         // 4. Reset: the device touches no memory and raises no interrupt afterwards.
         dev.reset();
-        // 5. Work queued before the reset sees the device dead and returns.
-        // SAFETY: The work items are embedded in `gpu`, which is alive.
+        // 5. Work queued before the reset sees the device dead and returns (the watchdog
+        //    does not queue itself again).
+        // SAFETY: The work items are embedded in `gpu`, which is alive; `DelayedWork` is a
+        // transparent wrapper of `struct delayed_work`.
         unsafe {
             bindings::flush_work(Work::<Gpu, 0>::raw_get(&gpu.fault_work));
             bindings::flush_work(Work::<Gpu, 1>::raw_get(&gpu.reset_work));
+            bindings::flush_delayed_work(
+                core::ptr::from_ref(&gpu.watchdog)
+                    .cast::<bindings::delayed_work>()
+                    .cast_mut(),
+            );
         }
         gpu.ctrl.detach();
         gpu.eventq.detach();

@@ -186,16 +186,58 @@ static __SVMGPU_NOTIFIER_MODE_PARAM: kernel::module_param::KernelParam =
         },
     });
 
+/// The module's debugfs directory `svmgpu/` (devices add `virtioN/` under it), published
+/// for probe while [`DebugfsRoot`] lives.
+static DEBUGFS_ROOT: Atomic<*mut kernel::debugfs::Dir> = Atomic::new(core::ptr::null_mut());
+
+/// Owns the debugfs root and publishes it in [`DEBUGFS_ROOT`].
+struct DebugfsRoot(*mut kernel::debugfs::Dir);
+
+// SAFETY: The pointer is an owned `KBox<Dir>`; `Dir` is `Send` and `Sync`.
+unsafe impl Send for DebugfsRoot {}
+// SAFETY: See `Send`.
+unsafe impl Sync for DebugfsRoot {}
+
+impl DebugfsRoot {
+    fn new() -> Result<Self> {
+        let dir = KBox::new(kernel::debugfs::Dir::new(c"svmgpu"), GFP_KERNEL)?;
+        let p = KBox::into_raw(dir);
+        DEBUGFS_ROOT.store(p, kernel::sync::atomic::Release);
+        Ok(Self(p))
+    }
+}
+
+impl Drop for DebugfsRoot {
+    fn drop(&mut self) {
+        DEBUGFS_ROOT.store(core::ptr::null_mut(), kernel::sync::atomic::Release);
+        // SAFETY: `self.0` came from `KBox::into_raw` in `new`; the driver (whose devices
+        // use the root) is unregistered before this field is dropped (declaration order).
+        drop(unsafe { KBox::from_raw(self.0) });
+    }
+}
+
+/// The debugfs root, while the module is loaded.
+pub(crate) fn debugfs_root() -> Option<&'static kernel::debugfs::Dir> {
+    let p = DEBUGFS_ROOT.load(kernel::sync::atomic::Acquire);
+    // SAFETY: Non-null only between `DebugfsRoot::new` and its drop, which happens after
+    // every device was unbound (the callers are probe of a device of this driver).
+    unsafe { p.as_ref() }
+}
+
 #[pin_data]
 struct SvmgpuModule {
+    // Dropped first: every device is unbound before the debugfs root goes away.
     #[pin]
     driver: driver::Registration<virtio::Adapter<gpu::GpuDriver>>,
+    _debugfs: DebugfsRoot,
 }
 
 impl kernel::InPlaceModule for SvmgpuModule {
     fn init(module: &'static ThisModule) -> impl PinInit<Self, Error> {
         pr_info!("notifier_mode={}\n", notifier_mode().name());
         try_pin_init!(Self {
+            // Before the driver: probe uses it.
+            _debugfs: DebugfsRoot::new()?,
             driver <- driver::Registration::new(c"svmgpu", module),
         })
     }

@@ -371,7 +371,8 @@ impl UserptrData {
         }
         if !ok {
             // The device gives no guarantee: reset it, then it holds no translation and
-            // runs nothing.
+            // runs nothing (if RESET fails, a virtio reset stops it for good).
+            gpu.recovery.invalidation_failures.add(1, Relaxed);
             gpu.reset_and_recover("an invalidation or preemption failed or timed out");
         }
         let mut ns = vm.nlock.lock();

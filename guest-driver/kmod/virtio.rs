@@ -161,7 +161,7 @@ pub(crate) struct Device<Ctx: DeviceContext = Normal>(
 );
 
 impl<Ctx: DeviceContext> Device<Ctx> {
-    fn as_raw(&self) -> *mut bindings::virtio_device {
+    pub(crate) fn as_raw(&self) -> *mut bindings::virtio_device {
         self.0.get()
     }
 

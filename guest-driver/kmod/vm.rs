@@ -152,10 +152,10 @@ impl Vm {
     }
 
     /// Binds the ASID to the page table again (after a device reset).
-    pub(crate) fn rebind_asid(&self) {
+    pub(crate) fn rebind_asid(&self) -> Result {
         let root = match self.nlock.lock().pt.as_ref() {
             Some(pt) => pt.root_gpa(),
-            None => return,
+            None => return Ok(()),
         };
         let body = wire::AsidBindReq {
             asid: self.asid,
@@ -163,7 +163,11 @@ impl Vm {
             pt_root: root,
         }
         .to_bytes();
-        let _ = self.gpu.ctrl.call(wire::Opcode::AsidBind, &body, &mut []);
+        self.gpu
+            .ctrl
+            .call(wire::Opcode::AsidBind, &body, &mut [])
+            .and_then(|r| r.ok())
+            .map(|_| ())
     }
 
     /// Releases the VM's device state. With `unbind`, the ASID is unbound on the device
@@ -443,22 +447,18 @@ impl Vm {
             .to_bytes();
             // Queued under the notifier lock: an invalidation either ran before (and the
             // check above saw it) or runs after the job is on the device (and stops it).
+            // The fences learn the seqno before the device can answer (exact JOB_DONE
+            // matching); a refused or unanswered submission is forgotten again.
             let r = self
                 .gpu
                 .ctrl
-                .call(wire::Opcode::JobSubmit, &body, &mut [])
+                .call_with(wire::Opcode::JobSubmit, &body, &mut [], Some(&*q.fences))
                 .and_then(|r| r.ok());
             drop(ns);
-            return match r {
-                Ok(seqno) => {
-                    q.fences.end_submit(Some(seqno));
-                    Ok(seqno)
-                }
-                Err(e) => {
-                    q.fences.end_submit(None);
-                    Err(e)
-                }
-            };
+            if let Ok(seqno) = r {
+                q.fences.end_submit(seqno, true);
+            }
+            return r;
         }
         Err(EAGAIN)
     }
