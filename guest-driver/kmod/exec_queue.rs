@@ -28,6 +28,7 @@ impl ExecQueue {
             return Err(ECANCELED);
         }
         let gpu = &vm.gpu;
+        gpu.recover_initiated();
         let fences = Arc::pin_init(
             Fences::new(gpu.ctrl.last_seqno(), client.clone()),
             GFP_KERNEL,

@@ -250,7 +250,12 @@ impl Fences {
         }
         let n = s.npending;
         let Some(job) = s.pending[..n].iter_mut().find(|j| j.seqno == seqno) else {
-            return DoneKind::Unknown;
+            // A seqno of the queue's past: its job completed and was retired already.
+            return if seqno > s.floor && seqno <= s.completed {
+                DoneKind::Duplicate
+            } else {
+                DoneKind::Unknown
+            };
         };
         if job.done.is_some() {
             return DoneKind::Duplicate;

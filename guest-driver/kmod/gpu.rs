@@ -147,6 +147,8 @@ struct ResetEvents {
     driver_events: u64,
     /// The driver restored its state after every reset up to this count.
     recovered_count: u64,
+    /// Largest device-initiated `reset_count` counted as covered by a driver reset.
+    superseded: u64,
     /// Largest `event_seq` seen.
     last_event_seq: u64,
 }
@@ -343,6 +345,7 @@ impl Gpu {
     /// Creates a VM on a free ASID: reserves one, calls `make` with it (without the table
     /// lock: it allocates and sends commands) and publishes the result.
     pub(crate) fn install_vm(&self, make: impl FnOnce(u32) -> Result<Arc<Vm>>) -> Result<Arc<Vm>> {
+        self.recover_initiated();
         let asid = {
             let mut t = self.vms.lock();
             let a = t.used.iter().position(|u| !u).ok_or(ENOSPC)?;
@@ -658,22 +661,7 @@ impl Gpu {
 
     /// The reset worker: device-initiated resets, then `ENGINE_HANG` reports.
     fn handle_reset(self: &Arc<Self>) {
-        {
-            let _guard = self.reset_lock.lock();
-            let mut re = self.reset_events.lock();
-            if re.initiated_count > re.recovered_count {
-                re.recovered_count = re.seen_count;
-                drop(re);
-                pr_warn!("virtio{}: the device reset itself\n", self.bus_index);
-                inc(&self.recovery.resets_device);
-                self.note_reset("device-initiated reset");
-                self.after_reset();
-            } else if re.initiated_count > 0 {
-                // A RESET of the driver's since covered it.
-                drop(re);
-                inc(&self.recovery.resets_superseded);
-            }
-        }
+        self.recover_initiated();
         loop {
             let h = {
                 let mut ring = self.hangs.lock();
@@ -685,6 +673,31 @@ impl Gpu {
                 ring.recs[n]
             };
             self.handle_hang(h.0, Some(h.1), false);
+        }
+    }
+
+    /// Restores the driver's state after a device-initiated reset whose `DEVICE_RESET`
+    /// event arrived, unless that was done already (or a later `RESET` of the driver's
+    /// covered it). Also called before new VMs and contexts are created, so that a
+    /// recovery still pending cannot lose them.
+    pub(crate) fn recover_initiated(&self) {
+        {
+            let _guard = self.reset_lock.lock();
+            let mut re = self.reset_events.lock();
+            if re.initiated_count > re.recovered_count {
+                re.recovered_count = re.seen_count;
+                re.superseded = re.initiated_count;
+                drop(re);
+                pr_warn!("virtio{}: the device reset itself\n", self.bus_index);
+                inc(&self.recovery.resets_device);
+                self.note_reset("device-initiated reset");
+                self.after_reset();
+            } else if re.initiated_count > re.superseded {
+                // A RESET of the driver's since covered it.
+                re.superseded = re.initiated_count;
+                drop(re);
+                inc(&self.recovery.resets_superseded);
+            }
         }
     }
 
@@ -1072,6 +1085,7 @@ impl GpuDriver {
                         initiated_count: 0,
                         driver_events: 0,
                         recovered_count: 0,
+                        superseded: 0,
                         last_event_seq: 0,
                     },
                     "svmgpu_reset_events"

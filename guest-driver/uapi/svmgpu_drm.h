@@ -30,11 +30,26 @@
  *   abstraction yet; these fences are the driver's own, see guest-driver/README.md.)
  *
  * Every ioctl validates all its arguments: undefined flags and nonzero padding fields
- * are EINVAL; unknown VM/queue ids are ENOENT; ENODEV means the device was removed (the
- * file stays usable only for closing); EFAULT means the argument pointer itself is bad
- * (and for VM_BIND also the CPU range, see there); ERESTARTSYS/EINTR a signal arrived.
- * An ioctl that fails has no effect. An ioctl number this header does not define is
- * EINVAL (the DRM core's answer).
+ * are EINVAL; unknown VM/queue ids are ENOENT; ENODEV means the device was removed, or
+ * the driver gave it up after a failed reset (the file stays usable only for closing);
+ * EFAULT means the argument pointer itself is bad (and for VM_BIND also the CPU range,
+ * see there); ERESTARTSYS/EINTR a signal arrived. An ioctl that fails has no effect. An
+ * ioctl number this header does not define is EINVAL (the DRM core's answer).
+ *
+ * Recovery (spec/svmgpu.md 16.3.3, guest-driver/README.md "Recovery")
+ * ---------------------------------------------------------------------
+ * - Device reset: when the device resets itself, or the driver resets it (an invalidation
+ *   or preemption that failed or did not complete in 5 s, a hung context that could not be
+ *   destroyed), every job without a completion fails with -EIO and every exec queue of the
+ *   device is lost: EXEC on it is EIO, destroy it and create a new one. VMs survive (their
+ *   bindings and page tables stay valid). While the device resets itself, commands are
+ *   retried for up to 5 s before an ioctl fails with EAGAIN.
+ * - Hang: a job that makes no progress (the device reports ENGINE_HANG, or the driver's
+ *   job timeout expires: 10 s without any job of the queue completing, settable in
+ *   debugfs svmgpu/virtioN/job_timeout_ms) fails with -ETIMEDOUT, the jobs queued behind
+ *   it with -ECANCELED, and its queue is banned: EXEC on it is ECANCELED.
+ * - Ban: after SVMGPU_HANG_BAN_LIMIT hangs of its jobs, an open file is banned:
+ *   EXEC_QUEUE_CREATE and EXEC are ECANCELED (open the render node again).
  */
 #ifndef _UAPI_SVMGPU_DRM_H_
 #define _UAPI_SVMGPU_DRM_H_
@@ -125,6 +140,9 @@ struct drm_svmgpu_vm_destroy {
 	__u32 pad;
 };
 
+/* Hangs of an open file's jobs after which the file is banned (ECANCELED). */
+#define SVMGPU_HANG_BAN_LIMIT 3
+
 /* EXEC_QUEUE_CREATE flags. */
 #define SVMGPU_EXEC_QUEUE_LONG_RUNNING (1u << 0)
 
@@ -137,7 +155,8 @@ struct drm_svmgpu_vm_destroy {
  *
  * Errors: EINVAL (flag, pad), ENOENT (no such VM), ENOSPC (every device context is in
  * use, or the VM has 16 long-running queues already), ENOMEM, EIO/ETIMEDOUT (CTX_CREATE
- * failed), ENODEV.
+ * failed), EAGAIN (the device is resetting itself: retry), ECANCELED (the file is banned
+ * after SVMGPU_HANG_BAN_LIMIT hangs), ENODEV.
  */
 struct drm_svmgpu_exec_queue_create {
 	__u32 vm_id;
@@ -223,9 +242,11 @@ struct drm_svmgpu_vm_bind {
  * Errors: EINVAL (flags, pad, alignment, length, VA range), ENOENT (no such queue),
  * EFAULT (not fault mode: a binding's CPU range is no longer mapped; unbind it),
  * EIO (the queue is in the error state after a failed job, or was lost in a device
- * reset: destroy it), EBUSY (64 jobs already queued on it: wait for a fence first),
- * EAGAIN (CPU invalidations kept racing with the revalidation: retry), ETIMEDOUT,
- * ENOMEM, ENODEV, ERESTARTSYS.
+ * reset: destroy it), ECANCELED (a job of the queue hung: the queue is banned, destroy
+ * it; or the file is banned after SVMGPU_HANG_BAN_LIMIT hangs), EBUSY (64 jobs already
+ * queued on it: wait for a fence first), EAGAIN (CPU invalidations kept racing with the
+ * revalidation, or the device is resetting itself: retry), ETIMEDOUT, ENOMEM, ENODEV,
+ * ERESTARTSYS.
  */
 struct drm_svmgpu_exec {
 	__u32 queue_id;
@@ -244,9 +265,10 @@ struct drm_svmgpu_exec {
  * @timeout_ns: in: how long to wait, relative; 0 only polls.
  * @error: out: the fence's outcome when the ioctl returns 0: 0 (the job ran to END),
  *   -EFAULT (a GPU access had no valid CPU mapping: unbound address, munmapped memory,
- *   write to a read-only binding), -EIO (another job error, engine hang or device
- *   reset; @job_status tells which), -ECANCELED (not run: an earlier job of the queue
- *   failed, or the queue was destroyed), -ENODEV (the device was removed).
+ *   write to a read-only binding), -EIO (another job error, @job_status tells which, or
+ *   lost in a device reset, @job_status 0), -ETIMEDOUT (the job hung: ENGINE_HANG or the
+ *   driver's job timeout), -ECANCELED (not run: an earlier job of the queue failed or
+ *   hung, or the queue was destroyed), -ENODEV (the device was removed or given up).
  * @job_status: out: the device's status code for the job (spec/svmgpu.md, section 5.4),
  *   0 if it succeeded or the driver failed it itself.
  *

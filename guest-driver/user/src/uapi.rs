@@ -18,6 +18,8 @@ pub const SVMGPU_VM_BIND_OP_UNMAP: u32 = 2;
 pub const SVMGPU_VM_BIND_F_READONLY: u32 = 1 << 0;
 pub const SVMGPU_MAX_BIND_SIZE: u64 = 1 << 30;
 pub const SVMGPU_MAX_BATCH_LEN: u32 = 1 << 24;
+/// Hangs after which an open file is banned (EXEC_QUEUE_CREATE, EXEC: ECANCELED).
+pub const SVMGPU_HANG_BAN_LIMIT: u32 = 3;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
