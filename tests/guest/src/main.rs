@@ -4,7 +4,9 @@
 
 mod expect;
 mod gpu;
+mod inject;
 mod ktap;
+mod soak;
 mod tests;
 mod util;
 
@@ -12,8 +14,10 @@ use std::io::Write;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mut out: Box<dyn Write> = Box::new(std::io::stdout());
+    let mut out: Box<dyn Write + Send> = Box::new(std::io::stdout());
     let mut only: Option<String> = None;
+    let mut soak: Option<u64> = None;
+    let mut seed: u64 = 1;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => {
@@ -31,9 +35,15 @@ fn main() {
                 }
             }
             "--only" => only = args.next(),
+            "--soak" => soak = args.next().and_then(|v| v.parse().ok()),
+            "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "-h" | "--help" => {
-                println!("usage: svmgpu-ktap [--out FILE] [--only TEST]\ntests:");
+                println!("usage: svmgpu-ktap [--out FILE] [--only TEST]\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\ntests:");
                 for t in tests::ALL {
+                    println!("  {}", t.0);
+                }
+                println!("fault-injection tests (only with --only, in a guest started with the spec scripts/test.sh pairs with them):");
+                for t in tests::INJECT {
                     println!("  {}", t.0);
                 }
                 return;
@@ -44,11 +54,19 @@ fn main() {
             }
         }
     }
+    if let Some(secs) = soak {
+        std::process::exit(soak::run(secs, seed, out));
+    }
     let env = tests::Env::new();
-    let selected: Vec<_> = tests::ALL
-        .iter()
-        .filter(|t| only.as_deref().is_none_or(|o| o == t.0))
-        .collect();
+    let selected: Vec<_> = match only.as_deref() {
+        None => tests::ALL.iter().collect(),
+        Some(o) => tests::ALL
+            .iter()
+            .chain(tests::INJECT.iter())
+            .filter(|t| t.0 == o)
+            .collect(),
+    };
+    let out: Box<dyn Write> = out;
     let mut k = ktap::Ktap::new(out, selected.len());
     if let Ok(uptime) = std::fs::read_to_string("/proc/uptime") {
         k.diag(&format!(

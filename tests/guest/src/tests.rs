@@ -2,7 +2,7 @@
 
 use crate::{
     expect::Expect,
-    gpu,
+    gpu, inject,
     ktap::{Ktap, Outcome},
     util::{bound_devices, errno, run, DRIVER_DIR, MODULE_PATH},
 };
@@ -24,6 +24,27 @@ impl Env {
 
 pub type K = Ktap<Box<dyn Write>>;
 type Test = fn(&Env, &str, &mut K);
+
+/// Fault-injection tests: each needs its guest started with the injection spec that
+/// `scripts/test.sh` pairs with its name; run only with `--only NAME`.
+pub const INJECT: &[(&str, Test)] = &[
+    ("inject_tlb_inval_delay", inject::tlb_inval_delay),
+    ("inject_tlb_inval_drop", inject::tlb_inval_drop),
+    ("inject_tlb_inval_error", inject::tlb_inval_error),
+    ("inject_preempt_delay", inject::preempt_delay),
+    ("inject_preempt_drop", inject::preempt_drop),
+    ("inject_preempt_error", inject::preempt_error),
+    ("inject_engine_hang", inject::engine_hang),
+    ("inject_event_overflow", inject::event_overflow),
+    ("inject_fault_spurious", inject::fault_spurious),
+    ("inject_fault_duplicate", inject::fault_duplicate),
+    ("inject_fault_phantom", inject::fault_phantom),
+    ("inject_completion_corrupt", inject::completion_corrupt),
+    ("inject_completion_duplicate", inject::completion_duplicate),
+    ("inject_completion_reorder", inject::completion_reorder),
+    ("inject_device_reset", inject::device_reset),
+    ("inject_walk_read_error", inject::walk_read_error),
+];
 
 pub const ALL: &[(&str, Test)] = &[
     ("driver_binds_all_devices", driver_binds_all_devices),
