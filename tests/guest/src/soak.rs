@@ -172,9 +172,11 @@ impl Worker<'_> {
         Ok(JobEnd::Ok)
     }
 
-    fn invalidate(&mut self, i: usize) -> Result<(), String> {
+    /// Invalidates the data of setup `i`: mprotect, or (with `discard`) madvise(DONTNEED),
+    /// which also zeroes it.
+    fn invalidate(&mut self, i: usize, discard: bool) -> Result<(), String> {
         let m = self.setups[i].data();
-        let how = self.rng.below(2);
+        let how = if discard { self.rng.below(2) } else { 0 };
         // SAFETY: Changes the protection of, or discards, our own mapping.
         let ok = unsafe {
             if how == 0 {
@@ -202,7 +204,7 @@ impl Worker<'_> {
             Err(e) => return self.ioctl_err("EXEC", &e),
         };
         for _ in 0..3 {
-            self.invalidate(2)?;
+            self.invalidate(2, false)?;
         }
         let s = &self.setups[2];
         let o = s
@@ -365,7 +367,7 @@ fn run_device(idx: usize, path: std::path::PathBuf, seed: u64, secs: u64, sh: &S
                 5..=7 => {
                     let i = w.rng.below(2) as usize;
                     sh.count("userptr invalidations");
-                    w.invalidate(i)?;
+                    w.invalidate(i, true)?;
                 }
                 8 => {
                     sh.count("long-running jobs");
