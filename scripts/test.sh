@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every svmgpu test: set-up if needed, the host suite (cargo test for the workspace),
-# the guest KTAP suite with 1 and 2 vGPUs, then the fault-injection suite (one guest per
+# the guest KTAP suite with 1, 2 and 4 vGPUs, then the fault-injection suite (one guest per
 # injected fault kind, started with run-vm.sh --inject SPEC). Each guest run's console must
 # be free of kernel warnings, BUGs, lockdep and DMA-API reports, and the device's audit must
 # count no stale access. Prints a summary; exits 1 on failure.
@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 usage() {
     cat <<EOF
-Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2"]
+Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
                        [--no-inject] [--inject "NAME..."] [--out DIR]
 
   --host-only     only cargo test
@@ -17,7 +17,7 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --inject-only   only the fault-injection suite
   --no-inject     skip the fault-injection suite
   --inject LIST   only these entries of the fault-injection suite (names below)
-  --gpus LIST     vGPU counts to run the guest suite with (default "1 2")
+  --gpus LIST     vGPU counts to run the guest suite with (default "1 2 4")
   --out DIR       keep the logs of every guest run in DIR (default: a temp folder, kept on failure)
 
 Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
@@ -47,7 +47,7 @@ INJECT_SUITE=(
     "walk_read_error|walk-read-error:p=0.05,count=60"
 )
 
-HOST=1 GUEST=1 INJECT=1 GPU_COUNTS="1 2" OUT="" INJECT_ONLY=""
+HOST=1 GUEST=1 INJECT=1 GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --host-only) GUEST=0; INJECT=0; shift ;;

@@ -70,6 +70,7 @@ impl drm::Driver for SvmgpuDrm {
         (SVMGPU_VM_BIND, drm_svmgpu_vm_bind, ioctl::RENDER_ALLOW, File::vm_bind),
         (SVMGPU_EXEC, drm_svmgpu_exec, ioctl::RENDER_ALLOW, File::exec),
         (SVMGPU_WAIT, drm_svmgpu_wait, ioctl::RENDER_ALLOW, File::wait),
+        (SVMGPU_VM_PREFETCH, drm_svmgpu_vm_prefetch, ioctl::RENDER_ALLOW, File::vm_prefetch),
     }
 }
 
@@ -202,13 +203,19 @@ impl File {
             NotifierMode::Single => uapi::SVMGPU_NOTIFIER_SINGLE,
             NotifierMode::TwoPass => uapi::SVMGPU_NOTIFIER_TWOPASS,
         };
-        a.pad = 0;
+        a.svm_mode = gpu.svm_mode.uapi();
         a.invalidations = gpu.stats.invalidations.load(Relaxed);
         a.invalidation_ns = gpu.stats.invalidation_ns.load(Relaxed);
         a.gpu_faults = gpu.stats.gpu_faults.load(Relaxed);
         a.gpu_faults_failed = gpu.stats.gpu_faults_failed.load(Relaxed);
         copy_bytes(&mut a.config, &gpu.config_raw);
         copy_bytes(&mut a.info, &info);
+        a.fault_service_ns = gpu.stats.fault_service_ns.load(Relaxed);
+        a.svm_faults = gpu.stats.svm_faults.load(Relaxed);
+        a.svm_pages = gpu.stats.svm_pages.load(Relaxed);
+        a.svm_ranges = crate::svm::stats().0;
+        a.svm_ranges_collected = crate::svm::stats().1;
+        a.reserved = [0; 3];
         a.stats = [0; 24];
         if a.flags & uapi::SVMGPU_QUERY_F_STATS != 0 {
             a.stats = gpu.get_stats()?;
@@ -359,6 +366,31 @@ impl File {
             }
             _ => return Err(EINVAL),
         }
+        Ok(0)
+    }
+
+    pub(crate) fn vm_prefetch(
+        _dev: &Dev,
+        _reg: &(),
+        a: &mut uapi::drm_svmgpu_vm_prefetch,
+        file: &DrmFile,
+    ) -> Result<u32> {
+        if a.flags & !uapi::SVMGPU_VM_PREFETCH_F_WRITE != 0 {
+            return Err(EINVAL);
+        }
+        vm::check_bind_range(a.start, a.size, uapi::SVMGPU_MAX_BIND_SIZE as u64)?;
+        let gpu = Self::gpu(file);
+        let vm = Self::objs(file).lock().vm(a.vm_id)?;
+        if !vm.fault_mode {
+            return Err(EINVAL);
+        }
+        let acc = gpu.enter()?;
+        vm.prefetch(
+            &acc,
+            a.start,
+            a.size,
+            a.flags & uapi::SVMGPU_VM_PREFETCH_F_WRITE != 0,
+        )?;
         Ok(0)
     }
 

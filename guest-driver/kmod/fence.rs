@@ -96,6 +96,9 @@ struct State {
     lost: Option<Lost>,
     /// A job of the queue hung: the queue is banned (uAPI: `ECANCELED`).
     hung: bool,
+    /// The errno of the next `JOB_FAULT`, when the driver cancelled a page fault of this
+    /// queue for a reason more precise than "no mapping" (`EACCES`).
+    fault_errno: Option<i32>,
 }
 
 /// The outcome of a signalled fence.
@@ -154,6 +157,7 @@ impl Fences {
                     error: None,
                     lost: None,
                     hung: false,
+                    fault_errno: None,
                 },
                 "svmgpu_fences"
             ),
@@ -230,7 +234,11 @@ impl Fences {
                 && status != wire::Status::JobSkipped.as_u32()
                 && s.error.is_none()
             {
-                s.error = Some((seqno, job_errno(status), status));
+                let mut errno = job_errno(status);
+                if status == wire::Status::JobFault.as_u32() {
+                    errno = s.fault_errno.take().unwrap_or(errno);
+                }
+                s.error = Some((seqno, errno, status));
             }
             k += 1;
         }
@@ -265,6 +273,12 @@ impl Fences {
         drop(s);
         self.cv.notify_all();
         DoneKind::Accepted
+    }
+
+    /// The driver is about to cancel a page fault of this queue's running job: its
+    /// `JOB_FAULT` reports `errno` (negative) instead of `-EFAULT`.
+    pub(crate) fn set_fault_errno(&self, errno: i32) {
+        self.state.lock().fault_errno = Some(errno);
     }
 
     /// Every job without a `JOB_DONE` fails with `errno` (negative), and so do later

@@ -11,7 +11,7 @@ use crate::{
     userptr::FinishPool,
     virtio,
     vm::Vm,
-    wire, NotifierMode,
+    wire, NotifierMode, SvmMode,
 };
 use kernel::{
     bindings, debugfs,
@@ -40,6 +40,9 @@ struct FaultRec {
     va: u64,
     asid: u32,
     access: u32,
+    ctx_id: u32,
+    /// When the event arrived, for `Stats::fault_service_ns`.
+    t0: Option<Instant<Monotonic>>,
 }
 
 struct FaultRing {
@@ -67,6 +70,12 @@ pub(crate) struct Stats {
     pub(crate) gpu_faults: Atomic<u64>,
     pub(crate) gpu_faults_failed: Atomic<u64>,
     pub(crate) resets: Atomic<u64>,
+    /// Total time from a fault's event to the completion of its reply.
+    pub(crate) fault_service_ns: Atomic<u64>,
+    /// Faults resolved through SVM.
+    pub(crate) svm_faults: Atomic<u64>,
+    /// SVM pages objects of this device's VMs.
+    pub(crate) svm_pages: Atomic<u64>,
 }
 
 /// Recovery counters, per kind (debugfs `svmgpu/virtioN/recovery`, spec 16.3.3).
@@ -198,6 +207,8 @@ pub(crate) struct Gpu {
     pub(crate) features: u64,
     /// How MMU notifiers run for this device's userptrs.
     pub(crate) notifier_mode: NotifierMode,
+    /// How SVM invalidations stop the devices (fault-mode VMs).
+    pub(crate) svm_mode: SvmMode,
     /// The device doing DMA (the transport's device).
     dma_dev: ARef<device::Device>,
     #[pin]
@@ -457,6 +468,8 @@ impl Gpu {
                         va: f.va,
                         asid: f.asid,
                         access: f.access,
+                        ctx_id: f.ctx_id,
+                        t0: Some(Instant::<Monotonic>::now()),
                     };
                     ring.len += 1;
                 }
@@ -526,12 +539,26 @@ impl Gpu {
                 .vms
                 .get(f.asid as usize)
                 .and_then(|v| v.clone());
-            let ok = match vm {
-                Some(vm) => vm.handle_fault(f.va, f.access).is_ok(),
-                None => false,
+            let res = match vm {
+                Some(vm) => vm.handle_fault(f.va, f.access),
+                None => Err(EFAULT),
             };
+            // EAGAIN: CPU invalidations kept racing with the resolution; the access is
+            // retried and faults again (the device never caches a failed walk).
+            let ok = res.is_ok() || res == Err(EAGAIN);
             if !ok {
                 self.stats.gpu_faults_failed.add(1, Relaxed);
+            }
+            if res == Err(EACCES) {
+                // A write to memory the CPU maps read-only: the fence says so.
+                let fences = self
+                    .ctxs
+                    .lock()
+                    .get(f.ctx_id as usize)
+                    .and_then(|c| c.clone());
+                if let Some(fences) = fences {
+                    fences.set_fault_errno(-(bindings::EACCES as i32));
+                }
             }
             let action = if ok {
                 wire::FaultAction::Resume
@@ -550,6 +577,10 @@ impl Gpu {
                 if reply.status == wire::Status::NotFound.as_u32() {
                     inc(&self.recovery.fault_replies_not_found);
                 }
+            }
+            if let Some(t0) = f.t0 {
+                let dt = t0.elapsed().as_nanos().max(0) as u64;
+                self.stats.fault_service_ns.add(dt, Relaxed);
             }
         }
     }
@@ -1062,6 +1093,7 @@ impl GpuDriver {
                 config_raw: raw,
                 features: dev.features(),
                 notifier_mode: crate::notifier_mode(),
+                svm_mode: crate::svm_mode(),
                 dma_dev,
                 ctrl <- CtrlQueue::new()?,
                 eventq <- RxQueue::new(wire::EVENT_SIZE, EVENT_BUFS)?,
@@ -1108,6 +1140,9 @@ impl GpuDriver {
                     gpu_faults: Atomic::new(0),
                     gpu_faults_failed: Atomic::new(0),
                     resets: Atomic::new(0),
+                    fault_service_ns: Atomic::new(0),
+                    svm_faults: Atomic::new(0),
+                    svm_pages: Atomic::new(0),
                 },
             }),
             GFP_KERNEL,

@@ -146,6 +146,16 @@ impl MmRef {
         NonNull::new(mm).map(Self)
     }
 
+    /// A reference to `mm`.
+    ///
+    /// # Safety
+    ///
+    /// `mm` must be a live mm with `mm_users > 0` for as long as the result is used.
+    pub(crate) unsafe fn from_raw(mm: *mut bindings::mm_struct) -> Self {
+        // SAFETY: Per the contract, `mm` is a valid (non-null) pointer.
+        Self(unsafe { NonNull::new_unchecked(mm) })
+    }
+
     /// The raw pointer.
     pub(crate) fn as_ptr(&self) -> *mut bindings::mm_struct {
         self.0.as_ptr()

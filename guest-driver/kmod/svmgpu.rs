@@ -27,6 +27,12 @@
 //! - [`userptr`]: bindings of CPU memory without pinning, on top of [`mmu_notifier`] (a
 //!   safe abstraction of `mmu_interval_notifier`, single- and two-pass) and [`hmm`] (a safe
 //!   abstraction of `hmm_range_fault`), designed to be reused by an SVM layer.
+//! - [`svm`] and [`svm_pages`]: shared virtual memory for fault-mode VMs: a per-`mm` SVM
+//!   object with notifiers over large intervals, ranges chunked by the VMA and garbage
+//!   collected after unmap, and one *pages* object per device (VM) and range; GPU faults
+//!   at any CPU address of the process, prefetch, and invalidation across devices in
+//!   three modes (`svm_mode=single|per_device|shared`). Its `DOC:` overview has the
+//!   details and its own locking.
 //!
 //! Locking, outermost first:
 //!
@@ -35,6 +41,8 @@
 //!    the list of bindings and their scratch state, revalidation, exec, page-table
 //!    structure changes; held around `hmm_range_fault` and `GFP_KERNEL` allocations;
 //! 3. the mm's mmap lock (by `hmm_range_fault`; by the core around notifiers);
+//!    (SVM: the VM lock, then the SVM object's lock, the mmap lock, the SVM notifier
+//!    lock and only then the VM's notifier lock; see [`svm`]);
 //! 4. per VM, the *notifier lock* (mutex; the userptr notifier lock): validity of each
 //!    binding's GPU mapping, the notifier sequence it was made for, the committed DMA
 //!    addresses, page-table entries, the long-running queues' preemption state. It is
@@ -72,6 +80,8 @@ mod gpu;
 mod hmm;
 mod mmu_notifier;
 mod pagetable;
+mod svm;
+mod svm_pages;
 mod userptr;
 mod virtio;
 mod vm;
@@ -224,6 +234,101 @@ pub(crate) fn debugfs_root() -> Option<&'static kernel::debugfs::Dir> {
     unsafe { p.as_ref() }
 }
 
+/// How SVM invalidations stop the devices (module parameter `svm_mode`; see
+/// `SVMGPU_SVM_*` in the uAPI header and the `DOC:` overview of [`svm`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum SvmMode {
+    /// One SVM object per process and device, single-pass notifiers.
+    Single,
+    /// One SVM object per process and device, two-pass notifiers.
+    PerDevice,
+    /// One SVM object per process, one two-pass notifier driving every device.
+    Shared,
+}
+
+impl SvmMode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            SvmMode::Single => "single",
+            SvmMode::PerDevice => "per_device",
+            SvmMode::Shared => "shared",
+        }
+    }
+
+    /// The `SVMGPU_SVM_*` value.
+    pub(crate) fn uapi(self) -> u32 {
+        match self {
+            SvmMode::Single => 0,
+            SvmMode::PerDevice => 1,
+            SvmMode::Shared => 2,
+        }
+    }
+}
+
+/// The `SVMGPU_SVM_*` value of `svm_mode` (default shared).
+static SVM_MODE: Atomic<u32> = Atomic::new(2);
+
+/// The SVM mode in effect (fixed while the module is loaded: the parameter is read-only).
+pub(crate) fn svm_mode() -> SvmMode {
+    match SVM_MODE.load(Relaxed) {
+        0 => SvmMode::Single,
+        1 => SvmMode::PerDevice,
+        _ => SvmMode::Shared,
+    }
+}
+
+unsafe extern "C" fn svm_mode_set(val: *const c_char, _kp: *const bindings::kernel_param) -> c_int {
+    if val.is_null() {
+        return -(bindings::EINVAL as c_int);
+    }
+    // SAFETY: The module loader passes a NUL-terminated string.
+    let s = unsafe { CStr::from_char_ptr(val) }.to_bytes();
+    let s = s.strip_suffix(b"\n").unwrap_or(s);
+    let v = match s {
+        b"single" => SvmMode::Single,
+        b"per_device" => SvmMode::PerDevice,
+        b"shared" => SvmMode::Shared,
+        _ => return -(bindings::EINVAL as c_int),
+    };
+    SVM_MODE.store(v.uapi(), Relaxed);
+    0
+}
+
+unsafe extern "C" fn svm_mode_get(buf: *mut c_char, _kp: *const bindings::kernel_param) -> c_int {
+    let name = svm_mode().name().as_bytes();
+    // SAFETY: sysfs passes a buffer of PAGE_SIZE bytes; we write at most 12.
+    unsafe {
+        core::ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), name.len());
+        *buf.add(name.len()) = b'\n' as c_char;
+        *buf.add(name.len() + 1) = 0;
+    }
+    (name.len() + 1) as c_int
+}
+
+static SVM_MODE_OPS: bindings::kernel_param_ops = bindings::kernel_param_ops {
+    flags: 0,
+    set: Some(svm_mode_set),
+    get: Some(svm_mode_get),
+    free: None,
+};
+
+// `svm_mode=single|per_device|shared`, registered like `notifier_mode`.
+#[link_section = "__param"]
+#[used(compiler)]
+static __SVMGPU_SVM_MODE_PARAM: kernel::module_param::KernelParam =
+    kernel::module_param::KernelParam::new(bindings::kernel_param {
+        name: kernel::str::as_char_ptr_in_const_context(c"svm_mode"),
+        // As for `notifier_mode`.
+        mod_: (&raw const bindings::__this_module).cast_mut(),
+        ops: &SVM_MODE_OPS,
+        perm: 0o444,
+        level: -1,
+        flags: 0,
+        __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
+            arg: core::ptr::null_mut(),
+        },
+    });
+
 #[pin_data]
 struct SvmgpuModule {
     // Dropped first: every device is unbound before the debugfs root goes away.
@@ -234,7 +339,12 @@ struct SvmgpuModule {
 
 impl kernel::InPlaceModule for SvmgpuModule {
     fn init(module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        pr_info!("notifier_mode={}\n", notifier_mode().name());
+        svm::init();
+        pr_info!(
+            "notifier_mode={} svm_mode={}\n",
+            notifier_mode().name(),
+            svm_mode().name()
+        );
         try_pin_init!(Self {
             // Before the driver: probe uses it.
             _debugfs: DebugfsRoot::new()?,

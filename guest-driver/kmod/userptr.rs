@@ -104,7 +104,7 @@ impl UserptrData {
 }
 
 /// DMA-maps the pages of `pfns` into `out`; on failure nothing stays mapped.
-fn map_pages(
+pub(crate) fn map_pages(
     dev: *mut bindings::device,
     pfns: &[HmmPfn],
     out: &mut [u64],
@@ -137,7 +137,11 @@ fn map_pages(
 }
 
 /// Undoes [`map_pages`].
-fn unmap_pages(dev: *mut bindings::device, addrs: &[u64], dir: bindings::dma_data_direction) {
+pub(crate) fn unmap_pages(
+    dev: *mut bindings::device,
+    addrs: &[u64],
+    dir: bindings::dma_data_direction,
+) {
     for &a in addrs {
         // SAFETY: `a` was mapped by `map_pages` for `dev` with `dir`, and is unmapped once.
         unsafe { bindings::dma_unmap_page_attrs(dev, a, PAGE, dir, 0) };

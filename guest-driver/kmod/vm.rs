@@ -9,6 +9,7 @@ use crate::{
     gpu::{Gpu, GpuAccess},
     mmu_notifier::{IntervalNotifier, MmRef, Passes},
     pagetable::PageTable,
+    svm::{self, Svm},
     userptr::{self, Entry, UserptrData},
     wire, NotifierMode,
 };
@@ -68,6 +69,8 @@ pub(crate) struct VState {
     /// Exec queues using the VM.
     pub(crate) queues: u32,
     pub(crate) dead: bool,
+    /// Fault mode: the SVM object of the creating process (one user reference).
+    pub(crate) svm: Option<Arc<Svm>>,
 }
 
 /// A VM.
@@ -104,7 +107,15 @@ impl WorkItem for Vm {
 impl Vm {
     /// Creates a VM: an ASID bound to an empty page table.
     pub(crate) fn create(gpu: &Arc<Gpu>, acc: &GpuAccess<'_>, fault_mode: bool) -> Result<Arc<Vm>> {
-        gpu.install_vm(|asid| {
+        let svm = if fault_mode {
+            Some(svm::attach(Arc::as_ptr(gpu) as usize, gpu.svm_mode)?)
+        } else {
+            None
+        };
+        // Whether the VM took over the user reference (its release gives it back).
+        let handed = core::cell::Cell::new(false);
+        let (svm_ref, handed_ref) = (&svm, &handed);
+        let r = gpu.install_vm(|asid| {
             let pt = PageTable::new(acc.dma_dev())?;
             let root = pt.root_gpa();
             let lr = KVec::with_capacity(MAX_LR_PER_VM, GFP_KERNEL)?;
@@ -117,7 +128,11 @@ impl Vm {
                         VState {
                             entries: KVec::new(),
                             queues: 0,
-                            dead: false
+                            dead: false,
+                            svm: {
+                                handed_ref.set(svm_ref.is_some());
+                                svm_ref.clone()
+                            },
                         },
                         "svmgpu_vm"
                     ),
@@ -148,7 +163,14 @@ impl Vm {
                 return Err(e);
             }
             Ok(vm)
-        })
+        });
+        // The reference was not handed to a VM: creation failed before.
+        if let Some(svm) = svm {
+            if !handed.get() {
+                svm::release(svm);
+            }
+        }
+        r
     }
 
     /// Binds the ASID to the page table again (after a device reset).
@@ -174,13 +196,13 @@ impl Vm {
     /// first (which drops its TLB entries); without, the device was reset or never used
     /// the VM. Idempotent.
     fn release(&self, unbind: bool) {
-        let entries = {
+        let (entries, svm) = {
             let mut vs = self.lock.lock();
             if vs.dead {
                 return;
             }
             vs.dead = true;
-            core::mem::take(&mut vs.entries)
+            (core::mem::take(&mut vs.entries), vs.svm.take())
         };
         if unbind {
             let body = wire::AsidUnbindReq {
@@ -199,6 +221,12 @@ impl Vm {
                 Err(e) if e == ENODEV => {}
                 _ => self.gpu.reset_and_recover("ASID_UNBIND failed"),
             }
+        }
+        if let Some(svm) = svm {
+            // The device no longer uses the VM's translations (ASID unbound, or reset):
+            // drop its SVM pages (DMA-unmapped) and give the object back.
+            svm.detach_vm(self, None, false);
+            svm::release(svm);
         }
         {
             let mut ns = self.nlock.lock();
@@ -282,6 +310,10 @@ impl Vm {
             return Err(EEXIST);
         }
         vs.entries.reserve(1, GFP_KERNEL)?;
+        if let Some(svm) = vs.svm.as_ref() {
+            // The binding takes precedence: SVM mappings of this VM in its VA range go.
+            svm.detach_vm(self, Some((va, size)), true);
+        }
         let passes = match self.gpu.notifier_mode {
             NotifierMode::Single => Passes::Single,
             NotifierMode::TwoPass => Passes::Two,
@@ -351,7 +383,7 @@ impl Vm {
     }
 
     /// Invalidates the TLBs for `[va, va + size)` and waits; resets the device on failure.
-    fn invalidate_tlb(&self, va: u64, size: u64) -> Result {
+    pub(crate) fn invalidate_tlb(&self, va: u64, size: u64) -> Result {
         let body = wire::TlbInvalidateReq {
             asid: self.asid,
             flags: 0,
@@ -374,27 +406,80 @@ impl Vm {
         }
     }
 
-    /// Resolves a GPU page fault at `va`: revalidates the binding that contains it.
-    pub(crate) fn handle_fault(&self, va: u64, access: u32) -> Result {
+    /// Resolves a GPU page fault at `va`: revalidates the binding that contains it, or
+    /// (fault mode, no binding) mirrors the CPU memory at `va` through SVM. `EACCES`: a
+    /// write to memory the CPU maps read-only (SVM).
+    pub(crate) fn handle_fault(self: &Arc<Self>, va: u64, access: u32) -> Result {
         let acc = self.gpu.enter()?;
         let mut vs = self.lock.lock();
         if vs.dead {
             return Err(ENODEV);
         }
         let va = va & !(wire::PAGE_SIZE_4K - 1);
-        let entry = vs
-            .entries
-            .iter_mut()
-            .find(|e| range_contains(e.data().va, e.data().size, va))
-            .ok_or(EFAULT)?;
         let write = matches!(
             wire::AccessKind::from_u32(access),
             Some(wire::AccessKind::Write | wire::AccessKind::Atomic)
         );
-        if write && entry.data().readonly {
-            return Err(EFAULT);
+        let VState { entries, svm, .. } = &mut *vs;
+        if let Some(entry) = entries
+            .iter_mut()
+            .find(|e| range_contains(e.data().va, e.data().size, va))
+        {
+            if write && entry.data().readonly {
+                return Err(EFAULT);
+            }
+            return userptr::revalidate(entry, &acc);
         }
-        userptr::revalidate(entry, &acc)
+        let svm = svm.as_ref().ok_or(EFAULT)?;
+        let entries = &*entries;
+        svm.fault(self, &acc, va as usize, write, |s, l| {
+            entries.iter().any(|e| e.overlaps(s, l))
+        })?;
+        self.gpu
+            .stats
+            .svm_faults
+            .add(1, kernel::sync::atomic::Relaxed);
+        Ok(())
+    }
+
+    /// VM_PREFETCH: populates the SVM ranges covering `[start, start + size)` (skipping
+    /// bindings). Only for fault-mode VMs, from the process that created the VM.
+    pub(crate) fn prefetch(
+        self: &Arc<Self>,
+        acc: &GpuAccess<'_>,
+        start: u64,
+        size: u64,
+        write: bool,
+    ) -> Result {
+        let vs = self.lock.lock();
+        if vs.dead {
+            return Err(ENODEV);
+        }
+        let svm = vs.svm.as_ref().ok_or(EINVAL)?;
+        if !svm.is_current_mm() {
+            return Err(EINVAL);
+        }
+        let end = start + size;
+        let mut a = start;
+        while a < end {
+            if let Some(e) = vs
+                .entries
+                .iter()
+                .find(|e| range_contains(e.data().va, e.data().size, a))
+            {
+                a = e.data().va + e.data().size;
+                continue;
+            }
+            let r = svm.fault(self, acc, a as usize, write, |s, l| {
+                vs.entries.iter().any(|e| e.overlaps(s, l))
+            });
+            a = match r {
+                Ok(range_end) => range_end as u64,
+                Err(e) if e == EACCES => return Err(EFAULT),
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(())
     }
 
     /// Submits a job of `q` (the exec function of the VM_BIND locking rules): revalidate

@@ -15,9 +15,17 @@
  *   - not fault mode: VM_BIND faults the CPU pages in at bind time (and fails with EFAULT
  *     if they are not there); EXEC revalidates every binding whose CPU pages were
  *     invalidated since (MMU notifier) before the job is queued;
- *   - fault mode: VM_BIND only records the binding; the device's recoverable page faults
- *     populate it on first GPU access (a GPU access to an address with no binding, or
- *     to a binding whose CPU pages cannot be faulted in, fails the job with -EFAULT).
+ *   - fault mode: the VM *shares the virtual memory* (SVM) of the process that created
+ *     it: with no bind at all, a GPU access at any address is an access to the CPU
+ *     address space of that process (malloc, mmap, stack, shared and file mappings),
+ *     populated on demand by the device's recoverable page faults and kept coherent with
+ *     the CPU page tables; the same memory may be used by several devices at once (one
+ *     SVM range, one set of pages per device). VM_BIND still works and records a
+ *     binding that takes precedence over SVM for its VA range (populated on the first
+ *     GPU access). A GPU access to an address the process does not map (or a binding
+ *     whose CPU pages cannot be faulted in) fails the job with -EFAULT; a GPU write or
+ *     atomic to memory the process maps read-only (SVM) fails it with -EACCES.
+ *     VM_PREFETCH populates an SVM range ahead of use.
  * - An *exec queue* is a device context on one VM. Jobs of one queue run in submission
  *   order. A *long-running* queue is preempted (not waited for) when CPU pages it may use
  *   are invalidated, and resumed once they are bound again.
@@ -70,6 +78,22 @@ extern "C" {
 #define SVMGPU_NOTIFIER_SINGLE 0
 #define SVMGPU_NOTIFIER_TWOPASS 1
 
+/*
+ * SVM modes (module parameter svm_mode=single|per_device|shared, readable in
+ * /sys/module/svmgpu/parameters/svm_mode): how CPU invalidations of SVM memory stop the
+ * devices that mirror it.
+ * - SINGLE: one SVM object per process and device, single-pass MMU notifiers: each
+ *   device is stopped (PTEs cleared, TLB invalidated and waited for) in turn;
+ * - PER_DEVICE: one SVM object per process and device, two-pass notifiers: the core
+ *   starts every device's invalidation before waiting for any;
+ * - SHARED (default): one SVM object per process shared by every device, one notifier
+ *   per interval whose first pass starts the invalidation on every device with valid
+ *   pages and whose second pass waits for all of them.
+ */
+#define SVMGPU_SVM_SINGLE 0
+#define SVMGPU_SVM_PER_DEVICE 1
+#define SVMGPU_SVM_SHARED 2
+
 /* DEVICE_QUERY flags. */
 #define SVMGPU_QUERY_F_STATS (1u << 0) /* also fetch the device's GET_STATS counters */
 
@@ -79,8 +103,8 @@ extern "C" {
  * @bus_index: out: N of the device's virtioN name on the virtio bus.
  * @round_trip_ns: out: time of a GET_INFO command this call sent to the device.
  * @features: out: the virtio feature bits the driver negotiated.
- * @notifier_mode: out: SVMGPU_NOTIFIER_* in use.
- * @pad: zero.
+ * @notifier_mode: out: SVMGPU_NOTIFIER_* in use (userptr bindings).
+ * @svm_mode: out: SVMGPU_SVM_* in use (fault-mode VMs).
  * @invalidations: out: MMU-notifier invalidations that had to stop this device
  *   (TLB invalidation and/or preemption) since the driver bound it.
  * @invalidation_ns: out: total time from the start of those invalidations (first pass)
@@ -90,6 +114,14 @@ extern "C" {
  * @config: out: the config space, raw (little-endian), as read at probe.
  * @info: out: the body of the GET_INFO response the device sent for this call.
  * @stats: out (with SVMGPU_QUERY_F_STATS, else zero): the GET_STATS counters.
+ * @fault_service_ns: out: total time of the @gpu_faults, each from the arrival of its
+ *   PAGE_FAULT event to the completion of the FAULT_REPLY the driver sent for it.
+ * @svm_faults: out: of @gpu_faults, the ones resolved through SVM (no binding).
+ * @svm_pages: out: SVM pages objects (one range mirrored by one VM) of this device now.
+ * @svm_ranges: out: SVM ranges of every process, module-wide, now.
+ * @svm_ranges_collected: out: SVM ranges removed after a CPU unmap by the garbage
+ *   collector, module-wide, since the module was loaded.
+ * @reserved: zero.
  *
  * Errors: EINVAL (undefined flag), ETIMEDOUT (the device did not answer in 5 s), EIO (it
  * answered with an error or a malformed response), EBUSY (every command slot in use),
@@ -101,7 +133,7 @@ struct drm_svmgpu_device_query {
 	__u64 round_trip_ns;
 	__u64 features;
 	__u32 notifier_mode;
-	__u32 pad;
+	__u32 svm_mode;
 	__u64 invalidations;
 	__u64 invalidation_ns;
 	__u64 gpu_faults;
@@ -109,6 +141,12 @@ struct drm_svmgpu_device_query {
 	__u8 config[SVMGPU_CONFIG_SIZE];
 	__u8 info[SVMGPU_INFO_SIZE];
 	__u64 stats[SVMGPU_NUM_STATS];
+	__u64 fault_service_ns;
+	__u64 svm_faults;
+	__u64 svm_pages;
+	__u64 svm_ranges;
+	__u64 svm_ranges_collected;
+	__u64 reserved[3];
 };
 
 /* VM_CREATE flags. */
@@ -265,10 +303,13 @@ struct drm_svmgpu_exec {
  * @timeout_ns: in: how long to wait, relative; 0 only polls.
  * @error: out: the fence's outcome when the ioctl returns 0: 0 (the job ran to END),
  *   -EFAULT (a GPU access had no valid CPU mapping: unbound address, munmapped memory,
- *   write to a read-only binding), -EIO (another job error, @job_status tells which, or
- *   lost in a device reset, @job_status 0), -ETIMEDOUT (the job hung: ENGINE_HANG or the
- *   driver's job timeout), -ECANCELED (not run: an earlier job of the queue failed or
- *   hung, or the queue was destroyed), -ENODEV (the device was removed or given up).
+ *   write to a read-only binding; fault mode: an address the process does not map),
+ *   -EACCES (fault mode, SVM: a GPU write or atomic to memory the process maps read-only,
+ *   e.g. PROT_READ or a read-only file mapping), -EIO (another job error, @job_status
+ *   tells which, or lost in a device reset, @job_status 0), -ETIMEDOUT (the job hung:
+ *   ENGINE_HANG or the driver's job timeout), -ECANCELED (not run: an earlier job of the
+ *   queue failed or hung, or the queue was destroyed), -ENODEV (the device was removed or
+ *   given up).
  * @job_status: out: the device's status code for the job (spec/svmgpu.md, section 5.4),
  *   0 if it succeeded or the driver failed it itself.
  *
@@ -284,6 +325,35 @@ struct drm_svmgpu_wait {
 	__u32 job_status;
 };
 
+/* VM_PREFETCH flags. */
+#define SVMGPU_VM_PREFETCH_F_WRITE (1u << 0) /* also require (and make) the pages writable */
+
+/**
+ * struct drm_svmgpu_vm_prefetch - DRM_IOCTL_SVMGPU_VM_PREFETCH
+ * @vm_id: in: a fault-mode VM.
+ * @flags: in: SVMGPU_VM_PREFETCH_F_*.
+ * @start: in: CPU (= GPU) address of the calling process, 4 KiB aligned.
+ * @size: in: bytes, a nonzero multiple of 4 KiB, at most SVMGPU_MAX_BIND_SIZE, with
+ *   start + size <= 2^48.
+ *
+ * Populates the VM's SVM ranges covering [start, start + size) as GPU page faults would
+ * (CPU pages faulted in, writable where the CPU maps them writable, DMA-mapped for this
+ * device, PTEs written), so that later GPU accesses do not fault. The mapping stays
+ * coherent with the CPU (a later invalidation simply makes the GPU fault again).
+ * Addresses covered by a binding (VM_BIND) are skipped.
+ *
+ * Errors: EINVAL (flags, alignment, size, VA range, the VM is not in fault mode, or the
+ * calling process is not the one that created the VM), ENOENT (no such VM), EFAULT (part
+ * of the range is not mapped by the process, or not readable; with F_WRITE, not
+ * writable), ENOMEM, EAGAIN (CPU invalidations kept racing: retry), ENODEV.
+ */
+struct drm_svmgpu_vm_prefetch {
+	__u32 vm_id;
+	__u32 flags;
+	__u64 start;
+	__u64 size;
+};
+
 #define DRM_SVMGPU_DEVICE_QUERY 0x00
 #define DRM_SVMGPU_VM_CREATE 0x01
 #define DRM_SVMGPU_VM_DESTROY 0x02
@@ -292,6 +362,7 @@ struct drm_svmgpu_wait {
 #define DRM_SVMGPU_VM_BIND 0x05
 #define DRM_SVMGPU_EXEC 0x06
 #define DRM_SVMGPU_WAIT 0x07
+#define DRM_SVMGPU_VM_PREFETCH 0x08
 
 /* Note: an enum so that Rust bindgen can evaluate the ioctl numbers. */
 enum {
@@ -311,6 +382,8 @@ enum {
 					 struct drm_svmgpu_exec),
 	DRM_IOCTL_SVMGPU_WAIT = DRM_IOWR(DRM_COMMAND_BASE + DRM_SVMGPU_WAIT,
 					 struct drm_svmgpu_wait),
+	DRM_IOCTL_SVMGPU_VM_PREFETCH = DRM_IOW(DRM_COMMAND_BASE + DRM_SVMGPU_VM_PREFETCH,
+					       struct drm_svmgpu_vm_prefetch),
 };
 
 #if defined(__cplusplus)

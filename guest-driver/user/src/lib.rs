@@ -26,6 +26,7 @@ pub struct Query {
     pub round_trip_ns: u64,
     pub features: u64,
     pub notifier_mode: u32,
+    pub svm_mode: u32,
     pub invalidations: u64,
     pub invalidation_ns: u64,
     pub gpu_faults: u64,
@@ -33,6 +34,11 @@ pub struct Query {
     pub config: Config,
     pub info: GetInfoResp,
     pub stats: [u64; uapi::SVMGPU_NUM_STATS],
+    pub fault_service_ns: u64,
+    pub svm_faults: u64,
+    pub svm_pages: u64,
+    pub svm_ranges: u64,
+    pub svm_ranges_collected: u64,
 }
 
 impl Query {
@@ -163,6 +169,7 @@ impl Device {
             round_trip_ns: q.round_trip_ns,
             features: q.features,
             notifier_mode: q.notifier_mode,
+            svm_mode: q.svm_mode,
             invalidations: q.invalidations,
             invalidation_ns: q.invalidation_ns,
             gpu_faults: q.gpu_faults,
@@ -170,6 +177,11 @@ impl Device {
             config: Config::decode(&q.config).ok_or_else(|| bad("config"))?,
             info: GetInfoResp::decode(&q.info).ok_or_else(|| bad("info"))?,
             stats: q.stats,
+            fault_service_ns: q.fault_service_ns,
+            svm_faults: q.svm_faults,
+            svm_pages: q.svm_pages,
+            svm_ranges: q.svm_ranges,
+            svm_ranges_collected: q.svm_ranges_collected,
         })
     }
 
@@ -251,6 +263,25 @@ impl Device {
             va,
             size,
             ..Default::default()
+        })
+    }
+
+    /// VM_PREFETCH with any arguments.
+    pub fn vm_prefetch_raw(&self, a: &mut uapi::VmPrefetch) -> io::Result<()> {
+        self.ioctl(uapi::DRM_IOCTL_SVMGPU_VM_PREFETCH, a)
+    }
+
+    /// Populates the fault-mode VM's SVM mapping of `[start, start + size)` ahead of use.
+    pub fn vm_prefetch(&self, vm_id: u32, start: u64, size: u64, write: bool) -> io::Result<()> {
+        self.vm_prefetch_raw(&mut uapi::VmPrefetch {
+            vm_id,
+            flags: if write {
+                uapi::SVMGPU_VM_PREFETCH_F_WRITE
+            } else {
+                0
+            },
+            start,
+            size,
         })
     }
 

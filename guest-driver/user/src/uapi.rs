@@ -10,6 +10,11 @@ pub const SVMGPU_NUM_STATS: usize = 24;
 pub const SVMGPU_NOTIFIER_SINGLE: u32 = 0;
 pub const SVMGPU_NOTIFIER_TWOPASS: u32 = 1;
 
+pub const SVMGPU_SVM_SINGLE: u32 = 0;
+pub const SVMGPU_SVM_PER_DEVICE: u32 = 1;
+pub const SVMGPU_SVM_SHARED: u32 = 2;
+pub const SVMGPU_VM_PREFETCH_F_WRITE: u32 = 1 << 0;
+
 pub const SVMGPU_QUERY_F_STATS: u32 = 1 << 0;
 pub const SVMGPU_VM_CREATE_FAULT_MODE: u32 = 1 << 0;
 pub const SVMGPU_EXEC_QUEUE_LONG_RUNNING: u32 = 1 << 0;
@@ -29,7 +34,7 @@ pub struct DeviceQuery {
     pub round_trip_ns: u64,
     pub features: u64,
     pub notifier_mode: u32,
-    pub pad: u32,
+    pub svm_mode: u32,
     pub invalidations: u64,
     pub invalidation_ns: u64,
     pub gpu_faults: u64,
@@ -37,6 +42,12 @@ pub struct DeviceQuery {
     pub config: [u8; SVMGPU_CONFIG_SIZE],
     pub info: [u8; SVMGPU_INFO_SIZE],
     pub stats: [u64; SVMGPU_NUM_STATS],
+    pub fault_service_ns: u64,
+    pub svm_faults: u64,
+    pub svm_pages: u64,
+    pub svm_ranges: u64,
+    pub svm_ranges_collected: u64,
+    pub reserved: [u64; 3],
 }
 
 impl Default for DeviceQuery {
@@ -47,7 +58,7 @@ impl Default for DeviceQuery {
             round_trip_ns: 0,
             features: 0,
             notifier_mode: 0,
-            pad: 0,
+            svm_mode: 0,
             invalidations: 0,
             invalidation_ns: 0,
             gpu_faults: 0,
@@ -55,6 +66,12 @@ impl Default for DeviceQuery {
             config: [0; SVMGPU_CONFIG_SIZE],
             info: [0; SVMGPU_INFO_SIZE],
             stats: [0; SVMGPU_NUM_STATS],
+            fault_service_ns: 0,
+            svm_faults: 0,
+            svm_pages: 0,
+            svm_ranges: 0,
+            svm_ranges_collected: 0,
+            reserved: [0; 3],
         }
     }
 }
@@ -110,6 +127,15 @@ pub struct Exec {
     pub batch_len: u32,
     pub pad: u32,
     pub fence: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VmPrefetch {
+    pub vm_id: u32,
+    pub flags: u32,
+    pub start: u64,
+    pub size: u64,
 }
 
 #[repr(C)]
@@ -181,6 +207,8 @@ pub const DRM_IOCTL_SVMGPU_WAIT: u64 = ioc(
     DRM_COMMAND_BASE + 7,
     size_of::<Wait>(),
 );
+pub const DRM_IOCTL_SVMGPU_VM_PREFETCH: u64 =
+    ioc(IOC_WRITE, DRM_COMMAND_BASE + 8, size_of::<VmPrefetch>());
 
 #[cfg(test)]
 mod tests {
@@ -189,7 +217,8 @@ mod tests {
     #[test]
     fn sizes_match_the_header() {
         // Sizes a C compiler gives for guest-driver/uapi/svmgpu_drm.h on x86_64.
-        assert_eq!(size_of::<DeviceQuery>(), 360);
+        assert_eq!(size_of::<DeviceQuery>(), 424);
+        assert_eq!(size_of::<VmPrefetch>(), 24);
         assert_eq!(size_of::<VmCreate>(), 8);
         assert_eq!(size_of::<VmDestroy>(), 8);
         assert_eq!(size_of::<ExecQueueCreate>(), 16);
@@ -202,9 +231,10 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_the_header() {
-        assert_eq!(DRM_IOCTL_SVMGPU_DEVICE_QUERY, 0xc168_6440);
+        assert_eq!(DRM_IOCTL_SVMGPU_DEVICE_QUERY, 0xc1a8_6440);
         assert_eq!(DRM_IOCTL_SVMGPU_WAIT, 0xc020_6447);
         assert_eq!(DRM_IOCTL_VERSION, 0xc040_6400);
+        assert_eq!(DRM_IOCTL_SVMGPU_VM_PREFETCH, 0x4018_6448);
     }
 
     #[test]
@@ -213,6 +243,9 @@ mod tests {
         for (name, v) in [
             ("SVMGPU_NOTIFIER_TWOPASS", SVMGPU_NOTIFIER_TWOPASS as u64),
             ("DRM_SVMGPU_WAIT", 7),
+            ("DRM_SVMGPU_VM_PREFETCH", 8),
+            ("SVMGPU_SVM_SHARED", SVMGPU_SVM_SHARED as u64),
+            ("SVMGPU_SVM_PER_DEVICE", SVMGPU_SVM_PER_DEVICE as u64),
             ("SVMGPU_VM_BIND_OP_UNMAP", SVMGPU_VM_BIND_OP_UNMAP as u64),
             (
                 "SVMGPU_VM_BIND_OP_MAP_USERPTR",

@@ -7,6 +7,7 @@ mod gpu;
 mod inject;
 mod ktap;
 mod soak;
+mod svm;
 mod tests;
 mod util;
 

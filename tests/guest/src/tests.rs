@@ -118,6 +118,9 @@ pub const ALL: &[(&str, Test)] = &[
         "invalidation_timing_single_vs_twopass",
         gpu::invalidation_timing,
     ),
+    ("svm_mode_single", crate::svm::mode_single),
+    ("svm_mode_per_device", crate::svm::mode_per_device),
+    ("svm_mode_shared", crate::svm::mode_shared),
     ("module_unload_reload", module_unload_reload),
 ];
 

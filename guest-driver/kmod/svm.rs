@@ -1,0 +1,1139 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Shared virtual memory (SVM): fault-mode VMs use the CPU address space of the process
+//! that created them, with no bind, on one or several devices at once.
+//!
+//! DOC: Overview
+//!
+//! The model follows drm_gpusvm with the range/pages split (drm_gpusvm.c, and the seeds'
+//! "split MM and device state across gpusvm/range/pages"):
+//!
+//! - [`Svm`]: the MM side, one object per process (`mm`), found in a module-wide registry
+//!   keyed by the mm and refcounted by the fault-mode VMs that use it. In `svm_mode=shared`
+//!   every device of the process shares one object; in `single` and `per_device` each
+//!   device has its own (the key also names the device), so each has its own notifiers.
+//! - *Notifiers* ([`SvmNotifier`]): MMU interval notifiers over large aligned intervals
+//!   (512 MiB, as gpusvm's `notifier_size`), created on the first fault in the interval
+//!   and kept until the object is torn down.
+//! - [`Range`]: a CPU VA range mirrored on demand, chunked by what the VMA allows (the
+//!   largest of 2 MiB, 64 KiB, 4 KiB whose aligned chunk around the faulting address lies
+//!   inside the VMA and overlaps no other range), kept in a list sorted by address (the
+//!   interval tree of gpusvm: ranges never overlap, so a binary search finds them). A
+//!   range belongs to the notifier whose interval contains it.
+//! - [`Pages`] (`svm_pages.rs`): the device side, one per VM that touched the range (DMA
+//!   addresses, notifier sequence, valid flag, invalidations in flight): one range, N
+//!   pages, N GPUs.
+//!
+//! GPU page fault ([`Svm::fault`], from a device's fault worker, or [`Svm::prefetch`]):
+//! look the VMA up (no VMA or not readable: `EFAULT`; a write to a read-only VMA:
+//! `EACCES`), find or create the notifier, the range and this VM's pages, then the
+//! `mmu_interval_read_begin` / `hmm_range_fault` / retry loop (`hmm.rs`: the PFN array is
+//! re-initialised on every `-EBUSY`), DMA-map the pages for this device, allocate the
+//! page-table levels the PTEs need, and under the notifier lock check
+//! `mmu_interval_read_retry`: unchanged → write the PTEs and mark the pages valid;
+//! changed (or the range was unmapped meanwhile) → drop the DMA mappings and start over.
+//! Pages are faulted writable when the VMA is writable (so COW is broken once, as gpusvm
+//! does), read-only otherwise. No page is pinned.
+//!
+//! Invalidation ([`SvmNotifierData`] callbacks), for every range the CPU range hits and
+//! every pages object that may be in use: under the notifier lock publish the sequence,
+//! mark the pages invalid, clear the VM's PTEs and *start* a `TLB_INVALIDATE` on its
+//! device (one per VM, covering every range it hits); then *wait* for all of them and
+//! DMA-unmap the pages. `single`: both in the one pass of each device's own notifier, one
+//! device after the other; `per_device`: each device's notifier in two passes, so the
+//! core starts every device before waiting for any; `shared`: the one notifier of the
+//! range starts every device in its first pass and waits for all in its second. The
+//! second-pass state comes from a preallocated pool of the object; when the pool is
+//! empty the first pass waits itself (single pass). A failed or timed-out wait resets the
+//! device before the notifier returns. On `MMU_NOTIFY_UNMAP` the ranges hit are also
+//! marked unmapped and the garbage-collector work is queued: it removes them (a range
+//! partly unmapped is removed whole; the part still mapped is faulted in again as new,
+//! smaller ranges that fit the new VMA: the split). The notifier itself never frees.
+//!
+//! Contracts (from the seeds): a range leaves the list only with every pages object
+//! DMA-unmapped; `hmm_range_fault` only inside read_begin/retry; no `GFP_KERNEL`
+//! allocation and no waiting for reclaim under the notifier lock (lists grow by swapping
+//! in a vector allocated before the lock is taken); a non-blockable invalidation that
+//! would have to stop a device returns `false` (and only `try_lock`s).
+//!
+//! Locking, outermost first (see also the overview in `svmgpu.rs`):
+//!
+//! 1. the VM lock (the fault path holds it throughout; it keeps the VM's link to the
+//!    object, and with it the object and its notifiers, alive);
+//! 2. [`Svm::lock`]: the notifier list (insertion takes the mmap lock) and teardown;
+//! 3. the mmap lock (`hmm_range_fault`, VMA lookup; the core around notifiers);
+//! 4. [`Svm::nlock`], the SVM *notifier lock*: the range list and every range's and
+//!    pages' state; taken in notifier callbacks;
+//! 5. the VM's notifier lock (its page table), inside the SVM one;
+//! 6. the device's locks (control queue...).
+//!
+//! Lifetime: a fault-mode VM takes a reference on the object at creation and gives it
+//! back when it is released (after its ASID is unbound or the device reset, it drops its
+//! pages from every range, unmapping their DMA). The last one removes the object from the
+//! registry and tears it down: notifiers removed (which waits for callbacks in progress),
+//! garbage collector flushed, ranges freed.
+
+use crate::{
+    gpu::GpuAccess,
+    hmm::{self, HmmPfn},
+    mmu_notifier::{FinishItem, IntervalNotifier, IntervalOps, Invalidation, MmRef, Passes, Start},
+    pagetable::Prealloc,
+    svm_pages::{Pages, Staged},
+    vm::Vm,
+    wire, SvmMode,
+};
+use core::{cell::UnsafeCell, ptr::NonNull};
+use kernel::{
+    bindings,
+    mm::{virt::flags as vmf, Mm},
+    new_mutex, new_work,
+    prelude::*,
+    sync::{
+        aref::ARef,
+        atomic::{Atomic, Relaxed},
+        Arc, Mutex,
+    },
+    time::{Instant, Monotonic},
+    types::Opaque,
+    workqueue::{self, impl_has_work, Work, WorkItem},
+};
+
+const SZ_4K: usize = 4096;
+const SZ_64K: usize = 64 << 10;
+const SZ_2M: usize = 2 << 20;
+/// Interval of one notifier (gpusvm's `notifier_size`).
+const NOTIFIER_SIZE: usize = 512 << 20;
+/// Chunk sizes, largest first.
+const CHUNKS: [usize; 3] = [SZ_2M, SZ_64K, SZ_4K];
+/// Pages objects per range (VMs mirroring one range).
+const MAX_PAGES_PER_RANGE: usize = 32;
+/// Devices (VMs) one pending invalidation tracks; more are invalidated synchronously.
+const MAX_TARGETS: usize = 16;
+/// Second-pass items per SVM object.
+const POOL: usize = 64;
+/// Fault retries against racing invalidations before `EAGAIN`.
+const FAULT_TRIES: usize = 64;
+/// `hmm_range_fault` failures (`EFAULT`) before the fault fails.
+const HMM_TRIES: usize = 8;
+
+static RANGES_LIVE: Atomic<u64> = Atomic::new(0);
+static RANGES_COLLECTED: Atomic<u64> = Atomic::new(0);
+
+/// Module-wide (live ranges, ranges collected after unmap).
+pub(crate) fn stats() -> (u64, u64) {
+    (RANGES_LIVE.load(Relaxed), RANGES_COLLECTED.load(Relaxed))
+}
+
+kernel::sync::global_lock! {
+    // SAFETY: Initialised in the module initialiser (`init`) before any VM exists.
+    unsafe(uninit) static REGISTRY: Mutex<KVec<Entry>> = KVec::new();
+}
+
+/// A registry entry: an SVM object and the number of VMs using it.
+struct Entry {
+    svm: Arc<Svm>,
+    users: usize,
+}
+
+/// Initialises the registry (module init, once).
+pub(crate) fn init() {
+    // SAFETY: Called once, from the module initialiser.
+    unsafe { REGISTRY.init() };
+}
+
+/// The SVM object of the calling process for a fault-mode VM on device `gpu_key` (used
+/// only in the per-device modes), created if needed; the caller owns one user reference
+/// ([`release`]).
+pub(crate) fn attach(gpu_key: usize, mode: SvmMode) -> Result<Arc<Svm>> {
+    let cur = MmRef::current().ok_or(EINVAL)?;
+    let key = match mode {
+        SvmMode::Shared => 0,
+        SvmMode::Single | SvmMode::PerDevice => gpu_key,
+    };
+    let passes = match mode {
+        SvmMode::Single => Passes::Single,
+        SvmMode::PerDevice | SvmMode::Shared => Passes::Two,
+    };
+    // Allocated before the registry lock (it is not a notifier lock, but keep it short).
+    let mut reg = REGISTRY.lock();
+    if let Some(e) = reg
+        .iter_mut()
+        .find(|e| e.svm.mm.as_raw() == cur.as_ptr() && e.svm.key == key)
+    {
+        e.users += 1;
+        return Ok(e.svm.clone());
+    }
+    reg.reserve(1, GFP_KERNEL)?;
+    // SAFETY: The current task's mm is alive while it runs the ioctl; `Mm` is a
+    // transparent wrapper of `mm_struct`, and `ARef::from` takes an `mmgrab` reference.
+    let mm: ARef<Mm> = unsafe { Mm::from_raw(cur.as_ptr()) }.into();
+    let svm = Arc::pin_init(
+        try_pin_init!(Svm {
+            mm,
+            key,
+            passes,
+            lock <- new_mutex!(SvmS { notifiers: KVec::new(), dead: false }, "svmgpu_svm"),
+            nlock <- new_mutex!(SvmN { ranges: KVec::new(), dead: false }, "svmgpu_svm_notifier"),
+            gc_work <- new_work!("svmgpu_svm_gc"),
+            pool: FinishPool::new()?,
+        }),
+        GFP_KERNEL,
+    )?;
+    reg.push_within_capacity(Entry {
+        svm: svm.clone(),
+        users: 1,
+    })
+    .map_err(|_| ENOMEM)?;
+    Ok(svm)
+}
+
+/// Gives back a user reference from [`attach`]; the last one tears the object down.
+pub(crate) fn release(svm: Arc<Svm>) {
+    let last = {
+        let mut reg = REGISTRY.lock();
+        let Some(i) = reg.iter().position(|e| Arc::ptr_eq(&e.svm, &svm)) else {
+            return;
+        };
+        reg[i].users -= 1;
+        if reg[i].users == 0 {
+            reg.remove(i).ok()
+        } else {
+            None
+        }
+    };
+    if let Some(e) = last {
+        e.svm.teardown();
+    }
+}
+
+/// The state under [`Svm::lock`].
+struct SvmS {
+    /// Notifiers, never removed before teardown (ranges point to them).
+    notifiers: KVec<Pin<KBox<SvmNotifier>>>,
+    dead: bool,
+}
+
+/// The state under [`Svm::nlock`] (the SVM notifier lock).
+pub(crate) struct SvmN {
+    /// Ranges, sorted by start, non-overlapping.
+    ranges: KVec<KBox<Range>>,
+    dead: bool,
+}
+
+/// A CPU VA range mirrored for the GPUs.
+pub(crate) struct Range {
+    start: usize,
+    end: usize,
+    /// The notifier whose interval contains the range (lives as long as the object).
+    notifier: NonNull<SvmNotifier>,
+    /// The CPU unmapped (part of) the range: the garbage collector removes it.
+    unmapped: bool,
+    /// Bumped by every invalidation that hits the range (under the notifier lock).
+    gen: u64,
+    /// One per VM mirroring the range (capacity reserved at creation).
+    pages: KVec<Pages>,
+}
+
+// SAFETY: `notifier` points to a notifier owned by the SVM object; it is only dereferenced
+// while the object is alive and before teardown removes the notifiers (ranges are freed
+// at teardown, after that, without using it); the rest is `Send`.
+unsafe impl Send for Range {}
+// SAFETY: See `Send`; all mutation happens under the notifier lock.
+unsafe impl Sync for Range {}
+
+impl Range {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn npages(&self) -> usize {
+        self.len() / SZ_4K
+    }
+
+    fn notifier(&self) -> &SvmNotifier {
+        // SAFETY: Notifiers live until teardown, and ranges are only used while the
+        // object is alive (see the type's `Send` comment).
+        unsafe { self.notifier.as_ref() }
+    }
+
+    fn pages_of(&mut self, vm: &Vm) -> Option<&mut Pages> {
+        self.pages.iter_mut().find(|p| p.is_for(vm))
+    }
+}
+
+/// The data of one notifier.
+pub(crate) struct SvmNotifierData {
+    svm: *const Svm,
+    /// First byte of the interval (`NOTIFIER_SIZE` aligned).
+    start: usize,
+}
+
+// SAFETY: `svm` points to the object that owns the notifier and outlives it.
+unsafe impl Send for SvmNotifierData {}
+// SAFETY: See `Send`.
+unsafe impl Sync for SvmNotifierData {}
+
+/// A notifier over one aligned interval of the mm.
+pub(crate) type SvmNotifier = IntervalNotifier<SvmNotifierData>;
+
+/// The per-mm SVM object.
+#[pin_data]
+pub(crate) struct Svm {
+    /// The mirrored mm (`mmgrab`).
+    mm: ARef<Mm>,
+    /// 0 when shared by every device, else the device's key.
+    key: usize,
+    passes: Passes,
+    #[pin]
+    lock: Mutex<SvmS>,
+    #[pin]
+    nlock: Mutex<SvmN>,
+    #[pin]
+    gc_work: Work<Svm>,
+    pool: FinishPool,
+}
+
+impl_has_work! {
+    impl HasWork<Self> for Svm { self.gc_work }
+}
+
+impl WorkItem for Svm {
+    type Pointer = Arc<Svm>;
+
+    fn run(this: Arc<Svm>) {
+        this.collect();
+    }
+}
+
+/// Index of the first range whose end is above `addr`.
+fn first_ending_after(ranges: &[KBox<Range>], addr: usize) -> usize {
+    ranges.partition_point(|r| r.end <= addr)
+}
+
+/// What a VMA lookup found.
+struct VmaInfo {
+    start: usize,
+    end: usize,
+    writable: bool,
+}
+
+impl Svm {
+    /// Whether `mm` of the calling task is the mirrored one.
+    pub(crate) fn is_current_mm(&self) -> bool {
+        MmRef::current().is_some_and(|m| m.as_ptr() == self.mm.as_raw())
+    }
+
+    fn vma_info(&self, addr: usize, write: bool) -> Result<VmaInfo> {
+        let mm = self.mm.mmget_not_zero().ok_or(EFAULT)?;
+        let guard = mm.mmap_read_lock();
+        let vma = guard.vma_lookup(addr).ok_or(EFAULT)?;
+        let fl = vma.flags();
+        let special = (bindings::VM_IO | bindings::VM_PFNMAP) as u64;
+        if (fl as u64) & special != 0 || fl & vmf::READ == 0 {
+            return Err(EFAULT);
+        }
+        let writable = fl & vmf::WRITE != 0;
+        if write && !writable {
+            return Err(EACCES);
+        }
+        let info = VmaInfo {
+            start: vma.start(),
+            end: vma.end(),
+            writable,
+        };
+        drop(guard);
+        // Not the last user in practice (the process is alive while its GPU faults); if
+        // it is, exit_mmap would run here, outside every SVM lock.
+        drop(mm);
+        Ok(info)
+    }
+
+    /// The notifier of the interval containing `addr`, inserted if needed.
+    fn notifier_for(&self, addr: usize) -> Result<NonNull<SvmNotifier>> {
+        let start = addr & !(NOTIFIER_SIZE - 1);
+        let mut s = self.lock.lock();
+        if s.dead {
+            return Err(ENODEV);
+        }
+        for n in s.notifiers.iter() {
+            if n.data().start == start {
+                return Ok(NonNull::from(&**n));
+            }
+        }
+        s.notifiers.reserve(1, GFP_KERNEL)?;
+        let mm = self.mm.mmget_not_zero().ok_or(EFAULT)?;
+        // SAFETY: `mm` holds an `mm_users` reference for the insertion.
+        let mref = unsafe { MmRef::from_raw(mm.as_raw()) };
+        let data = SvmNotifierData {
+            svm: core::ptr::from_ref(self),
+            start,
+        };
+        let n = KBox::pin_init(
+            IntervalNotifier::new(&mref, start, NOTIFIER_SIZE, self.passes, data),
+            GFP_KERNEL,
+        )?;
+        drop(mm);
+        let ptr = NonNull::from(&*n);
+        s.notifiers.push_within_capacity(n).map_err(|_| ENOMEM)?;
+        Ok(ptr)
+    }
+
+    /// Finds the range containing `addr` or creates one (chunked by the VMA), and makes
+    /// sure it has a pages object for `vm`. Returns the range's bounds.
+    fn range_for(&self, vm: &Arc<Vm>, addr: usize, vma: &VmaInfo) -> Result<(usize, usize)> {
+        let notifier = self.notifier_for(addr)?;
+        let nstart = addr & !(NOTIFIER_SIZE - 1);
+        // Everything that may be needed, allocated before the notifier lock.
+        let alloc_range = || -> Result<KBox<Range>> {
+            Ok(KBox::new(
+                Range {
+                    start: 0,
+                    end: 0,
+                    notifier,
+                    unmapped: false,
+                    gen: 0,
+                    pages: KVec::with_capacity(MAX_PAGES_PER_RANGE, GFP_KERNEL)?,
+                },
+                GFP_KERNEL,
+            )?)
+        };
+        let mut new_range = None;
+        let mut spare: KVec<KBox<Range>> = {
+            let ns = self.nlock.lock();
+            let len = ns.ranges.len();
+            if len == ns.ranges.capacity() {
+                drop(ns);
+                KVec::with_capacity(len * 2 + 16, GFP_KERNEL)?
+            } else {
+                KVec::new()
+            }
+        };
+        let mut pages = None;
+        loop {
+            let mut ns = self.nlock.lock();
+            if ns.dead {
+                return Err(ENODEV);
+            }
+            let i = first_ending_after(&ns.ranges, addr);
+            let found = i < ns.ranges.len() && ns.ranges[i].start <= addr;
+            if found && ns.ranges[i].unmapped {
+                // Waiting for the garbage collector: collect it now.
+                drop(ns);
+                self.collect();
+                continue;
+            }
+            if !found && new_range.is_none() {
+                drop(ns);
+                new_range = Some(alloc_range()?);
+                continue;
+            }
+            if !found {
+                // The largest chunk inside the VMA and the notifier interval, not
+                // overlapping a neighbour.
+                let lo = if i > 0 { ns.ranges[i - 1].end } else { 0 };
+                let hi = ns.ranges.get(i).map_or(usize::MAX, |r| r.start);
+                let lo = lo.max(vma.start).max(nstart);
+                let hi = hi.min(vma.end).min(nstart + NOTIFIER_SIZE);
+                let (s, e) = CHUNKS
+                    .iter()
+                    .map(|&c| {
+                        let s = addr & !(c - 1);
+                        (s, s + c)
+                    })
+                    .find(|&(s, e)| s >= lo && e <= hi)
+                    .ok_or(EFAULT)?;
+                if ns.ranges.len() == ns.ranges.capacity() {
+                    if spare.capacity() <= ns.ranges.len() {
+                        let want = ns.ranges.len() * 2 + 16;
+                        drop(ns);
+                        spare = KVec::with_capacity(want, GFP_KERNEL)?;
+                        continue;
+                    }
+                    // Move the ranges into the bigger vector (no allocation).
+                    for r in ns.ranges.drain_all() {
+                        let _ = spare.push_within_capacity(r);
+                    }
+                    core::mem::swap(&mut ns.ranges, &mut spare);
+                }
+                let mut r = new_range.take().ok_or(ENOMEM)?;
+                r.start = s;
+                r.end = e;
+                ns.ranges.insert_within_capacity(i, r).map_err(|_| ENOMEM)?;
+                RANGES_LIVE.add(1, Relaxed);
+            }
+            let r = &mut ns.ranges[i];
+            let bounds = (r.start, r.end);
+            if r.pages_of(vm).is_some() {
+                return Ok(bounds);
+            }
+            match pages.take() {
+                Some(p) => {
+                    r.pages.push_within_capacity(p).map_err(|_| ENOSPC)?;
+                    return Ok(bounds);
+                }
+                None => {
+                    let n = r.npages();
+                    drop(ns);
+                    pages = Some(Pages::new(vm, n)?);
+                }
+            }
+        }
+    }
+
+    /// Resolves a GPU fault (or a prefetch) of `vm` at `addr`: makes the VM's PTEs map the
+    /// CPU pages of the range containing it. The caller holds the VM lock (the VM is
+    /// alive and uses this object) and `acc`. `in_binding` tells whether a VA range
+    /// overlaps one of the VM's bindings (SVM then refuses it). Returns the end of the
+    /// range. Errors: `EFAULT` (no usable CPU mapping), `EACCES` (write to read-only
+    /// memory), `ENOMEM`, `ENOSPC`, `EAGAIN`, `ENODEV`, `ESRCH`.
+    pub(crate) fn fault(
+        &self,
+        vm: &Arc<Vm>,
+        acc: &GpuAccess<'_>,
+        addr: usize,
+        write: bool,
+        in_binding: impl Fn(u64, u64) -> bool,
+    ) -> Result<usize> {
+        let addr = addr & !(SZ_4K - 1);
+        // `hmm_range_fault` failures: the VMA may have changed between the lookup and the
+        // fault (mprotect, munmap racing), so a failure is retried from the lookup a few
+        // times before it is final (a permanent one, e.g. a file page beyond EOF, fails
+        // the same way every time).
+        let mut hmm_failures = 0;
+        for _ in 0..FAULT_TRIES {
+            let vma = self.vma_info(addr, write)?;
+            let (start, end) = self.range_for(vm, addr, &vma)?;
+            if start < vma.start || end > vma.end {
+                // The VMA changed since the range was made (mprotect or mremap split it):
+                // the range no longer has one protection. Evict it; the next round makes
+                // a smaller one that fits.
+                self.evict(start)?;
+                continue;
+            }
+            if in_binding(start as u64, (end - start) as u64) {
+                return Err(EFAULT);
+            }
+            match self.populate(vm, acc, start, end, vma.writable) {
+                Ok(true) => return Ok(end),
+                // The range went away (unmapped) or an invalidation raced: again.
+                Ok(false) => continue,
+                Err(e) if e == EFAULT || e == EPERM => {
+                    hmm_failures += 1;
+                    if hmm_failures >= HMM_TRIES {
+                        return Err(EFAULT);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EAGAIN)
+    }
+
+    /// Faults in, maps and commits the range `[start, end)` for `vm`. `Ok(false)` if it
+    /// must be retried from the VMA lookup.
+    fn populate(
+        &self,
+        vm: &Arc<Vm>,
+        acc: &GpuAccess<'_>,
+        start: usize,
+        end: usize,
+        writable: bool,
+    ) -> Result<bool> {
+        let npages = (end - start) / SZ_4K;
+        let mut pfns: KVVec<HmmPfn> = KVVec::from_elem(0, npages, GFP_KERNEL)?;
+        let mut staged = Staged::new(vm, npages)?;
+        for _ in 0..FAULT_TRIES {
+            // The range's invalidation count, read *before* `read_begin` (see below).
+            let (notifier, gen0) = {
+                let mut ns = self.nlock.lock();
+                let i = first_ending_after(&ns.ranges, start);
+                let Some(r) = ns
+                    .ranges
+                    .get_mut(i)
+                    .filter(|r| r.start == start && !r.unmapped)
+                else {
+                    return Ok(false);
+                };
+                let (n, g) = (r.notifier, r.gen);
+                match r.pages_of(vm) {
+                    Some(p) if p.valid && (p.writable || !writable) => return Ok(true),
+                    Some(_) => (n, g),
+                    None => return Ok(false),
+                }
+            };
+            // SAFETY: Notifiers live until teardown, which cannot start while the caller
+            // holds the VM lock of a VM using this object.
+            let notifier = unsafe { notifier.as_ref() };
+            let seq = hmm::fault_range(notifier, start, &mut pfns, writable)?;
+            staged.map(&pfns, writable)?;
+            let counts = match vm.nlock.lock().pt.as_ref() {
+                Some(pt) => pt.missing(start as u64, (end - start) as u64),
+                None => return Err(ENODEV),
+            };
+            let mut pre = Prealloc::alloc(acc.dma_dev(), counts)?;
+            let mut ns = self.nlock.lock();
+            let i = first_ending_after(&ns.ranges, start);
+            let Some(r) = ns
+                .ranges
+                .get_mut(i)
+                .filter(|r| r.start == start && !r.unmapped)
+            else {
+                return Ok(false);
+            };
+            // The pages are current unless an invalidation hit the range since `gen0` was
+            // read. The notifier's own sequence covers its whole interval, so unrelated
+            // invalidations elsewhere in it would make the check fail needlessly; the
+            // range's count is exact: every invalidation of the range bumps it under this
+            // lock in its first pass, and one whose first pass ran before `gen0` was read
+            // had finished (or `read_begin` waited for it) before the pages were walked.
+            if r.gen != gen0 && r.notifier().read_retry(seq) {
+                // Invalidated since read_begin: these pages may be stale.
+                drop(ns);
+                staged.unmap();
+                continue;
+            }
+            let Some(p) = r.pages_of(vm) else {
+                return Ok(false);
+            };
+            let res = p.commit(start as u64, &mut staged, &mut pre, seq);
+            drop(ns);
+            drop(pre);
+            res?;
+            return Ok(true);
+        }
+        Err(EAGAIN)
+    }
+
+    /// Removes the range starting at `start` now, as if the CPU had unmapped it: every
+    /// device's PTEs are cleared and its TLBs invalidated (waited for) before the pages
+    /// are DMA-unmapped and the range leaves the list.
+    fn evict(&self, start: usize) -> Result {
+        let mut vms: KVec<Arc<Vm>> = KVec::with_capacity(MAX_PAGES_PER_RANGE, GFP_KERNEL)?;
+        let len = {
+            let mut ns = self.nlock.lock();
+            let i = first_ending_after(&ns.ranges, start);
+            let Some(r) = ns.ranges.get_mut(i).filter(|r| r.start == start) else {
+                return Ok(());
+            };
+            r.unmapped = true;
+            r.gen = r.gen.wrapping_add(1);
+            let (s, l) = (r.start as u64, r.len() as u64);
+            for p in r.pages.iter_mut() {
+                if p.invalidate(s, l) {
+                    // Within the capacity: at most MAX_PAGES_PER_RANGE pages objects.
+                    let _ = vms.push_within_capacity(p.vm.clone());
+                }
+            }
+            l
+        };
+        for vm in vms.iter() {
+            let _ = vm.invalidate_tlb(start as u64, len);
+        }
+        {
+            let mut ns = self.nlock.lock();
+            let i = first_ending_after(&ns.ranges, start);
+            if let Some(r) = ns.ranges.get_mut(i).filter(|r| r.start == start) {
+                for p in r.pages.iter_mut() {
+                    if vms.iter().any(|v| p.is_for(v)) {
+                        p.invalidated();
+                    }
+                }
+            }
+        }
+        self.collect();
+        Ok(())
+    }
+
+    /// Drops `vm`'s pages from every range (or from the ranges overlapping `only`), after
+    /// clearing its PTEs; with `flush`, the device's TLBs are invalidated (and waited
+    /// for) before the DMA mappings go, else the caller guarantees the device no longer
+    /// uses the VM's translations (ASID unbound, device reset).
+    pub(crate) fn detach_vm(&self, vm: &Vm, only: Option<(u64, u64)>, flush: bool) {
+        let hit = |r: &Range| {
+            only.is_none_or(|(va, size)| {
+                crate::vm::ranges_overlap(r.start as u64, r.len() as u64, va, size)
+            })
+        };
+        if flush {
+            let mut any = false;
+            {
+                let mut ns = self.nlock.lock();
+                for r in ns.ranges.iter_mut().filter(|r| hit(r)) {
+                    let (s, l) = (r.start as u64, r.len() as u64);
+                    if let Some(p) = r.pages_of(vm) {
+                        any |= p.invalidate(s, l);
+                    }
+                }
+            }
+            if any {
+                let (va, size) = only.unwrap_or((0, 1u64 << wire::VA_BITS));
+                let _ = vm.invalidate_tlb(va, size);
+            }
+        }
+        let mut ns = self.nlock.lock();
+        for r in ns.ranges.iter_mut().filter(|r| hit(r)) {
+            // Dropping a pages object unmaps its DMA addresses (the device no longer
+            // uses them, see above).
+            r.pages.retain(|p| !p.is_for(vm));
+        }
+    }
+
+    /// The garbage collector: removes the ranges the CPU unmapped, once no invalidation
+    /// is in flight for them, DMA-unmapping their pages first.
+    fn collect(&self) {
+        loop {
+            let victim = {
+                let mut ns = self.nlock.lock();
+                let Some(i) = ns
+                    .ranges
+                    .iter()
+                    .position(|r| r.unmapped && r.pages.iter().all(|p| p.inflight == 0))
+                else {
+                    return;
+                };
+                let r = &mut ns.ranges[i];
+                // The invalidation that marked it unmapped cleared the PTEs and waited for
+                // the TLBs: unmap before the range leaves the list.
+                for p in r.pages.iter_mut() {
+                    p.valid = false;
+                    p.release_dma();
+                }
+                ns.ranges.remove(i).ok()
+            };
+            if victim.is_some() {
+                RANGES_LIVE.add(1u64.wrapping_neg(), Relaxed);
+                RANGES_COLLECTED.add(1, Relaxed);
+            }
+            drop(victim);
+        }
+    }
+
+    /// Tears the object down once no VM uses it.
+    fn teardown(&self) {
+        let notifiers = {
+            let mut s = self.lock.lock();
+            s.dead = true;
+            core::mem::take(&mut s.notifiers)
+        };
+        // Removal waits for the callbacks in progress; none starts afterwards.
+        drop(notifiers);
+        // A queued collection runs now (and drops its reference, never the last: the
+        // caller holds one).
+        // SAFETY: The work item is embedded in `self`, which is alive.
+        unsafe { bindings::flush_work(Work::<Svm>::raw_get(&self.gc_work)) };
+        let ranges = {
+            let mut ns = self.nlock.lock();
+            ns.dead = true;
+            core::mem::take(&mut ns.ranges)
+        };
+        RANGES_LIVE.add((ranges.len() as u64).wrapping_neg(), Relaxed);
+        drop(ranges);
+    }
+
+    fn queue_gc(&self) {
+        // SAFETY: `self` is inside an `Arc` (every `Svm` is created by `attach`), which the
+        // registry keeps alive until teardown has removed the notifiers and cancelled the
+        // work; `ManuallyDrop` keeps the count balanced.
+        let me = core::mem::ManuallyDrop::new(unsafe { Arc::from_raw(core::ptr::from_ref(self)) });
+        // Queueing never allocates; if it is queued already, the clone is dropped here,
+        // never the last reference (the registry holds one).
+        let _ = workqueue::system().enqueue(Arc::clone(&me));
+    }
+}
+
+// ---- invalidation ---------------------------------------------------------------------------
+
+/// One device (VM) an invalidation started on.
+struct Target {
+    vm: Arc<Vm>,
+    ticket: Option<crate::ctrl::Ticket>,
+    /// The command could not be started: reset the device.
+    failed: bool,
+    start: u64,
+    end: u64,
+}
+
+/// The first pass's state, carried to the second.
+pub(crate) struct Pending {
+    targets: [Option<Target>; MAX_TARGETS],
+    start: usize,
+    end: usize,
+    t0: Instant<Monotonic>,
+}
+
+impl Pending {
+    fn new(start: usize, end: usize) -> Self {
+        Self {
+            targets: [const { None }; MAX_TARGETS],
+            start,
+            end,
+            t0: Instant::<Monotonic>::now(),
+        }
+    }
+}
+
+enum Begin {
+    Retry,
+    Nothing,
+    Started(Pending),
+}
+
+fn start_tlb_invalidate(vm: &Vm, start: u64, end: u64) -> Option<crate::ctrl::Ticket> {
+    let body = wire::TlbInvalidateReq {
+        asid: vm.asid,
+        flags: 0,
+        va: start,
+        size: end - start,
+    }
+    .to_bytes();
+    vm.gpu
+        .ctrl
+        .start(wire::Opcode::TlbInvalidate, &body, true)
+        .ok()
+}
+
+impl SvmNotifierData {
+    fn svm(&self) -> &Svm {
+        // SAFETY: The object owns the notifier and outlives it (teardown removes the
+        // notifiers first).
+        unsafe { &*self.svm }
+    }
+
+    /// The notifier's interval.
+    fn interval(&self) -> (usize, usize) {
+        (self.start, self.start + NOTIFIER_SIZE)
+    }
+
+    /// First pass: publish the sequence, invalidate the pages, start the TLB
+    /// invalidations.
+    fn begin(this: &SvmNotifier, inv: &Invalidation<'_>) -> Begin {
+        let svm = this.data().svm();
+        let mut ns = if inv.blockable() {
+            svm.nlock.lock()
+        } else {
+            match svm.nlock.try_lock() {
+                Some(g) => g,
+                None => return Begin::Retry,
+            }
+        };
+        let (nstart, nend) = this.data().interval();
+        let start = inv.start().max(nstart);
+        let end = inv.end().min(nend);
+        let first = first_ending_after(&ns.ranges, start);
+        let hit = |r: &KBox<Range>| r.start < end;
+        if !inv.blockable() {
+            // Only go on if no device has to be stopped.
+            let busy = ns.ranges[first..]
+                .iter()
+                .take_while(|r| hit(r))
+                .any(|r| r.pages.iter().any(|p| p.busy()));
+            if busy {
+                return Begin::Retry;
+            }
+        }
+        inv.set_seq();
+        if ns.dead {
+            return Begin::Nothing;
+        }
+        let unmap = inv.event() == bindings::mmu_notifier_event_MMU_NOTIFY_UNMAP;
+        let mut p = Pending::new(start, end);
+        let mut any = false;
+        let mut gc = false;
+        for r in ns.ranges[first..].iter_mut() {
+            if r.start >= end {
+                break;
+            }
+            r.gen = r.gen.wrapping_add(1);
+            if unmap {
+                r.unmapped = true;
+                gc = true;
+            }
+            let (rs, rl) = (r.start as u64, r.len() as u64);
+            for pg in r.pages.iter_mut() {
+                if !pg.invalidate(rs, rl) {
+                    continue;
+                }
+                any = true;
+                let slot = p
+                    .targets
+                    .iter()
+                    .position(|t| t.as_ref().is_some_and(|t| Arc::ptr_eq(&t.vm, &pg.vm)))
+                    .or_else(|| p.targets.iter().position(|t| t.is_none()));
+                match slot {
+                    Some(k) => {
+                        let t = p.targets[k].get_or_insert_with(|| Target {
+                            vm: pg.vm.clone(),
+                            ticket: None,
+                            failed: false,
+                            start: rs,
+                            end: rs + rl,
+                        });
+                        t.start = t.start.min(rs);
+                        t.end = t.end.max(rs + rl);
+                    }
+                    None => {
+                        // More devices than a pending invalidation tracks: this one is
+                        // stopped right here (the invalidation is blockable).
+                        let ok = start_tlb_invalidate(&pg.vm, rs, rs + rl)
+                            .map(|t| pg.vm.gpu.ctrl.wait(t))
+                            .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));
+                        if !ok {
+                            pg.vm
+                                .gpu
+                                .reset_and_recover("an SVM TLB invalidation failed or timed out");
+                        }
+                        pg.invalidated();
+                    }
+                }
+            }
+        }
+        // Start every device before anyone waits.
+        for t in p.targets.iter_mut().flatten() {
+            t.ticket = start_tlb_invalidate(&t.vm, t.start, t.end);
+            t.failed = t.ticket.is_none();
+        }
+        drop(ns);
+        if gc {
+            svm.queue_gc();
+        }
+        if any {
+            Begin::Started(p)
+        } else {
+            Begin::Nothing
+        }
+    }
+
+    /// Second pass (or the rest of the single pass): wait for every device, then unmap.
+    fn complete(this: &SvmNotifier, mut p: Pending) {
+        let svm = this.data().svm();
+        for t in p.targets.iter_mut().flatten() {
+            let ok = !t.failed
+                && t.ticket
+                    .take()
+                    .map(|tk| t.vm.gpu.ctrl.wait(tk))
+                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));
+            if !ok {
+                // No guarantee from the device: reset it (it then holds no translation).
+                t.vm.gpu
+                    .reset_and_recover("an SVM TLB invalidation failed or timed out");
+            }
+        }
+        {
+            let mut ns = svm.nlock.lock();
+            let first = first_ending_after(&ns.ranges, p.start);
+            for r in ns.ranges[first..].iter_mut() {
+                if r.start >= p.end {
+                    break;
+                }
+                for pg in r.pages.iter_mut() {
+                    let mine = p
+                        .targets
+                        .iter()
+                        .flatten()
+                        .any(|t| Arc::ptr_eq(&t.vm, &pg.vm));
+                    if mine && pg.inflight > 0 {
+                        pg.invalidated();
+                    }
+                }
+            }
+        }
+        let gc = {
+            let ns = svm.nlock.lock();
+            let first = first_ending_after(&ns.ranges, p.start);
+            ns.ranges[first..]
+                .iter()
+                .take_while(|r| r.start < p.end)
+                .any(|r| r.unmapped)
+        };
+        if gc {
+            // Unmapped ranges whose invalidation just finished can go now.
+            svm.queue_gc();
+        }
+        let dt = p.t0.elapsed().as_nanos().max(0) as u64;
+        for t in p.targets.iter().flatten() {
+            t.vm.gpu.stats.invalidations.add(1, Relaxed);
+            t.vm.gpu.stats.invalidation_ns.add(dt, Relaxed);
+        }
+        // Dropping the VM references here is never the last one for a live VM's pages;
+        // a VM released meanwhile only frees memory.
+        drop(p);
+    }
+}
+
+impl IntervalOps for SvmNotifierData {
+    type Finish = FinishRef;
+
+    fn invalidate(this: &SvmNotifier, inv: &Invalidation<'_>) -> bool {
+        match Self::begin(this, inv) {
+            Begin::Retry => false,
+            Begin::Nothing => true,
+            Begin::Started(p) => {
+                Self::complete(this, p);
+                true
+            }
+        }
+    }
+
+    fn invalidate_start(this: &SvmNotifier, inv: &Invalidation<'_>) -> Start<FinishRef> {
+        match Self::begin(this, inv) {
+            Begin::Retry => Start::Retry,
+            Begin::Nothing => Start::Done,
+            Begin::Started(p) => match this.data().svm().pool.get(p) {
+                Ok(f) => Start::Finish(f),
+                // No finish item free: fall back to single pass.
+                Err(p) => {
+                    Self::complete(this, p);
+                    Start::Done
+                }
+            },
+        }
+    }
+
+    fn invalidate_finish(this: &SvmNotifier, finish: FinishRef) {
+        let p = this.data().svm().pool.put(finish);
+        if let Some(p) = p {
+            Self::complete(this, p);
+        }
+    }
+}
+
+// ---- the finish pool ------------------------------------------------------------------------
+
+/// One second-pass state, embedding the core's `struct mmu_interval_notifier_finish`.
+#[repr(C)]
+pub(crate) struct FinishSlot {
+    link: Opaque<bindings::mmu_interval_notifier_finish>,
+    pending: UnsafeCell<Option<Pending>>,
+    idx: usize,
+}
+
+/// Preallocated [`FinishSlot`]s; taking and returning one never allocates or sleeps.
+pub(crate) struct FinishPool {
+    slots: KVec<FinishSlot>,
+    free: Atomic<u64>,
+}
+
+// SAFETY: A slot's `pending` is only accessed by the owner of the slot (between `get` and
+// `put`), which the atomic bit mask makes exclusive; the rest is immutable.
+unsafe impl Sync for FinishPool {}
+// SAFETY: See `Sync`; `Pending` is `Send`.
+unsafe impl Send for FinishPool {}
+
+/// A slot taken from the pool, handed to the core between the two passes.
+pub(crate) struct FinishRef(NonNull<FinishSlot>);
+
+// SAFETY: `into_link` returns the `link` field of a slot of the pool of an SVM object,
+// which outlives its notifiers' invalidations; `from_link` recovers it with `container_of!`.
+unsafe impl FinishItem for FinishRef {
+    fn into_link(self) -> NonNull<bindings::mmu_interval_notifier_finish> {
+        // SAFETY: `self.0` points to a live slot.
+        let link = unsafe { (*self.0.as_ptr()).link.get() };
+        // SAFETY: A field of a live slot is never null.
+        unsafe { NonNull::new_unchecked(link) }
+    }
+
+    unsafe fn from_link(link: NonNull<bindings::mmu_interval_notifier_finish>) -> Self {
+        // SAFETY: Per the contract, `link` is the `link` field of a `FinishSlot`.
+        let slot =
+            unsafe { kernel::container_of!(Opaque::cast_from(link.as_ptr()), FinishSlot, link) };
+        // SAFETY: `slot` is derived from a valid field pointer.
+        Self(unsafe { NonNull::new_unchecked(slot.cast_mut()) })
+    }
+}
+
+impl FinishPool {
+    fn new() -> Result<Self> {
+        let mut slots = KVec::with_capacity(POOL, GFP_KERNEL)?;
+        for idx in 0..POOL {
+            slots.push(
+                FinishSlot {
+                    link: Opaque::uninit(),
+                    pending: UnsafeCell::new(None),
+                    idx,
+                },
+                GFP_KERNEL,
+            )?;
+        }
+        Ok(Self {
+            slots,
+            free: Atomic::new(u64::MAX),
+        })
+    }
+
+    fn get(&self, p: Pending) -> core::result::Result<FinishRef, Pending> {
+        let mut cur = self.free.load(Relaxed);
+        loop {
+            if cur == 0 {
+                return Err(p);
+            }
+            let bit = cur.trailing_zeros() as usize;
+            match self
+                .free
+                .cmpxchg(cur, cur & !(1u64 << bit), kernel::sync::atomic::Acquire)
+            {
+                Ok(_) => {
+                    let slot = &self.slots[bit];
+                    // SAFETY: The bit was ours to clear: the slot is exclusively ours.
+                    unsafe { *slot.pending.get() = Some(p) };
+                    return Ok(FinishRef(NonNull::from(slot)));
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn put(&self, f: FinishRef) -> Option<Pending> {
+        // SAFETY: `f` came from `get` of this pool and is returned once.
+        let slot = unsafe { f.0.as_ref() };
+        // SAFETY: The slot is ours until its bit is set again below.
+        let p = unsafe { (*slot.pending.get()).take() };
+        let bit = 1u64 << slot.idx;
+        let mut cur = self.free.load(Relaxed);
+        loop {
+            match self
+                .free
+                .cmpxchg(cur, cur | bit, kernel::sync::atomic::Release)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        p
+    }
+}
+
+#[kunit_tests(svmgpu_svm)]
+mod tests {
+    use super::*;
+
+    fn chunk(addr: usize, lo: usize, hi: usize) -> Option<(usize, usize)> {
+        CHUNKS
+            .iter()
+            .map(|&c| {
+                let s = addr & !(c - 1);
+                (s, s + c)
+            })
+            .find(|&(s, e)| s >= lo && e <= hi)
+    }
+
+    #[test]
+    fn chunks_follow_the_vma() {
+        // A 4 MiB VMA, 2 MiB aligned: 2 MiB chunks.
+        assert_eq!(
+            chunk(0x20_1000, 0x20_0000, 0x60_0000),
+            Some((0x20_0000, 0x40_0000))
+        );
+        // A 1 MiB VMA: 64 KiB chunks.
+        assert_eq!(
+            chunk(0x21_1000, 0x20_0000, 0x30_0000),
+            Some((0x21_0000, 0x22_0000))
+        );
+        // A 12 KiB VMA: 4 KiB chunks.
+        assert_eq!(
+            chunk(0x20_2000, 0x20_1000, 0x20_4000),
+            Some((0x20_2000, 0x20_3000))
+        );
+        // Outside: none.
+        assert_eq!(chunk(0x10_0000, 0x20_0000, 0x30_0000), None);
+    }
+}
