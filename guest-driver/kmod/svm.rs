@@ -557,6 +557,13 @@ impl Svm {
                 let (n, g) = (r.notifier, r.gen);
                 match r.pages_of(vm) {
                     Some(p) if p.valid && (p.writable || !writable) => return Ok(true),
+                    Some(p) if p.valid => {
+                        // Mapped read-only, now needed writable: stop the device from
+                        // using the old mapping before it is replaced.
+                        drop(ns);
+                        self.zap_vm_range(vm, start);
+                        continue;
+                    }
                     Some(_) => (n, g),
                     None => return Ok(false),
                 }
@@ -602,6 +609,36 @@ impl Svm {
             return Ok(true);
         }
         Err(EAGAIN)
+    }
+
+    /// Makes `vm`'s pages of the range at `start` invalid: PTEs cleared, TLBs invalidated
+    /// and waited for, DMA unmapped (the pages object stays).
+    fn zap_vm_range(&self, vm: &Vm, start: usize) {
+        let mut len = 0;
+        {
+            let mut ns = self.nlock.lock();
+            let i = first_ending_after(&ns.ranges, start);
+            if let Some(r) = ns.ranges.get_mut(i).filter(|r| r.start == start) {
+                let (s, l) = (r.start as u64, r.len() as u64);
+                if r.pages_of(vm).is_some_and(|p| p.invalidate(s, l)) {
+                    len = l;
+                }
+            }
+        }
+        if len == 0 {
+            return;
+        }
+        let _ = vm.invalidate_tlb(start as u64, len);
+        let mut ns = self.nlock.lock();
+        let i = first_ending_after(&ns.ranges, start);
+        if let Some(p) = ns
+            .ranges
+            .get_mut(i)
+            .filter(|r| r.start == start)
+            .and_then(|r| r.pages_of(vm))
+        {
+            p.invalidated();
+        }
     }
 
     /// Removes the range starting at `start` now, as if the CPU had unmapped it: every

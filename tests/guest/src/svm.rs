@@ -592,7 +592,9 @@ fn mremap_moves(devs: &[Device]) -> CResult {
             dst.ptr.cast::<libc::c_void>(),
         )
     };
-    ensure(std::ptr::eq(p.cast::<u8>(), dst.ptr), || "mremap failed".into())?;
+    ensure(std::ptr::eq(p.cast::<u8>(), dst.ptr), || {
+        "mremap failed".into()
+    })?;
     ensure(s.gpu_sums(dst.addr(), len)? == want, || {
         "GPU checksum at the new address".into()
     })?;

@@ -7,6 +7,13 @@
 //! svmgpu bench-invalidate [--iters N] [--size BYTES] [--long-running]
 //!                                   time CPU invalidations (mprotect) of one buffer bound
 //!                                   on every device
+//! svmgpu bench-svm-invalidate [--iters N] [--size BYTES]
+//!                                   time CPU invalidations (mprotect) of one SVM range
+//!                                   mirrored on every device (fault-mode VMs, no bind)
+//! svmgpu bench-fault [--iters N] [--contexts C]
+//!                                   GPU fault service time (event to reply) against a
+//!                                   bare command round trip, and fault throughput with
+//!                                   C contexts
 //! ```
 
 use std::process::ExitCode;
@@ -15,7 +22,8 @@ use svmgpu::{spec::isa::Insn, Batch, Device, Mapping};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: svmgpu list | query [--stats] [N] | run [N] [--size BYTES] | \
-         bench-invalidate [--iters N] [--size BYTES] [--long-running]"
+         bench-invalidate [--iters N] [--size BYTES] [--long-running] | \
+         bench-svm-invalidate [--iters N] [--size BYTES] | bench-fault [--iters N] [--contexts C]"
     );
     ExitCode::from(2)
 }
@@ -37,6 +45,7 @@ fn main() -> ExitCode {
     let mut size = 64 * 1024usize;
     let mut iters = 200usize;
     let mut long_running = false;
+    let mut contexts = 8usize;
     let mut it = args[1..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -44,6 +53,7 @@ fn main() -> ExitCode {
             "--long-running" => long_running = true,
             "--size" => size = it.next().and_then(|v| v.parse().ok()).unwrap_or(size),
             "--iters" => iters = it.next().and_then(|v| v.parse().ok()).unwrap_or(iters),
+            "--contexts" => contexts = it.next().and_then(|v| v.parse().ok()).unwrap_or(contexts),
             v => match v.parse() {
                 Ok(v) => n = Some(v),
                 Err(_) => return usage(),
@@ -124,6 +134,26 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("svmgpu: bench-invalidate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        "bench-svm-invalidate" => match bench_svm_invalidate(&devs, iters, size) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("svmgpu: bench-svm-invalidate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        "bench-fault" => match bench_fault(&devs, iters, contexts) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("svmgpu: bench-fault: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -249,5 +279,295 @@ pub fn bench_invalidate(
         bmed,
         invals,
         inval_ns / invals.max(1)
+    ))
+}
+
+/// Anonymous memory of `len` bytes aligned to `align`, inside a reservation that is
+/// unmapped on drop.
+struct Aligned {
+    base: *mut libc::c_void,
+    base_len: usize,
+    addr: u64,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, align: usize) -> std::io::Result<Self> {
+        // SAFETY: A fresh reservation, then a fixed read-write mapping inside it.
+        unsafe {
+            let base_len = len + align;
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                base_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+            let a = (base as usize).div_ceil(align) * align;
+            let p = libc::mmap(
+                a as *mut _,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                libc::munmap(base, base_len);
+                return Err(e);
+            }
+            // Populate it on the CPU: the GPU faults measure the driver, not page
+            // allocation.
+            std::ptr::write_bytes(p.cast::<u8>(), 0x11, len);
+            Ok(Aligned {
+                base,
+                base_len,
+                addr: a as u64,
+                len,
+            })
+        }
+    }
+
+    fn protect(&self, prot: i32) -> std::io::Result<()> {
+        // SAFETY: Our mapping; only its protection changes.
+        if unsafe { libc::mprotect(self.addr as *mut _, self.len, prot) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: The reservation made by `new`.
+        unsafe { libc::munmap(self.base, self.base_len) };
+    }
+}
+
+/// A fault-mode VM with a queue and a prefetched batch page on one device.
+struct SvmCtx<'a> {
+    dev: &'a Device,
+    vm: u32,
+    q: u32,
+    batch: Mapping,
+}
+
+impl<'a> SvmCtx<'a> {
+    fn new(dev: &'a Device) -> std::io::Result<Self> {
+        let vm = dev.vm_create(true)?;
+        let q = dev.exec_queue_create(vm, false)?;
+        let batch = Mapping::anon(64 * 1024)?;
+        dev.vm_prefetch(vm, batch.addr(), batch.len() as u64, true)?;
+        Ok(SvmCtx { dev, vm, q, batch })
+    }
+
+    fn run(&mut self, b: &Batch) -> std::io::Result<()> {
+        b.write_to(self.batch.as_mut_slice());
+        let f = self
+            .dev
+            .exec_retry(self.q, self.batch.addr(), b.len_bytes() as u32)?;
+        let o = self.dev.wait(self.q, f, 30_000_000_000)?;
+        if o.error != 0 {
+            return Err(std::io::Error::other(format!("job failed: {o:?}")));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SvmCtx<'_> {
+    fn drop(&mut self) {
+        let _ = self.dev.exec_queue_destroy(self.q);
+        let _ = self.dev.vm_destroy(self.vm);
+    }
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+fn svm_mode_name(m: u32) -> &'static str {
+    match m {
+        svmgpu::uapi::SVMGPU_SVM_SINGLE => "single",
+        svmgpu::uapi::SVMGPU_SVM_PER_DEVICE => "per_device",
+        _ => "shared",
+    }
+}
+
+/// One SVM range (`size` bytes, aligned to itself) mirrored on every device through
+/// fault-mode VMs: each iteration makes every device fault it in (a job that stores into
+/// it), then times the `mprotect(PROT_READ)` that invalidates it on all of them at once.
+pub fn bench_svm_invalidate(devs: &[Device], iters: usize, size: usize) -> std::io::Result<String> {
+    if devs.is_empty() {
+        return Err(std::io::Error::other("no device"));
+    }
+    let size = size.next_power_of_two().max(4096);
+    let data = Aligned::new(size, size)?;
+    let mut ctxs = devs
+        .iter()
+        .map(SvmCtx::new)
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let driver = |d: &Device| {
+        d.query(false)
+            .map(|q| (q.invalidations, q.invalidation_ns))
+            .unwrap_or((0, 0))
+    };
+    let before: Vec<(u64, u64)> = devs.iter().map(driver).collect();
+    let mut times = Vec::with_capacity(iters);
+    let mut baseline = Vec::with_capacity(iters);
+    for it in 0..iters {
+        for (i, c) in ctxs.iter_mut().enumerate() {
+            let mut b = Batch::new();
+            b.push(Insn::Store {
+                size64: false,
+                va: data.addr + (i * 64) as u64,
+                value: it as u64,
+            })
+            .end();
+            c.run(&b)?;
+        }
+        let t0 = now_ns();
+        data.protect(libc::PROT_READ)?;
+        times.push(now_ns() - t0);
+        data.protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        // Nothing mirrored on the GPUs now: the same call without device work.
+        let t2 = now_ns();
+        data.protect(libc::PROT_READ)?;
+        baseline.push(now_ns() - t2);
+        data.protect(libc::PROT_READ | libc::PROT_WRITE)?;
+    }
+    let after: Vec<(u64, u64)> = devs.iter().map(driver).collect();
+    let mode = devs[0].query(false)?.svm_mode;
+    drop(ctxs.drain(..));
+    let invals: u64 = after.iter().zip(&before).map(|(a, b)| a.0 - b.0).sum();
+    let inval_ns: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+    let mean = times.iter().sum::<u64>() / times.len().max(1) as u64;
+    let min = times.iter().copied().min().unwrap_or(0);
+    Ok(format!(
+        "bench=svm_invalidate svm_mode={} devices={} iters={} size={} median_ns={} mean_ns={} \
+         min_ns={} baseline_median_ns={} device_invalidations={} driver_mean_ns_per_device_invalidation={}",
+        svm_mode_name(mode),
+        devs.len(),
+        iters,
+        size,
+        median(&mut times),
+        mean,
+        min,
+        median(&mut baseline),
+        invals,
+        inval_ns / invals.max(1)
+    ))
+}
+
+/// GPU fault service time and fault throughput, on fault-mode VMs.
+///
+/// Service: `iters` times, a fresh 4 KiB mapping (one 4 KiB SVM range, populated on the
+/// CPU) is stored to by a job; the driver's DEVICE_QUERY counters give the time from the
+/// PAGE_FAULT event to the completion of its FAULT_REPLY; DEVICE_QUERY's GET_INFO round
+/// trip, measured in the same loop, is the bare command round trip. Throughput: `contexts`
+/// threads, each with its own VM and queue (on the devices in turn), run jobs that store
+/// once into each 64 KiB chunk of fresh 1 MiB mappings (one fault per chunk).
+pub fn bench_fault(devs: &[Device], iters: usize, contexts: usize) -> std::io::Result<String> {
+    if devs.is_empty() {
+        return Err(std::io::Error::other("no device"));
+    }
+    let d = &devs[0];
+    let mut c = SvmCtx::new(d)?;
+    let mut service = Vec::with_capacity(iters);
+    let mut rtt = Vec::with_capacity(iters);
+    let mut job_fault = Vec::with_capacity(iters);
+    let mut job_nofault = Vec::with_capacity(iters);
+    for it in 0..iters {
+        let m = Aligned::new(4096, 4096)?;
+        let mut b = Batch::new();
+        b.push(Insn::Store {
+            size64: false,
+            va: m.addr + 8,
+            value: it as u64,
+        })
+        .end();
+        let q0 = d.query(false)?;
+        let t0 = now_ns();
+        c.run(&b)?;
+        let t1 = now_ns();
+        let q1 = d.query(false)?;
+        c.run(&b)?;
+        job_nofault.push(now_ns() - t1);
+        job_fault.push(t1 - t0);
+        let nf = q1.gpu_faults - q0.gpu_faults;
+        if let Some(per_fault) = (q1.fault_service_ns - q0.fault_service_ns).checked_div(nf) {
+            service.push(per_fault);
+        }
+        rtt.push(q0.round_trip_ns);
+        rtt.push(q1.round_trip_ns);
+    }
+    drop(c);
+    // Throughput.
+    let rounds = 4usize;
+    let f0: u64 = devs
+        .iter()
+        .map(|d| d.query(false).map(|q| q.svm_faults).unwrap_or(0))
+        .sum();
+    let t0 = now_ns();
+    let errors: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..contexts)
+            .map(|t| {
+                let d = &devs[t % devs.len()];
+                sc.spawn(move || -> std::io::Result<()> {
+                    let mut c = SvmCtx::new(d)?;
+                    for _ in 0..rounds {
+                        let m = Aligned::new(1 << 20, 1 << 20)?;
+                        let mut b = Batch::new();
+                        for chunk in 0..16u64 {
+                            b.push(Insn::Store {
+                                size64: false,
+                                va: m.addr + chunk * 65536 + 4 * t as u64,
+                                value: t as u64,
+                            });
+                        }
+                        b.end();
+                        // A 1 MiB VMA aligned to 1 MiB: 64 KiB ranges, one fault each.
+                        c.run(&b)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .filter_map(|h| h.join().ok().and_then(|r| r.err()).map(|e| e.to_string()))
+            .collect()
+    });
+    let dt = now_ns() - t0;
+    if let Some(e) = errors.first() {
+        return Err(std::io::Error::other(e.clone()));
+    }
+    let f1: u64 = devs
+        .iter()
+        .map(|d| d.query(false).map(|q| q.svm_faults).unwrap_or(0))
+        .sum();
+    let svc = median(&mut service);
+    let rt = median(&mut rtt);
+    Ok(format!(
+        "bench=fault svm_mode={} devices={} iters={} fault_service_median_ns={} \
+         bare_round_trip_median_ns={} service_over_round_trip={:.2} job_with_fault_median_ns={} \
+         job_without_fault_median_ns={} contexts={} throughput_faults={} throughput_ns={} \
+         faults_per_s={:.0}",
+        svm_mode_name(d.query(false)?.svm_mode),
+        devs.len(),
+        iters,
+        svc,
+        rt,
+        svc as f64 / rt.max(1) as f64,
+        median(&mut job_fault),
+        median(&mut job_nofault),
+        contexts,
+        f1 - f0,
+        dt,
+        (f1 - f0) as f64 * 1e9 / dt.max(1) as f64
     ))
 }
