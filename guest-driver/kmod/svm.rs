@@ -29,11 +29,15 @@
 //! `EACCES`), find or create the notifier, the range and this VM's pages, then the
 //! `mmu_interval_read_begin` / `hmm_range_fault` / retry loop (`hmm.rs`: the PFN array is
 //! re-initialised on every `-EBUSY`), DMA-map the pages for this device, allocate the
-//! page-table levels the PTEs need, and under the notifier lock check
-//! `mmu_interval_read_retry`: unchanged → write the PTEs and mark the pages valid;
-//! changed (or the range was unmapped meanwhile) → drop the DMA mappings and start over.
-//! Pages are faulted writable when the VMA is writable (so COW is broken once, as gpusvm
-//! does), read-only otherwise. No page is pinned.
+//! page-table levels the PTEs need, and under the notifier lock check that no
+//! invalidation hit the range since (the range's invalidation count, read before
+//! `read_begin`, unchanged — or `mmu_interval_read_retry` false): then write the PTEs and
+//! mark the pages valid; else (or if the range was unmapped meanwhile) drop the DMA
+//! mappings and start over. Pages are faulted writable when the VMA is writable (so COW
+//! is broken once, as gpusvm does), read-only otherwise. No page is pinned. A range whose
+//! VMA was split since it was made (mprotect, mremap) is evicted (invalidated on every
+//! device and removed) and made again to fit. A fault that keeps losing races returns
+//! `EAGAIN`, which the fault worker answers `RESUME` (the access faults again).
 //!
 //! Invalidation ([`SvmNotifierData`] callbacks), for every range the CPU range hits and
 //! every pages object that may be in use: under the notifier lock publish the sequence,
