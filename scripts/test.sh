@@ -111,29 +111,29 @@ fi
 if [[ $INJECT -eq 1 ]]; then
     ip=0 if=0
     for entry in "${INJECT_SUITE[@]}"; do
-        name=${entry%%|*} spec=${entry#*|}
-        if [[ -n $INJECT_ONLY && " $INJECT_ONLY " != *" $name "* ]]; then continue; fi
-        dir="$OUT/inject-$name"
+        kind=${entry%%|*} spec=${entry#*|}
+        if [[ -n $INJECT_ONLY && " $INJECT_ONLY " != *" $kind "* ]]; then continue; fi
+        dir="$OUT/inject-$kind"
         inject_run() {
             "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout 300 --inject "$spec" \
-                -- /bin/svmgpu-ktap --only "inject_$name" --out /dev/ttyS1 >"$OUT/inject-$name.out" 2>&1
+                -- /bin/svmgpu-ktap --only "inject_$kind" --out /dev/ttyS1 >"$OUT/inject-$kind.out" 2>&1
         }
         rc=0
-        step "fault injection: $name ($spec)" inject_run || rc=$?
-        summary=$("$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$dir/channel.log" "inject-$name" 2>&1) || rc=1
+        step "fault injection: $kind ($spec)" inject_run || rc=$?
+        summary=$("$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$dir/channel.log" "inject-$kind" 2>&1) || rc=1
         echo "$summary"
-        if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$dir/console.log" 2>>"$OUT/inject-$name.out"; then
-            rc=1; echo "inject-$name: kernel console shows a warning/BUG/lockdep/DMA-API report"
+        if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$dir/console.log" 2>>"$OUT/inject-$kind.out"; then
+            rc=1; echo "inject-$kind: kernel console shows a warning/BUG/lockdep/DMA-API report"
         fi
         # The device's own view (its statistics, written when it exits): no stale access.
         if grep -q '"stale_accesses":[1-9]' "$dir/device-stats.json" 2>/dev/null; then
-            rc=1; echo "inject-$name: the device's audit counted stale accesses"
+            rc=1; echo "inject-$kind: the device's audit counted stale accesses"
         fi
         if [[ $rc -eq 0 ]]; then
             ip=$((ip + 1))
         else
             if=$((if + 1)); failed=1
-            tail -n 40 "$OUT/inject-$name.out" >&2 || true
+            tail -n 40 "$OUT/inject-$kind.out" >&2 || true
         fi
     done
     results+=("inject: $ip passed, $if failed, 0 skipped (one guest per fault kind)")
