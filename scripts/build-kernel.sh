@@ -106,6 +106,12 @@ main() {
         *) usage >&2; exit 2 ;;
     esac
     local key; key=$(kernel_key)
+    if [[ $print_only -eq 0 ]]; then
+        # One work tree serves every checkout on this machine: builds take turns.
+        mkdir -p "$SVMGPU_CACHE/kernel"
+        exec 9>"$SVMGPU_CACHE/kernel/.lock"
+        flock -n 9 || { log "another kernel build is running; waiting"; flock 9; }
+    fi
     if [[ -f $KDIR/.key && $(cat "$KDIR/.key") == "$key" && -f $KDIR/build/arch/x86/boot/bzImage ]]; then
         [[ $print_only -eq 1 ]] && { echo "$KDIR/build"; exit 0; }
         log "kernel up to date (key $key): $KDIR/build/arch/x86/boot/bzImage"

@@ -6,6 +6,7 @@ set -euo pipefail
 [[ ${1:-} == -h || ${1:-} == --help || $# -ne 1 ]] && {
     echo "Usage: console-check.sh CONSOLE_LOG"; [[ $# -eq 1 ]] && exit 0; exit 2; }
 log=$1
+[[ -f $log ]] || { echo "console-check: $log missing (the guest did not run)" >&2; exit 1; }
 patterns=(
     'WARNING: '                               # WARN_ON and friends
     'BUG: '                                   # BUG(), sleeping in atomic, bad page state
