@@ -44,6 +44,7 @@ INJECT_SUITE=(
     "completion_duplicate|completion-duplicate:p=1"
     "completion_reorder|completion-reorder:p=0.5"
     "device_reset|device-reset:after=6,count=1,device=0"
+    "reset_timeout|device-reset:after=3,count=1,delay_us=8000000,device=1"
     "walk_read_error|walk-read-error:p=0.05,count=60"
 )
 

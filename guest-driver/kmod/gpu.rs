@@ -244,6 +244,13 @@ pub(crate) struct Gpu {
     #[pin]
     last_reset: SpinLock<LastReset>,
     vdev: VdevPtr,
+    /// The virtio reset of the last resort (see [`Gpu::wedge`]).
+    #[pin]
+    wedge_work: Work<Gpu, 3>,
+    #[pin]
+    wedge_state: SpinLock<u8>,
+    #[pin]
+    wedge_cv: CondVar,
     /// The driver's job timeout (ms), writable in debugfs.
     pub(crate) job_timeout_ms: Atomic<u32>,
     pub(crate) recovery: Recovery,
@@ -259,7 +266,13 @@ pub(crate) struct Gpu {
 impl_has_work! {
     impl HasWork<Self, 0> for Gpu { self.fault_work }
     impl HasWork<Self, 1> for Gpu { self.reset_work }
+    impl HasWork<Self, 3> for Gpu { self.wedge_work }
 }
+
+/// `wedge_state`: no virtio reset asked for, asked for (the wedge work runs), done.
+const WEDGE_NONE: u8 = 0;
+const WEDGE_REQUESTED: u8 = 1;
+const WEDGE_DONE: u8 = 2;
 
 impl_has_delayed_work! {
     impl HasDelayedWork<Self, 2> for Gpu { self.watchdog }
@@ -600,7 +613,7 @@ impl Gpu {
     /// virtio, which stops every access to guest memory, and given up (every operation
     /// then fails with `ENODEV`): either way nothing the device did before can reach guest
     /// memory when this returns.
-    pub(crate) fn reset_and_recover(&self, why: &'static str) {
+    pub(crate) fn reset_and_recover(self: &Arc<Self>, why: &'static str) {
         if self.is_dead() || self.ctrl.is_closed() {
             return;
         }
@@ -648,7 +661,35 @@ impl Gpu {
 
     /// Stops the device for good with a virtio reset (it then touches no memory and raises
     /// no interrupt) and fails everything: the last resort when `RESET` does not work.
-    fn wedge(&self) {
+    /// Waits until that is done.
+    ///
+    /// The virtio reset runs in a work item (`wedge_work`): the transport synchronises its
+    /// interrupt vectors under the PCI MSI domain mutex, whose holders allocate memory, and
+    /// callers here may be MMU notifiers (reclaim context). The wait is not a real
+    /// dependency on that mutex: this device's instance of it is only taken by its own
+    /// probe and unbind, which never run while a VM of the device lives.
+    fn wedge(self: &Arc<Self>) {
+        *self.wedge_state.lock() = WEDGE_REQUESTED;
+        let _ = workqueue::system().enqueue::<_, 3>(self.clone());
+        let mut st = self.wedge_state.lock();
+        while *st != WEDGE_DONE {
+            self.wedge_cv.wait(&mut st);
+        }
+    }
+
+    /// The wedge work: the virtio reset and failing everything (see [`Gpu::wedge`]).
+    fn do_wedge(&self) {
+        if *self.wedge_state.lock() != WEDGE_REQUESTED {
+            return;
+        }
+        if !self.is_dead() {
+            self.virtio_reset_and_fail();
+        }
+        *self.wedge_state.lock() = WEDGE_DONE;
+        self.wedge_cv.notify_all();
+    }
+
+    fn virtio_reset_and_fail(&self) {
         inc(&self.recovery.virtio_resets);
         // SAFETY: The device is bound (see `VdevPtr`); a virtio reset is allowed at any time.
         unsafe { bindings::virtio_reset_device(self.vdev.0) };
@@ -737,7 +778,7 @@ impl Gpu {
     /// (later jobs `-ECANCELED`), bans the queue, counts the hang against its file (banned
     /// after [`crate::fence::HANG_BAN_LIMIT`]), and destroys the context, which frees the
     /// engine; if `CTX_DESTROY` does not answer, resets the device.
-    fn handle_hang(&self, ctx_id: u32, job: Option<u64>, timeout: bool) {
+    fn handle_hang(self: &Arc<Self>, ctx_id: u32, job: Option<u64>, timeout: bool) {
         let f = self
             .ctxs
             .lock()
@@ -782,7 +823,7 @@ impl Gpu {
 
     /// The watchdog: declares hung the oldest job of every queue that made no progress for
     /// the job timeout (the `ENGINE_HANG` event may have been lost, or never sent).
-    fn watchdog(&self) {
+    fn watchdog(self: &Arc<Self>) {
         let timeout = self.job_timeout_ms.load(Relaxed);
         let n = self.ctxs.lock().len();
         for id in 0..n {
@@ -904,6 +945,14 @@ impl WorkItem<1> for Gpu {
         if let Ok(_access) = this.enter() {
             this.handle_reset();
         }
+    }
+}
+
+impl WorkItem<3> for Gpu {
+    type Pointer = Arc<Gpu>;
+
+    fn run(this: Arc<Gpu>) {
+        this.do_wedge();
     }
 }
 
@@ -1129,6 +1178,9 @@ impl GpuDriver {
                     "svmgpu_last_reset"
                 ),
                 vdev: VdevPtr(dev.as_raw()),
+                wedge_work <- new_work!("svmgpu_wedge_work"),
+                wedge_state <- new_spinlock!(WEDGE_NONE, "svmgpu_wedge"),
+                wedge_cv <- new_condvar!("svmgpu_wedge_cv"),
                 job_timeout_ms: Atomic::new(JOB_TIMEOUT_MS),
                 recovery: Recovery::new(),
                 access <- new_spinlock!(Access { users: 0, dead: false }, "svmgpu_access"),
@@ -1252,6 +1304,7 @@ impl virtio::Driver for GpuDriver {
         unsafe {
             bindings::flush_work(Work::<Gpu, 0>::raw_get(&gpu.fault_work));
             bindings::flush_work(Work::<Gpu, 1>::raw_get(&gpu.reset_work));
+            bindings::flush_work(Work::<Gpu, 3>::raw_get(&gpu.wedge_work));
             bindings::flush_delayed_work(
                 core::ptr::from_ref(&gpu.watchdog)
                     .cast::<bindings::delayed_work>()

@@ -71,7 +71,12 @@ fn debugfs_dir(d: &Device) -> Result<String, String> {
 
 /// The driver's recovery counters of `d` (debugfs).
 fn recovery(d: &Device) -> Result<BTreeMap<String, String>, String> {
-    let path = format!("{}/recovery", debugfs_dir(d)?);
+    recovery_at(&debugfs_dir(d)?)
+}
+
+/// The recovery counters in the debugfs directory `dir` (also once the device is given up).
+fn recovery_at(dir: &str) -> Result<BTreeMap<String, String>, String> {
+    let path = format!("{dir}/recovery");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     Ok(text
         .lines()
@@ -1054,5 +1059,95 @@ pub fn device_reset(_env: &Env, name: &str, k: &mut K) {
         c.add("scenario", Err(e));
     }
     final_checks(&devs, &[0], &mut c);
+    c.finish(k, name);
+}
+
+/// The device resets itself for 8 s at its 4th control request
+/// (`device-reset:after=3,count=1,delay_us=8000000,device=1`), which is the TLB
+/// invalidation of an mprotect while a job runs: the invalidation is refused
+/// (`RESETTING`), the driver's `RESET` is refused too for longer than its 5 s bound, so the
+/// driver stops the device with a virtio reset before the notifier returns, and gives the
+/// device up (ENODEV; the job in flight fails with -EIO). The other device is not affected;
+/// reloading the module binds the device again and it serves new work.
+pub fn reset_timeout(_env: &Env, name: &str, k: &mut K) {
+    let mut c = Cases::new();
+    let r = (|| -> TResult {
+        let devs = ctx("enumerate", Device::enumerate())?;
+        ensure(devs.len() >= 2, || "needs 2 devices".into())?;
+        let d = &devs[1];
+        let dir = debugfs_dir(d)?;
+        let mut s = Setup::new(d, false, false)?; // ASID_BIND, CTX_CREATE
+        s.bind_data(16 << 10)?;
+        s.batch_buf.write_u32(SEM_OFF, 0);
+        let fj = ctx("EXEC J", s.submit(&blocked_job(DATA_VA + 8, 0xdead)))?; // JOB_SUBMIT
+        sleep_ms(10);
+        let t0 = now_ns();
+        mprotect_cycle(s.data())?; // TLB_INVALIDATE: the device resets itself
+        let dt = (now_ns() - t0) / 1_000_000;
+        k.diag(&format!("the invalidation returned after {dt} ms"));
+        c.add(
+            "notifier_returns_after_virtio_reset",
+            (|| {
+                let rec = recovery_at(&dir)?;
+                let get = |k: &str| rec.get(k).cloned().unwrap_or_default();
+                let v: u64 = get("virtio_resets").parse().unwrap_or(0);
+                let r = get("last_reset_reason");
+                k.diag(&format!("last reset reason: {r}"));
+                ensure(v == 1 && r.contains("virtio reset"), || {
+                    format!("virtio_resets {v}, reason {r}")
+                })?;
+                ensure(dt >= 4000, || {
+                    format!("returned after {dt} ms, before RESET's 5 s bound")
+                })
+            })(),
+        );
+        c.add(
+            "job_in_flight_fails_eio",
+            (|| {
+                let o = ctx("WAIT", s.wait(fj))?;
+                ensure(o.error == EIO, || format!("{o:?}"))
+            })(),
+        );
+        c.add("device_given_up", {
+            let e1 = errno_of(s.submit_at(1, &store(DATA_VA, 1)));
+            let e2 = errno_of(d.exec_queue_create(s.vm, false));
+            ensure(e1 == libc::EIO && e2 == libc::ENODEV, || {
+                format!("EXEC on the lost queue: errno {e1}, EXEC_QUEUE_CREATE: errno {e2}")
+            })
+        });
+        c.add(
+            "device_0_unaffected",
+            (|| {
+                let fr = ctx(
+                    "fill_and_checksum",
+                    svmgpu::fill_and_checksum(&devs[0], 16 << 10, 0x99, DATA_VA),
+                )?;
+                ensure(
+                    fr.outcome.error == 0 && fr.pattern_ok && fr.gpu_sum == fr.cpu_sum,
+                    || format!("{fr:?}"),
+                )
+            })(),
+        );
+        drop(s);
+        drop(devs);
+        c.add(
+            "module_reload_binds_again",
+            (|| {
+                run("rmmod", &["svmgpu"])?;
+                run("insmod", &[MODULE_PATH])?;
+                ensure(wait_for(10_000, || bound_devices() >= 2), || {
+                    "devices not bound again".into()
+                })
+            })(),
+        );
+        Ok(())
+    })();
+    if let Err(e) = r {
+        c.add("scenario", Err(e));
+    }
+    match Device::enumerate() {
+        Ok(devs) if devs.len() >= 2 => final_checks(&devs, &[1], &mut c),
+        other => c.add("devices_after_reload", Err(format!("{other:?}"))),
+    }
     c.finish(k, name);
 }

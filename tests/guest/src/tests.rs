@@ -43,6 +43,7 @@ pub const INJECT: &[(&str, Test)] = &[
     ("inject_completion_duplicate", inject::completion_duplicate),
     ("inject_completion_reorder", inject::completion_reorder),
     ("inject_device_reset", inject::device_reset),
+    ("inject_reset_timeout", inject::reset_timeout),
     ("inject_walk_read_error", inject::walk_read_error),
 ];
 
