@@ -87,8 +87,9 @@ struct State {
     /// Jobs accepted (or being submitted) and not retired, oldest first.
     pending: [Job; MAX_PENDING],
     npending: usize,
-    /// When the oldest pending job last made progress (submitted to an idle queue, or an
-    /// earlier job completed): the driver's hang timeout counts from here.
+    /// When the oldest pending job last made progress (submitted to an idle queue, an
+    /// earlier job completed, or the queue's context raised a page fault or had one
+    /// resolved): the driver's hang timeout counts from here.
     progress: Instant<Monotonic>,
     /// The first failed job: seqno, errno, device status.
     error: Option<(u64, i32, u32)>,
@@ -329,6 +330,14 @@ impl Fences {
         drop(s);
         self.cv.notify_all();
         Some(hung)
+    }
+
+    /// The queue's running job made progress (it faulted, or a fault of it was resolved).
+    pub(crate) fn progress(&self) {
+        let mut s = self.state.lock();
+        if s.npending > 0 {
+            s.progress = Instant::<Monotonic>::now();
+        }
     }
 
     /// If the oldest pending job made no progress for `timeout_ms`, its seqno.

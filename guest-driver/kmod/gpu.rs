@@ -472,6 +472,10 @@ impl Gpu {
                     inc(&r.fault_events_duplicate);
                     return;
                 }
+                drop(ring);
+                // A context that faults is running, not hung (the watchdog's view).
+                self.ctx_progress(f.ctx_id);
+                let mut ring = self.faults.lock();
                 if ring.len == cap {
                     ring.dropped += 1;
                 } else {
@@ -591,6 +595,8 @@ impl Gpu {
                     inc(&self.recovery.fault_replies_not_found);
                 }
             }
+            // The context continues: the watchdog counts this as progress.
+            self.ctx_progress(f.ctx_id);
             if let Some(t0) = f.t0 {
                 let dt = t0.elapsed().as_nanos().max(0) as u64;
                 self.stats.fault_service_ns.add(dt, Relaxed);
@@ -818,6 +824,19 @@ impl Gpu {
                     || r.status == wire::Status::NotFound.as_u32() => {}
             Err(e) if e == ENODEV => {}
             _ => self.reset_and_recover("CTX_DESTROY of a hung context failed"),
+        }
+    }
+
+    /// The context `ctx_id` made progress (a fault raised or resolved): its jobs are not
+    /// hung (any context: IRQ-safe locks only).
+    fn ctx_progress(&self, ctx_id: u32) {
+        let f = self
+            .ctxs
+            .lock()
+            .get(ctx_id as usize)
+            .and_then(|f| f.clone());
+        if let Some(f) = f {
+            f.progress();
         }
     }
 
