@@ -463,7 +463,7 @@ impl Gpu {
         }
         match ev {
             wire::Event::PageFault(f) => {
-                let mut ring = self.faults.lock();
+                let ring = self.faults.lock();
                 let cap = ring.recs.len();
                 let queued =
                     (0..ring.len).any(|i| ring.recs[(ring.head + i) % cap].fault_id == f.fault_id);
