@@ -22,7 +22,7 @@ Prints a table, writes the plot (SVG) and keeps the raw results.
 
 Options:
   --gpus LIST          vGPU counts (default "1 2 4 8")
-  --tlb-latency-us US  device TLB invalidation latency (default 2000)
+  --tlb-latency-us US  device TLB invalidation latency (default 10000)
   --iters N            invalidations timed per mode and N (default 30)
   --fault-iters N      faults timed for the service time (default 100)
   --contexts N         contexts of the throughput run (default 8)
@@ -35,7 +35,7 @@ one-time set-up (scripts/setup.sh).
 EOF
 }
 
-GPUS="1 2 4 8" LAT_US=2000 ITERS=30 FAULT_ITERS=100 CONTEXTS=8 OUT="" SVG=""
+GPUS="1 2 4 8" LAT_US=10000 ITERS=30 FAULT_ITERS=100 CONTEXTS=8 OUT="" SVG=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --gpus) GPUS=$2; shift 2 ;;

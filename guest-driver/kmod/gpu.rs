@@ -588,6 +588,13 @@ impl Gpu {
                 flags: 0,
             }
             .to_bytes();
+            // Service time: from the event to the reply handed to the device (its
+            // acknowledgement is one more round trip, which the device may delay while
+            // the resumed context runs).
+            if let Some(t0) = f.t0 {
+                let dt = t0.elapsed().as_nanos().max(0) as u64;
+                self.stats.fault_service_ns.add(dt, Relaxed);
+            }
             // NOT_FOUND is normal (duplicated or phantom faults, context destroyed or
             // device reset meanwhile): counted, not an error.
             if let Ok(reply) = self.ctrl.call(wire::Opcode::FaultReply, &body, &mut []) {
@@ -597,10 +604,6 @@ impl Gpu {
             }
             // The context continues: the watchdog counts this as progress.
             self.ctx_progress(f.ctx_id);
-            if let Some(t0) = f.t0 {
-                let dt = t0.elapsed().as_nanos().max(0) as u64;
-                self.stats.fault_service_ns.add(dt, Relaxed);
-            }
         }
     }
 

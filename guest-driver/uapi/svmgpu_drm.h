@@ -115,7 +115,7 @@ extern "C" {
  * @info: out: the body of the GET_INFO response the device sent for this call.
  * @stats: out (with SVMGPU_QUERY_F_STATS, else zero): the GET_STATS counters.
  * @fault_service_ns: out: total time of the @gpu_faults, each from the arrival of its
- *   PAGE_FAULT event to the completion of the FAULT_REPLY the driver sent for it.
+ *   PAGE_FAULT event to the FAULT_REPLY the driver sent for it (handed to the device).
  * @svm_faults: out: of @gpu_faults, the ones resolved through SVM (no binding).
  * @svm_pages: out: SVM pages objects (one range mirrored by one VM) of this device now.
  * @svm_ranges: out: SVM ranges of every process, module-wide, now.
