@@ -39,7 +39,10 @@ device_build() {
 mkdir -p "$SVMGPU_CACHE/logs"
 if [[ $QUIET -eq 1 ]] && "$SVMGPU_ROOT/scripts/build-kernel.sh" --print-dir >/dev/null 2>&1 \
     && "$SVMGPU_ROOT/scripts/build-qemu.sh" --check >/dev/null 2>&1; then
-    # Fast path: kernel and QEMU cached; the rest is incremental and quick.
+    # Fast path: kernel and QEMU cached; the rest is incremental and quick. build-qemu.sh
+    # without --check points current/qemu at the cached entry (a new SVMGPU_CACHE sharing
+    # the entries of another has no such link yet).
+    "$SVMGPU_ROOT/scripts/build-qemu.sh" >/dev/null
     device_build
     "$SVMGPU_ROOT/scripts/build-guest.sh"
     exit 0
