@@ -129,6 +129,9 @@ T0=$(date +%s)
 STOP_AT=$((T0 + SECS - 20))
 while kill -0 "$VM_PID" 2>/dev/null && ! grep -q '^svmgpu-soak-result' "$CHANNEL" 2>/dev/null; do
     rand 5; sleep $((2 + R))
+    # The VM may have ended while we slept (its run directory is then gone).
+    kill -0 "$VM_PID" 2>/dev/null || break
+    grep -q '^svmgpu-soak-result' "$CHANNEL" 2>/dev/null && break
     if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$CONSOLE" >"$OUT/console-check.out" 2>&1; then
         violations+=("kernel console: $(head -n 3 "$OUT/console-check.out" | tr '\n' ' ')")
         break
