@@ -53,8 +53,9 @@
  *   bindings and page tables stay valid). While the device resets itself, commands are
  *   retried for up to 5 s before an ioctl fails with EAGAIN.
  * - Hang: a job that makes no progress (the device reports ENGINE_HANG, or the driver's
- *   job timeout expires: 10 s without any job of the queue completing, settable in
- *   debugfs svmgpu/virtioN/job_timeout_ms) fails with -ETIMEDOUT, the jobs queued behind
+ *   job timeout expires: 10 s in which no job of the queue completed and none raised or
+ *   had resolved a GPU page fault, settable in debugfs svmgpu/virtioN/job_timeout_ms)
+ *   fails with -ETIMEDOUT, the jobs queued behind
  *   it with -ECANCELED, and its queue is banned: EXEC on it is ECANCELED.
  * - Ban: after SVMGPU_HANG_BAN_LIMIT hangs of its jobs, an open file is banned:
  *   EXEC_QUEUE_CREATE and EXEC are ECANCELED (open the render node again).
