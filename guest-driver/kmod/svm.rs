@@ -78,15 +78,16 @@
 //! garbage collector flushed, ranges freed.
 
 use crate::{
+    finish_pool,
     gpu::GpuAccess,
     hmm::{self, HmmPfn},
-    mmu_notifier::{FinishItem, IntervalNotifier, IntervalOps, Invalidation, MmRef, Passes, Start},
+    mmu_notifier::{IntervalNotifier, IntervalOps, Invalidation, MmRef, Passes, Start},
     pagetable::Prealloc,
     svm_pages::{Pages, Staged},
     vm::Vm,
     wire, SvmMode,
 };
-use core::{cell::UnsafeCell, ptr::NonNull};
+use core::ptr::NonNull;
 use kernel::{
     bindings,
     mm::{virt::flags as vmf, Mm},
@@ -98,7 +99,6 @@ use kernel::{
         Arc, Mutex,
     },
     time::{Instant, Monotonic},
-    types::Opaque,
     workqueue::{self, impl_has_work, Work, WorkItem},
 };
 
@@ -109,12 +109,14 @@ const SZ_2M: usize = 2 << 20;
 const NOTIFIER_SIZE: usize = 512 << 20;
 /// Chunk sizes, largest first.
 const CHUNKS: [usize; 3] = [SZ_2M, SZ_64K, SZ_4K];
+/// Second-pass state of an SVM notifier, from the SVM object's pool.
+type FinishRef = finish_pool::FinishRef<Pending>;
+type FinishPool = finish_pool::FinishPool<Pending>;
+
 /// Pages objects per range (VMs mirroring one range).
 const MAX_PAGES_PER_RANGE: usize = 32;
 /// Devices (VMs) one pending invalidation tracks; more are invalidated synchronously.
 const MAX_TARGETS: usize = 16;
-/// Second-pass items per SVM object.
-const POOL: usize = 64;
 /// Fault retries against racing invalidations before `EAGAIN`.
 const FAULT_TRIES: usize = 64;
 /// `hmm_range_fault` failures (`EFAULT`) before the fault fails.
@@ -1035,111 +1037,6 @@ impl IntervalOps for SvmNotifierData {
         if let Some(p) = p {
             Self::complete(this, p);
         }
-    }
-}
-
-// ---- the finish pool ------------------------------------------------------------------------
-
-/// One second-pass state, embedding the core's `struct mmu_interval_notifier_finish`.
-#[repr(C)]
-pub(crate) struct FinishSlot {
-    link: Opaque<bindings::mmu_interval_notifier_finish>,
-    pending: UnsafeCell<Option<Pending>>,
-    idx: usize,
-}
-
-/// Preallocated [`FinishSlot`]s; taking and returning one never allocates or sleeps.
-pub(crate) struct FinishPool {
-    slots: KVec<FinishSlot>,
-    free: Atomic<u64>,
-}
-
-// SAFETY: A slot's `pending` is only accessed by the owner of the slot (between `get` and
-// `put`), which the atomic bit mask makes exclusive; the rest is immutable.
-unsafe impl Sync for FinishPool {}
-// SAFETY: See `Sync`; `Pending` is `Send`.
-unsafe impl Send for FinishPool {}
-
-/// A slot taken from the pool, handed to the core between the two passes.
-pub(crate) struct FinishRef(NonNull<FinishSlot>);
-
-// SAFETY: `into_link` returns the `link` field of a slot of the pool of an SVM object,
-// which outlives its notifiers' invalidations; `from_link` recovers it with `container_of!`.
-unsafe impl FinishItem for FinishRef {
-    fn into_link(self) -> NonNull<bindings::mmu_interval_notifier_finish> {
-        // SAFETY: `self.0` points to a live slot.
-        let link = unsafe { (*self.0.as_ptr()).link.get() };
-        // SAFETY: A field of a live slot is never null.
-        unsafe { NonNull::new_unchecked(link) }
-    }
-
-    unsafe fn from_link(link: NonNull<bindings::mmu_interval_notifier_finish>) -> Self {
-        // SAFETY: Per the contract, `link` is the `link` field of a `FinishSlot`.
-        let slot =
-            unsafe { kernel::container_of!(Opaque::cast_from(link.as_ptr()), FinishSlot, link) };
-        // SAFETY: `slot` is derived from a valid field pointer.
-        Self(unsafe { NonNull::new_unchecked(slot.cast_mut()) })
-    }
-}
-
-impl FinishPool {
-    fn new() -> Result<Self> {
-        let mut slots = KVec::with_capacity(POOL, GFP_KERNEL)?;
-        for idx in 0..POOL {
-            slots.push(
-                FinishSlot {
-                    link: Opaque::uninit(),
-                    pending: UnsafeCell::new(None),
-                    idx,
-                },
-                GFP_KERNEL,
-            )?;
-        }
-        Ok(Self {
-            slots,
-            free: Atomic::new(u64::MAX),
-        })
-    }
-
-    fn get(&self, p: Pending) -> core::result::Result<FinishRef, Pending> {
-        let mut cur = self.free.load(Relaxed);
-        loop {
-            if cur == 0 {
-                return Err(p);
-            }
-            let bit = cur.trailing_zeros() as usize;
-            match self
-                .free
-                .cmpxchg(cur, cur & !(1u64 << bit), kernel::sync::atomic::Acquire)
-            {
-                Ok(_) => {
-                    let slot = &self.slots[bit];
-                    // SAFETY: The bit was ours to clear: the slot is exclusively ours.
-                    unsafe { *slot.pending.get() = Some(p) };
-                    return Ok(FinishRef(NonNull::from(slot)));
-                }
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    fn put(&self, f: FinishRef) -> Option<Pending> {
-        // SAFETY: `f` came from `get` of this pool and is returned once.
-        let slot = unsafe { f.0.as_ref() };
-        // SAFETY: The slot is ours until its bit is set again below.
-        let p = unsafe { (*slot.pending.get()).take() };
-        let bit = 1u64 << slot.idx;
-        let mut cur = self.free.load(Relaxed);
-        loop {
-            match self
-                .free
-                .cmpxchg(cur, cur | bit, kernel::sync::atomic::Release)
-            {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
-        p
     }
 }
 

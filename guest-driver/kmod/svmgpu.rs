@@ -76,6 +76,7 @@ mod drm_driver;
 mod events;
 mod exec_queue;
 mod fence;
+mod finish_pool;
 mod gpu;
 mod hmm;
 mod mmu_notifier;

@@ -23,26 +23,27 @@
 
 use crate::{
     ctrl::Ticket,
+    finish_pool,
     gpu::GpuAccess,
     hmm::{self, HmmPfn},
-    mmu_notifier::{FinishItem, IntervalNotifier, IntervalOps, Invalidation, Start},
+    mmu_notifier::{IntervalNotifier, IntervalOps, Invalidation, Start},
     pagetable::Prealloc,
     vm::{NState, Vm, MAX_LR_PER_VM},
     wire,
 };
-use core::{cell::UnsafeCell, ptr::NonNull};
 use kernel::{
     bindings,
     prelude::*,
-    sync::{
-        atomic::{Atomic, Relaxed},
-        Arc, LockedBy,
-    },
+    sync::{atomic::Relaxed, Arc, LockedBy},
     time::{Instant, Monotonic},
-    types::Opaque,
 };
 
 const PAGE: usize = bindings::PAGE_SIZE;
+
+/// Second-pass state of a userptr notifier, from the device's pool.
+type FinishRef = finish_pool::FinishRef<Pending>;
+/// The device's pool of userptr second-pass states.
+pub(crate) type FinishPool = finish_pool::FinishPool<Pending>;
 
 /// State of a binding under the VM's notifier lock.
 pub(crate) struct UNState {
@@ -428,126 +429,19 @@ impl IntervalOps for UserptrData {
     }
 
     fn invalidate_finish(this: &Userptr, finish: FinishRef) {
-        let p = this.data().vm.gpu.finish_pool.put(finish);
-        Self::complete(this, p);
-    }
-}
-
-// ---- the finish pool ------------------------------------------------------------------------
-
-/// Finish items per device (one per concurrent two-pass invalidation).
-const POOL: usize = 64;
-
-/// One second-pass state, embedding the core's `struct mmu_interval_notifier_finish`.
-#[repr(C)]
-pub(crate) struct FinishSlot {
-    link: Opaque<bindings::mmu_interval_notifier_finish>,
-    /// Owned by whoever took the slot from the pool.
-    pending: UnsafeCell<Option<Pending>>,
-    idx: usize,
-}
-
-/// A preallocated pool of [`FinishSlot`]s; taking and returning one never allocates or
-/// sleeps (a bit mask updated with compare-and-exchange).
-pub(crate) struct FinishPool {
-    slots: KVec<FinishSlot>,
-    free: Atomic<u64>,
-}
-
-// SAFETY: A slot's `pending` is only accessed by the owner of the slot (between `get` and
-// `put`), which the atomic bit mask makes exclusive; the rest is immutable.
-unsafe impl Sync for FinishPool {}
-// SAFETY: See `Sync`; `Pending` is `Send`.
-unsafe impl Send for FinishPool {}
-
-/// A slot taken from the pool, handed to the core between the two passes.
-pub(crate) struct FinishRef(NonNull<FinishSlot>);
-
-// SAFETY: `into_link` returns the `link` field of the slot, which lives in the pool of a
-// `Gpu` that outlives every invalidation of its bindings (they hold an `Arc` of it), and
-// `from_link` recovers the slot from it with `container_of!`.
-unsafe impl FinishItem for FinishRef {
-    fn into_link(self) -> NonNull<bindings::mmu_interval_notifier_finish> {
-        // SAFETY: `self.0` points to a live slot.
-        let link = unsafe { (*self.0.as_ptr()).link.get() };
-        // SAFETY: A field of a live slot is never null.
-        unsafe { NonNull::new_unchecked(link) }
-    }
-
-    unsafe fn from_link(link: NonNull<bindings::mmu_interval_notifier_finish>) -> Self {
-        // SAFETY: Per the contract, `link` is the `link` field of a `FinishSlot`.
-        let slot =
-            unsafe { kernel::container_of!(Opaque::cast_from(link.as_ptr()), FinishSlot, link) };
-        // SAFETY: `slot` is derived from a valid field pointer.
-        Self(unsafe { NonNull::new_unchecked(slot.cast_mut()) })
-    }
-}
-
-impl FinishPool {
-    pub(crate) fn new() -> Result<Self> {
-        let mut slots = KVec::with_capacity(POOL, GFP_KERNEL)?;
-        for idx in 0..POOL {
-            slots.push(
-                FinishSlot {
-                    link: Opaque::uninit(),
-                    pending: UnsafeCell::new(None),
-                    idx,
-                },
-                GFP_KERNEL,
-            )?;
-        }
-        Ok(Self {
-            slots,
-            free: Atomic::new(u64::MAX),
-        })
-    }
-
-    /// Takes a free slot and stores `p` in it; gives `p` back if none is free.
-    pub(crate) fn get(&self, p: Pending) -> core::result::Result<FinishRef, Pending> {
-        let mut cur = self.free.load(Relaxed);
-        loop {
-            if cur == 0 {
-                return Err(p);
-            }
-            let bit = cur.trailing_zeros() as usize;
-            match self
-                .free
-                .cmpxchg(cur, cur & !(1u64 << bit), kernel::sync::atomic::Acquire)
-            {
-                Ok(_) => {
-                    let slot = &self.slots[bit];
-                    // SAFETY: The bit was ours to clear: the slot is exclusively ours.
-                    unsafe { *slot.pending.get() = Some(p) };
-                    return Ok(FinishRef(NonNull::from(slot)));
-                }
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    /// Returns a slot, handing back its state.
-    pub(crate) fn put(&self, f: FinishRef) -> Pending {
-        // SAFETY: `f` came from `get` of this pool and is returned once.
-        let slot = unsafe { f.0.as_ref() };
-        // SAFETY: The slot is ours until its bit is set again below.
-        let p = unsafe { (*slot.pending.get()).take() };
-        let bit = 1u64 << slot.idx;
-        let mut cur = self.free.load(Relaxed);
-        loop {
-            match self
-                .free
-                .cmpxchg(cur, cur | bit, kernel::sync::atomic::Release)
-            {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
         // `get` always stores a state before handing a slot out.
-        p.unwrap_or(Pending {
-            tickets: [const { None }; 1 + MAX_LR_PER_VM],
-            failed: true,
-            preempted: false,
-            t0: Instant::<Monotonic>::now(),
-        })
+        let p = this
+            .data()
+            .vm
+            .gpu
+            .finish_pool
+            .put(finish)
+            .unwrap_or(Pending {
+                tickets: [const { None }; 1 + MAX_LR_PER_VM],
+                failed: true,
+                preempted: false,
+                t0: Instant::<Monotonic>::now(),
+            });
+        Self::complete(this, p);
     }
 }
