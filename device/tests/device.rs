@@ -1396,18 +1396,8 @@ fn event_backlog_overflow_is_reported_as_events_lost() {
 
 #[test]
 fn random_command_storm_then_reset() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static PANICKED: AtomicBool = AtomicBool::new(false);
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("svmgpu"))
-        {
-            PANICKED.store(true, Ordering::SeqCst);
-        }
-        prev(info);
-    }));
+    use std::sync::atomic::Ordering;
+    let panicked = harness::watch_device_panics();
 
     let mut r = Rig::new(
         DeviceOptions {
@@ -1555,7 +1545,7 @@ fn random_command_storm_then_reset() {
     let st = r.d.stats();
     assert_eq!(st.stale_accesses, 0);
     assert!(st.commands_completed >= 300, "{st:?}");
-    assert!(!PANICKED.load(Ordering::SeqCst), "a device thread panicked");
+    assert!(!panicked.load(Ordering::SeqCst), "a device thread panicked");
 }
 
 #[test]

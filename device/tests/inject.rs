@@ -605,19 +605,9 @@ fn no_rules_no_feature_bit() {
 
 #[test]
 fn a_storm_with_every_kind_injected_stays_safe_and_a_reset_recovers() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use svmgpu_spec::pte;
-    static PANICKED: AtomicBool = AtomicBool::new(false);
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("svmgpu"))
-        {
-            PANICKED.store(true, Ordering::SeqCst);
-        }
-        prev(info);
-    }));
+    let panicked = harness::watch_device_panics();
 
     let mut r = Rig::new(
         DeviceOptions {
@@ -770,7 +760,7 @@ fn a_storm_with_every_kind_injected_stays_safe_and_a_reset_recovers() {
     let st = r.d.stats();
     assert_eq!(st.stale_accesses, 0, "safety holds under injection");
     assert!(st.audit_checks > 0);
-    assert!(!PANICKED.load(Ordering::SeqCst), "a device thread panicked");
+    assert!(!panicked.load(Ordering::SeqCst), "a device thread panicked");
     let per_kind: u64 = Kind::ALL.iter().map(|&k| gpu.stats().get_injected(k)).sum();
     assert_eq!(per_kind, st.injected_faults);
 }

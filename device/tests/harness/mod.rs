@@ -598,3 +598,21 @@ impl Drop for DaemonProcess {
         }
     }
 }
+
+/// Installs a panic hook (chained to the previous one) that notes a panic of any device
+/// thread (named `svmgpu*`) and returns the flag; a device must never panic on guest input.
+pub fn watch_device_panics() -> &'static std::sync::atomic::AtomicBool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PANICKED: AtomicBool = AtomicBool::new(false);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("svmgpu"))
+        {
+            PANICKED.store(true, Ordering::SeqCst);
+        }
+        prev(info);
+    }));
+    &PANICKED
+}
