@@ -22,20 +22,6 @@ fn outcome(r: TResult) -> Outcome {
     }
 }
 
-fn devices(k: &mut K, name: &str) -> Option<Vec<Device>> {
-    match Device::enumerate() {
-        Ok(d) if !d.is_empty() => Some(d),
-        Ok(_) => {
-            k.result(name, &Outcome::Fail("no svmgpu render node".into()));
-            None
-        }
-        Err(e) => {
-            k.result(name, &Outcome::Fail(format!("enumerate: {e}")));
-            None
-        }
-    }
-}
-
 /// Runs `f` on every device, as a suite with one case per device.
 fn per_device(k: &mut K, name: &str, f: impl Fn(&Device, &mut Vec<String>) -> TResult) {
     let Some(devs) = devices(k, name) else { return };
@@ -1105,17 +1091,7 @@ pub fn device_unbind_while_busy(env: &Env, name: &str, k: &mut K) {
             "bind",
             std::fs::write(format!("{DRIVER_DIR}/bind"), &dev_name),
         )?;
-        let now = ctx("enumerate", Device::enumerate())?;
-        ensure(now.len() == env.gpus as usize, || {
-            format!("{} devices after rebind", now.len())
-        })?;
-        for nd in &now {
-            let r = ctx("fill", svmgpu::fill_and_checksum(nd, 4096, 7, DATA_VA))?;
-            ensure(r.outcome.error == 0 && r.gpu_sum == r.cpu_sum, || {
-                format!("after rebind: {r:?}")
-            })?;
-        }
-        Ok(())
+        every_device_serves(env, "rebind", 7)
     })();
     drop(devs);
     k.result(name, &outcome(r));
@@ -1179,17 +1155,7 @@ pub fn module_unload_while_busy(env: &Env, name: &str, k: &mut K) {
             (now_ns() - t0) / 1_000_000
         ));
         run("insmod", &[MODULE_PATH])?;
-        let devs = ctx("enumerate", Device::enumerate())?;
-        ensure(devs.len() == env.gpus as usize, || {
-            format!("{} devices after reload", devs.len())
-        })?;
-        for d in &devs {
-            let r = ctx("fill", svmgpu::fill_and_checksum(d, 4096, 9, DATA_VA))?;
-            ensure(r.outcome.error == 0 && r.gpu_sum == r.cpu_sum, || {
-                format!("after reload: {r:?}")
-            })?;
-        }
-        Ok(())
+        every_device_serves(env, "reload", 9)
     })();
     k.result(name, &outcome(r));
 }
@@ -1238,4 +1204,20 @@ pub fn invalidation_timing(env: &Env, name: &str, k: &mut K) {
     let r = run("rmmod", &["svmgpu"]).and_then(|()| run("insmod", &[MODULE_PATH]));
     cases.push(("reload_default".to_string(), outcome(r)));
     k.suite(name, cases);
+}
+
+/// After a rebind or reload (`what`): all `env.gpus` devices are back and each runs a
+/// fill job whose GPU checksum matches the CPU's.
+fn every_device_serves(env: &Env, what: &str, pattern: u32) -> TResult {
+    let devs = ctx("enumerate", Device::enumerate())?;
+    ensure(devs.len() == env.gpus as usize, || {
+        format!("{} devices after {what}", devs.len())
+    })?;
+    for d in &devs {
+        let r = ctx("fill", svmgpu::fill_and_checksum(d, 4096, pattern, DATA_VA))?;
+        ensure(r.outcome.error == 0 && r.gpu_sum == r.cpu_sum, || {
+            format!("after {what}: {r:?}")
+        })?;
+    }
+    Ok(())
 }

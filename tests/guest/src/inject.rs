@@ -378,20 +378,6 @@ fn final_checks(devs: &[Device], injected: &[usize], c: &mut Cases) {
     }
 }
 
-fn open_devices(k: &mut K, name: &str) -> Option<Vec<Device>> {
-    match Device::enumerate() {
-        Ok(d) if !d.is_empty() => Some(d),
-        Ok(_) => {
-            k.result(name, &Outcome::Fail("no svmgpu render node".into()));
-            None
-        }
-        Err(e) => {
-            k.result(name, &Outcome::Fail(format!("enumerate: {e}")));
-            None
-        }
-    }
-}
-
 /// A fault kind that needs no reset: the common workload on every device (and on a buffer
 /// shared by two devices) succeeds, no device was reset, and `check` sees the kind's
 /// traces in the driver's counters.
@@ -401,7 +387,7 @@ fn benign(
     rounds: u32,
     check: &dyn Fn(&[Device], &mut Vec<String>) -> TResult,
 ) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let mut c = Cases::new();
@@ -561,7 +547,7 @@ pub fn completion_reorder(_env: &Env, name: &str, k: &mut K) {
 /// flight fail with -EIO, their queues are lost (EXEC: EIO), new queues on the same VMs
 /// run, device 1 is not affected.
 fn invalidation_failure(k: &mut K, name: &str, long_running: bool, never_completes: bool) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let d = &devs[0];
@@ -714,7 +700,7 @@ pub fn preempt_error(_env: &Env, name: &str, k: &mut K) {
 /// hang the file is banned (EXEC_QUEUE_CREATE and EXEC: ECANCELED) and a new file works.
 /// No device reset is needed: destroying the context frees the engine.
 pub fn engine_hang(_env: &Env, name: &str, k: &mut K) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let d = &devs[0];
@@ -817,7 +803,7 @@ pub fn engine_hang(_env: &Env, name: &str, k: &mut K) {
 /// timeout (1 s here) catches the hang; a faulting job of another VM still reports
 /// -EFAULT through its JOB_DONE; EVENTS_LOST is counted.
 pub fn event_overflow(_env: &Env, name: &str, k: &mut K) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let d = &devs[0];
@@ -886,7 +872,7 @@ pub fn event_overflow(_env: &Env, name: &str, k: &mut K) {
 /// status; context 4 runs normally. Device 1 corrupts the first COMMAND_DONE: the userptr
 /// invalidation waiting for it resets the device.
 pub fn completion_corrupt(_env: &Env, name: &str, k: &mut K) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let d = &devs[0];
@@ -995,7 +981,7 @@ pub fn completion_corrupt(_env: &Env, name: &str, k: &mut K) {
 /// reset (RESETTING answers are retried; the context is then gone: EIO). J's job fails
 /// with -EIO, the driver restores the VMs after the DEVICE_RESET event, new queues run.
 pub fn device_reset(_env: &Env, name: &str, k: &mut K) {
-    let Some(devs) = open_devices(k, name) else {
+    let Some(devs) = devices(k, name) else {
         return;
     };
     let d = &devs[0];

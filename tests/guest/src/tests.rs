@@ -4,7 +4,7 @@ use crate::{
     expect::Expect,
     gpu, inject,
     ktap::{Ktap, Outcome},
-    util::{bound_devices, errno, run, DRIVER_DIR, MODULE_PATH},
+    util::{bound_devices, devices, errno, run, DRIVER_DIR, MODULE_PATH},
 };
 use std::{collections::BTreeSet, io::Write};
 use svmgpu::{uapi, Device};
@@ -146,20 +146,6 @@ fn driver_binds_all_devices(env: &Env, name: &str, k: &mut K) {
         }
     })();
     k.result(name, &outcome);
-}
-
-fn devices(k: &mut K, name: &str) -> Option<Vec<Device>> {
-    match Device::enumerate() {
-        Ok(d) if !d.is_empty() => Some(d),
-        Ok(_) => {
-            k.result(name, &Outcome::Fail("no svmgpu render node".into()));
-            None
-        }
-        Err(e) => {
-            k.result(name, &Outcome::Fail(format!("enumerate: {e}")));
-            None
-        }
-    }
 }
 
 fn config_matches_backend(env: &Env, name: &str, k: &mut K) {

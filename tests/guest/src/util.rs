@@ -206,3 +206,22 @@ pub fn now_ns() -> u64 {
 pub fn sleep_ms(ms: u64) {
     std::thread::sleep(std::time::Duration::from_millis(ms));
 }
+
+/// The svmgpu render nodes; when there are none (or they cannot be listed) reports `name`
+/// as failed and returns `None`.
+pub fn devices(k: &mut crate::tests::K, name: &str) -> Option<Vec<Device>> {
+    match Device::enumerate() {
+        Ok(d) if !d.is_empty() => Some(d),
+        Ok(_) => {
+            k.result(
+                name,
+                &crate::ktap::Outcome::Fail("no svmgpu render node".into()),
+            );
+            None
+        }
+        Err(e) => {
+            k.result(name, &crate::ktap::Outcome::Fail(format!("enumerate: {e}")));
+            None
+        }
+    }
+}
