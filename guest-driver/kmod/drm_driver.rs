@@ -216,7 +216,7 @@ impl File {
         a.svm_ranges = crate::svm::stats().0;
         a.svm_ranges_collected = crate::svm::stats().1;
         a.reserved = [0; 3];
-        a.stats = [0; 24];
+        a.stats = [0; uapi::SVMGPU_NUM_STATS as usize];
         if a.flags & uapi::SVMGPU_QUERY_F_STATS != 0 {
             a.stats = gpu.get_stats()?;
         }

@@ -26,6 +26,7 @@ use kernel::{
     },
     time::{msecs_to_jiffies, Instant, Monotonic},
     uaccess::UserSliceReader,
+    uapi,
     workqueue::{self, impl_has_delayed_work, impl_has_work, DelayedWork, Work, WorkItem},
 };
 
@@ -335,15 +336,15 @@ impl Gpu {
         Ok(body)
     }
 
-    /// Sends GET_STATS and returns the counters.
-    pub(crate) fn get_stats(&self) -> Result<[u64; 24]> {
+    /// Sends GET_STATS and returns the counters (those the device has, then zeros).
+    pub(crate) fn get_stats(&self) -> Result<[u64; uapi::SVMGPU_NUM_STATS as usize]> {
         let mut body = [0u8; wire::StatsResp::SIZE];
         self.ctrl
             .call(wire::Opcode::GetStats, &[], &mut body)?
             .ok()
             .map_err(|_| EIO)?;
-        let mut out = [0u64; 24];
-        for (i, o) in out.iter_mut().enumerate() {
+        let mut out = [0u64; uapi::SVMGPU_NUM_STATS as usize];
+        for (i, o) in out.iter_mut().take(wire::StatsResp::SIZE / 8).enumerate() {
             *o = wire::read_u64(&body, i * 8).unwrap_or(0);
         }
         Ok(out)

@@ -72,8 +72,11 @@ extern "C" {
 /* Size of the device config space and of a GET_INFO response body (spec/svmgpu.md). */
 #define SVMGPU_CONFIG_SIZE 64
 #define SVMGPU_INFO_SIZE 40
-/* Number of GET_STATS counters (spec/svmgpu.md, "Statistics"). */
-#define SVMGPU_NUM_STATS 24
+/*
+ * Room for GET_STATS counters in DEVICE_QUERY (spec/svmgpu.md, "Statistics"): the
+ * device's counters in spec order, then zeros.
+ */
+#define SVMGPU_NUM_STATS 48
 
 /* Notifier modes (module parameter notifier_mode=single|twopass). */
 #define SVMGPU_NOTIFIER_SINGLE 0
@@ -114,7 +117,8 @@ extern "C" {
  * @gpu_faults_failed: out: of those, the ones answered CANCEL (the job got -EFAULT).
  * @config: out: the config space, raw (little-endian), as read at probe.
  * @info: out: the body of the GET_INFO response the device sent for this call.
- * @stats: out (with SVMGPU_QUERY_F_STATS, else zero): the GET_STATS counters.
+ * @stats: out (with SVMGPU_QUERY_F_STATS, else zero): the GET_STATS counters, in the
+ *   order of the spec; entries past the device's counters are zero.
  * @fault_service_ns: out: total time of the @gpu_faults, each from the arrival of its
  *   PAGE_FAULT event to the FAULT_REPLY the driver sent for it (handed to the device).
  * @svm_faults: out: of @gpu_faults, the ones resolved through SVM (no binding).

@@ -5,7 +5,7 @@
 
 pub const SVMGPU_CONFIG_SIZE: usize = 64;
 pub const SVMGPU_INFO_SIZE: usize = 40;
-pub const SVMGPU_NUM_STATS: usize = 24;
+pub const SVMGPU_NUM_STATS: usize = 48;
 
 pub const SVMGPU_NOTIFIER_SINGLE: u32 = 0;
 pub const SVMGPU_NOTIFIER_TWOPASS: u32 = 1;
@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn sizes_match_the_header() {
         // Sizes a C compiler gives for guest-driver/uapi/svmgpu_drm.h on x86_64.
-        assert_eq!(size_of::<DeviceQuery>(), 424);
+        assert_eq!(size_of::<DeviceQuery>(), 616);
         assert_eq!(size_of::<VmPrefetch>(), 24);
         assert_eq!(size_of::<VmCreate>(), 8);
         assert_eq!(size_of::<VmDestroy>(), 8);
@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_the_header() {
-        assert_eq!(DRM_IOCTL_SVMGPU_DEVICE_QUERY, 0xc1a8_6440);
+        assert_eq!(DRM_IOCTL_SVMGPU_DEVICE_QUERY, 0xc268_6440);
         assert_eq!(DRM_IOCTL_SVMGPU_WAIT, 0xc020_6447);
         assert_eq!(DRM_IOCTL_VERSION, 0xc040_6400);
         assert_eq!(DRM_IOCTL_SVMGPU_VM_PREFETCH, 0x4018_6448);
