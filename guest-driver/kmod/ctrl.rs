@@ -64,18 +64,30 @@ enum AsyncState {
     Free,
     /// Sent; waiting for the response and the `COMMAND_DONE`.
     Pending,
-    /// Completed (or refused) with `status`.
+    /// Completed (or refused) with `status`; freed when its last waiter collected it.
     Done,
-    /// The waiter gave up; free the entry when the completion arrives.
-    Abandoned,
 }
 
+/// An asynchronous command: its outcome and how many [`Ticket`]s wait for it. An entry
+/// is freed when it is `Done` and no ticket is left (a waiter that gave up leaves the
+/// entry to be freed by the completion, or by the reset that discards the command).
 #[derive(Clone, Copy)]
 struct AsyncEntry {
     state: AsyncState,
     seqno: u64,
     status: u32,
     value: u64,
+    waiters: u32,
+}
+
+impl AsyncEntry {
+    const FREE: Self = Self {
+        state: AsyncState::Free,
+        seqno: 0,
+        status: 0,
+        value: 0,
+        waiters: 0,
+    };
 }
 
 struct Inner {
@@ -87,8 +99,6 @@ struct Inner {
     /// `BUF_SIZE` bytes (response). Never resized, so the device's addresses stay valid.
     bufs: KVec<u8>,
     asyncs: KVec<AsyncEntry>,
-    /// Asynchronous entries not `Free`.
-    async_busy: usize,
     next_seqno: u64,
     /// `COMMAND_DONE` completions that matched no incomplete command (corrupted seqno,
     /// duplicated, or for a command a reset discarded).
@@ -148,19 +158,29 @@ pub(crate) fn status_to_errno(status: u32) -> Error {
     }
 }
 
-/// An asynchronous command in flight; give it to [`CtrlQueue::wait`].
-#[must_use = "an asynchronous command must be waited for (or abandoned)"]
+/// An asynchronous command in flight, one per waiter; give it to [`CtrlQueue::wait`].
+#[must_use = "an asynchronous command must be waited for"]
 pub(crate) struct Ticket {
     idx: u16,
     seqno: u64,
 }
 
 impl Ticket {
-    /// The command's `seqno`.
-    #[allow(dead_code)]
-    pub(crate) fn seqno(&self) -> u64 {
-        self.seqno
+    /// What names the command for [`CtrlQueue::join`].
+    pub(crate) fn id(&self) -> TicketId {
+        TicketId {
+            idx: self.idx,
+            seqno: self.seqno,
+        }
     }
+}
+
+/// The name of an asynchronous command, kept to [`CtrlQueue::join`] it later (not a
+/// waiter itself).
+#[derive(Clone, Copy)]
+pub(crate) struct TicketId {
+    idx: u16,
+    seqno: u64,
 }
 
 /// The outcome of an asynchronous command.
@@ -197,23 +217,13 @@ pub(crate) struct CtrlQueue {
 impl CtrlQueue {
     pub(crate) fn new() -> Result<impl PinInit<Self>> {
         let bufs = KVec::from_elem(0u8, 2 * SLOTS * BUF_SIZE, GFP_KERNEL)?;
-        let asyncs = KVec::from_elem(
-            AsyncEntry {
-                state: AsyncState::Free,
-                seqno: 0,
-                status: 0,
-                value: 0,
-            },
-            ASYNC_SLOTS,
-            GFP_KERNEL,
-        )?;
+        let asyncs = KVec::from_elem(AsyncEntry::FREE, ASYNC_SLOTS, GFP_KERNEL)?;
         let inner = Inner {
             vq: None,
             closed: false,
             states: [SlotState::Free; SLOTS],
             bufs,
             asyncs,
-            async_busy: 0,
             next_seqno: 1,
             bogus_done: 0,
             bogus_chains: 0,
@@ -235,8 +245,9 @@ impl CtrlQueue {
         }
     }
 
-    /// Whether the queue refuses commands (device removed, or given up after a failed
-    /// reset).
+    /// Whether the queue refuses commands: the device was stopped by a virtio reset
+    /// (removal, or given up after a failed `RESET`) and its buffers retired. Only
+    /// [`CtrlQueue::detach`] closes it, after that reset: closed implies stopped.
     pub(crate) fn is_closed(&self) -> bool {
         self.inner.lock().closed
     }
@@ -249,13 +260,6 @@ impl CtrlQueue {
     /// Gives the queue its virtqueue, once found.
     pub(crate) fn attach(&self, vq: Virtqueue) {
         self.inner.lock().vq = Some(vq);
-    }
-
-    /// Refuses every new command and fails every waiter with `ENODEV` (the device is going
-    /// away). The virtqueue stays attached until [`CtrlQueue::detach`].
-    pub(crate) fn close(&self) {
-        self.inner.lock().closed = true;
-        self.done.notify_all();
     }
 
     /// Forgets the virtqueue after a device reset: the device owns no buffer any more, so
@@ -280,22 +284,16 @@ impl CtrlQueue {
     /// command was discarded and counts as complete ([`STATUS_RESET`]).
     pub(crate) fn reset_done(&self) {
         let mut inner = self.inner.lock();
-        let mut freed = 0;
         for e in inner.asyncs.iter_mut() {
-            match e.state {
-                // seqno 0: reserved by a sender still waiting for a slot, not sent yet.
-                AsyncState::Pending if e.seqno != 0 => {
-                    e.state = AsyncState::Done;
-                    e.status = STATUS_RESET;
+            // seqno 0: reserved by a sender still waiting for a slot, not sent yet.
+            if e.state == AsyncState::Pending && e.seqno != 0 {
+                e.state = AsyncState::Done;
+                e.status = STATUS_RESET;
+                if e.waiters == 0 {
+                    *e = AsyncEntry::FREE;
                 }
-                AsyncState::Abandoned => {
-                    e.state = AsyncState::Free;
-                    freed += 1;
-                }
-                _ => {}
             }
         }
-        inner.async_busy -= freed;
         drop(inner);
         self.done.notify_all();
     }
@@ -485,8 +483,10 @@ impl CtrlQueue {
     }
 
     /// Starts an asynchronous command without waiting for it. With `may_sleep`, waits (at
-    /// most [`TIMEOUT_MS`]) for a free slot when all are in use; otherwise fails with
-    /// `EBUSY`. Never allocates.
+    /// most [`TIMEOUT_MS`] each) for a free asynchronous entry and a free slot when all
+    /// are in use (back-pressure: the device completes commands on its own); otherwise
+    /// fails with `EBUSY` (the caller defers the command to where it may sleep). Never
+    /// allocates.
     pub(crate) fn start(
         &self,
         opcode: wire::Opcode,
@@ -494,22 +494,32 @@ impl CtrlQueue {
         may_sleep: bool,
     ) -> Result<Ticket> {
         let mut inner = self.inner.lock();
-        if inner.closed {
-            return Err(ENODEV);
-        }
+        let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
         // Reserve an entry first: `send` may drop the lock while it waits for a slot.
-        let aidx = inner
-            .asyncs
-            .iter()
-            .position(|e| e.state == AsyncState::Free)
-            .ok_or(EBUSY)?;
+        let aidx = loop {
+            if inner.closed {
+                return Err(ENODEV);
+            }
+            if let Some(i) = inner
+                .asyncs
+                .iter()
+                .position(|e| e.state == AsyncState::Free)
+            {
+                break i;
+            }
+            if !may_sleep {
+                return Err(EBUSY);
+            }
+            match self.done.wait_timeout(&mut inner, remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                _ => return Err(EBUSY),
+            }
+        };
         inner.asyncs[aidx] = AsyncEntry {
             state: AsyncState::Pending,
-            seqno: 0,
-            status: 0,
-            value: 0,
+            waiters: 1,
+            ..AsyncEntry::FREE
         };
-        inner.async_busy += 1;
         let sent = self.send(
             &mut inner,
             opcode,
@@ -529,10 +539,37 @@ impl CtrlQueue {
                 })
             }
             Err(e) => {
-                inner.asyncs[aidx].state = AsyncState::Free;
-                inner.async_busy -= 1;
+                inner.asyncs[aidx] = AsyncEntry::FREE;
+                drop(inner);
+                self.done.notify_all();
                 Err(e)
             }
+        }
+    }
+
+    /// One more waiter for the asynchronous command `id` (e.g. a second invalidation that
+    /// needs a preemption another one started): `None` if it is no longer tracked (its
+    /// last waiter collected it), in which case the caller starts a new one.
+    pub(crate) fn join(&self, id: TicketId) -> Option<Ticket> {
+        let mut inner = self.inner.lock();
+        let e = inner.asyncs.get_mut(id.idx as usize)?;
+        if e.seqno != id.seqno || e.state == AsyncState::Free || e.waiters == 0 {
+            return None;
+        }
+        e.waiters += 1;
+        Some(Ticket {
+            idx: id.idx,
+            seqno: id.seqno,
+        })
+    }
+
+    /// Drops one waiter of entry `idx` (under the lock); frees the entry once it is done
+    /// and nobody waits for it any more.
+    fn put_waiter(inner: &mut Inner, idx: usize) {
+        let e = &mut inner.asyncs[idx];
+        e.waiters = e.waiters.saturating_sub(1);
+        if e.waiters == 0 && e.state == AsyncState::Done {
+            *e = AsyncEntry::FREE;
         }
     }
 
@@ -542,34 +579,36 @@ impl CtrlQueue {
         let idx = ticket.idx as usize;
         let mut inner = self.inner.lock();
         let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
-        loop {
+        let r = loop {
             let e = inner.asyncs[idx];
-            if e.seqno != ticket.seqno {
-                return Err(EINVAL);
+            if e.seqno != ticket.seqno || e.state == AsyncState::Free {
+                // Not reachable: an entry with a waiter is never freed.
+                break Err(EINVAL);
             }
             if e.state == AsyncState::Done {
-                inner.asyncs[idx].state = AsyncState::Free;
-                inner.async_busy -= 1;
-                return Ok(AsyncDone {
+                break Ok(AsyncDone {
                     status: e.status,
                     value: e.value,
                 });
             }
             if inner.closed {
-                inner.asyncs[idx].state = AsyncState::Abandoned;
-                return Err(ENODEV);
+                break Err(ENODEV);
             }
             match self.done.wait_timeout(&mut inner, remaining) {
                 CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
-                _ => {
-                    inner.asyncs[idx].state = AsyncState::Abandoned;
-                    return Err(ETIMEDOUT);
-                }
+                _ => break Err(ETIMEDOUT),
             }
+        };
+        if !matches!(r, Err(e) if e == EINVAL) {
+            Self::put_waiter(&mut inner, idx);
         }
+        drop(inner);
+        self.done.notify_all();
+        r
     }
 
-    /// Marks the asynchronous entry `aidx` done with `status` (`seqno` must match).
+    /// Marks the asynchronous entry `aidx` done with `status` (`seqno` must match); frees
+    /// it if nobody waits (the waiters gave up).
     fn finish_async(inner: &mut Inner, aidx: usize, seqno: u64, status: u32, value: u64) -> bool {
         let Some(e) = inner.asyncs.get_mut(aidx) else {
             return false;
@@ -582,11 +621,9 @@ impl CtrlQueue {
                 e.state = AsyncState::Done;
                 e.status = status;
                 e.value = value;
-                true
-            }
-            AsyncState::Abandoned => {
-                e.state = AsyncState::Free;
-                inner.async_busy -= 1;
+                if e.waiters == 0 {
+                    *e = AsyncEntry::FREE;
+                }
                 true
             }
             // Already completed: the response of an accepted command after its completion.
@@ -598,9 +635,10 @@ impl CtrlQueue {
     /// A `COMMAND_DONE` completion arrived (interrupt context).
     pub(crate) fn command_done(&self, seqno: u64, status: u32, value: u64) {
         let mut inner = self.inner.lock();
-        let aidx = inner.asyncs.iter().position(|e| {
-            e.seqno == seqno && matches!(e.state, AsyncState::Pending | AsyncState::Abandoned)
-        });
+        let aidx = inner
+            .asyncs
+            .iter()
+            .position(|e| e.seqno == seqno && e.state == AsyncState::Pending);
         match aidx {
             Some(aidx) => {
                 Self::finish_async(&mut inner, aidx, seqno, status, value);

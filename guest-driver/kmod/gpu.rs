@@ -401,18 +401,6 @@ impl Gpu {
         t.vms[a].take()
     }
 
-    /// The device doing DMA, as a raw pointer for the DMA API.
-    ///
-    /// Only used where the caller knows the device is still bound: under a VM's notifier
-    /// lock with the VM not dead (removal kills every VM under that lock before it
-    /// completes), or with a [`GpuAccess`].
-    pub(crate) fn dma_dev_raw(&self) -> *mut bindings::device {
-        // `device::Device` is a transparent wrapper of `struct device`.
-        core::ptr::from_ref::<device::Device>(&self.dma_dev)
-            .cast::<bindings::device>()
-            .cast_mut()
-    }
-
     // ---- interrupt callbacks -----------------------------------------------------------
 
     /// A completion record (interrupt context). Nothing in it is trusted (spec 8, 16.3.3):
@@ -906,10 +894,21 @@ impl Gpu {
 
     // ---- removal -----------------------------------------------------------------------
 
-    /// First step of removal: refuse new work, fail every waiter, wait for users.
+    /// Removal, once the device is stopped (virtio reset): refuse new work, retire every
+    /// buffer the device owned, complete its asynchronous commands (a reset discarded
+    /// them) and fail every fence and waiter.
+    ///
+    /// The control queue is closed only after the reset: a closed queue means the device
+    /// no longer touches guest memory, which is what lets an invalidation that could not
+    /// get a guarantee from the device return ([`Gpu::reset_and_recover`] returns at once
+    /// when the queue is closed). Closing it first would let a notifier unmap pages the
+    /// device still runs jobs on.
     fn shutdown(&self) {
         self.access.lock().dead = true;
-        self.ctrl.close();
+        let _ = self.ctrl.detach();
+        let _ = self.eventq.detach();
+        let _ = self.complq.detach();
+        self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
         for f in ctxs.iter().flatten() {
             f.lose(-(bindings::ENODEV as i32));
@@ -1102,6 +1101,10 @@ static ID_TABLE: virtio::IdTable = virtio::IdTable::new(wire::VIRTIO_ID_SVMGPU);
 static FEATURES_AUDIT: [core::ffi::c_uint; 1] = [wire::SVMGPU_F_AUDIT];
 static FEATURES_NONE: [core::ffi::c_uint; 0] = [];
 
+/// The virtio transport feature by which a device declares that it accesses memory
+/// through the platform's IOMMU (virtio 1.x, bit 33).
+const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
+
 fn read_config<C: device::DeviceContext>(
     dev: &virtio::Device<C>,
 ) -> Result<([u8; wire::Config::SIZE], wire::Config)> {
@@ -1126,6 +1129,16 @@ fn read_config<C: device::DeviceContext>(
 impl GpuDriver {
     fn setup(dev: &virtio::Device<Core<'_>>) -> Result<Arc<Gpu>> {
         let (raw, config) = read_config(dev)?;
+        if dev.features() & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
+            // The spec's address model: the device uses guest-physical addresses (page
+            // tables and the pages they map). A device behind the platform's IOMMU would
+            // need DMA addresses, and bounce buffering cannot give SVM's coherence.
+            dev_err!(
+                dev,
+                "the device offers VIRTIO_F_ACCESS_PLATFORM, which svmgpu does not support (spec: Addresses)\n"
+            );
+            return Err(ENODEV);
+        }
         dev_info!(
             dev,
             "config: version {}.{} index {} engines {} asids {} contexts {} tlb {}x{} pages {:#x} va_bits {} faults {} inval {} ns preempt {} ns\n",
@@ -1280,11 +1293,8 @@ impl virtio::Driver for GpuDriver {
         let setup = || -> Result<(Arc<Gpu>, drm::Registration<'bound, SvmgpuDrm>)> {
             let gpu = Self::setup(dev)?;
             let fail = |e: Error| {
-                gpu.shutdown();
                 dev.reset();
-                gpu.ctrl.detach();
-                gpu.eventq.detach();
-                gpu.complq.detach();
+                gpu.shutdown();
                 dev.del_vqs();
                 e
             };
@@ -1312,16 +1322,17 @@ impl virtio::Driver for GpuDriver {
 
     fn unbind<'bound>(dev: &'bound virtio::Device<Core<'_>>, this: Pin<&Self::Data<'bound>>) {
         let gpu = &this.gpu;
-        // 1. Refuse new work; fail every fence and command waiter.
-        gpu.shutdown();
-        // 2. Unregister the render node: waits for ioctls in flight (which now fail fast).
-        drop(this.drm.lock().take());
-        // 3. Wait for workers and remaining users of the device.
-        gpu.wait_users();
-        // 4. Reset: the device touches no memory and raises no interrupt afterwards.
+        // 1. Stop the device first: after a virtio reset it touches no memory and raises
+        //    no interrupt, so nothing that waits for it may give up before this.
         dev.reset();
-        // 5. Work queued before the reset sees the device dead and returns (the watchdog
-        //    does not queue itself again).
+        // 2. Refuse new work; retire the device's buffers; fail every fence and waiter.
+        gpu.shutdown();
+        // 3. Unregister the render node: waits for ioctls in flight (which now fail fast).
+        drop(this.drm.lock().take());
+        // 4. Wait for workers and remaining users of the device.
+        gpu.wait_users();
+        // 5. Work queued meanwhile sees the device dead and returns (the watchdog does not
+        //    queue itself again).
         // SAFETY: The work items are embedded in `gpu`, which is alive; `DelayedWork` is a
         // transparent wrapper of `struct delayed_work`.
         unsafe {
@@ -1334,9 +1345,6 @@ impl virtio::Driver for GpuDriver {
                     .cast_mut(),
             );
         }
-        gpu.ctrl.detach();
-        gpu.eventq.detach();
-        gpu.complq.detach();
         // 6. Release the page tables and DMA mappings of every VM (their files may stay
         //    open; they only see ENODEV).
         gpu.kill_vms();

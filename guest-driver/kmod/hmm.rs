@@ -28,16 +28,30 @@ pub(crate) fn pfn_valid(p: HmmPfn) -> bool {
     p & bindings::hmm_pfn_flags_HMM_PFN_VALID as HmmPfn != 0
 }
 
-/// Whether the CPU maps the page writable.
-#[allow(dead_code)]
-pub(crate) fn pfn_writable(p: HmmPfn) -> bool {
-    p & bindings::hmm_pfn_flags_HMM_PFN_WRITE as HmmPfn != 0
+/// The physical address of a valid entry's page (`hmm_pfn_to_phys`).
+pub(crate) fn pfn_to_phys(p: HmmPfn) -> u64 {
+    let pfn = p & !(bindings::hmm_pfn_flags_HMM_PFN_FLAGS as HmmPfn);
+    (pfn as u64) << bindings::PAGE_SHIFT
 }
 
-/// The `struct page` of a valid entry.
-pub(crate) fn pfn_to_page(p: HmmPfn) -> *mut bindings::page {
-    // SAFETY: `hmm_pfn_to_page` only computes the page address from the PFN bits.
-    unsafe { bindings::hmm_pfn_to_page(p) }
+/// The guest-physical addresses of the pages of `pfns` (spec: the device addresses
+/// guest memory by guest-physical address). `EFAULT` if an entry is not a valid page.
+///
+/// The result is only meaningful while the notifier sequence `pfns` was obtained under
+/// is current: call it under the notifier lock, after `read_retry` said so, and let the
+/// device use the addresses only until the next invalidation, like `drm_gpusvm_get_pages`
+/// maps the pages. Nothing is mapped, so nothing has to be unmapped.
+pub(crate) fn page_addresses(pfns: &[HmmPfn], out: &mut [u64]) -> Result {
+    if pfns.len() != out.len() {
+        return Err(EINVAL);
+    }
+    for (&p, o) in pfns.iter().zip(out.iter_mut()) {
+        if !pfn_valid(p) {
+            return Err(EFAULT);
+        }
+        *o = pfn_to_phys(p);
+    }
+    Ok(())
 }
 
 /// How long [`fault_range`] keeps retrying against concurrent invalidations.

@@ -17,33 +17,37 @@
 //!   and kept until the object is torn down.
 //! - [`Range`]: a CPU VA range mirrored on demand, chunked by what the VMA allows (the
 //!   largest of 2 MiB, 64 KiB, 4 KiB whose aligned chunk around the faulting address lies
-//!   inside the VMA and overlaps no other range), kept in a list sorted by address (the
+//!   inside the VMA and overlaps no other range and no binding of the faulting VM, as
+//!   drm_gpusvm bounds chunks by the GPU VMA), kept in a list sorted by address (the
 //!   interval tree of gpusvm: ranges never overlap, so a binary search finds them). A
 //!   range belongs to the notifier whose interval contains it.
-//! - [`Pages`] (`svm_pages.rs`): the device side, one per VM that touched the range (DMA
-//!   addresses, notifier sequence, valid flag, invalidations in flight): one range, N
+//! - [`Pages`] (`svm_pages.rs`): the device side, one per VM that touched the range
+//!   (notifier sequence, valid and writable flags, invalidations in flight): one range, N
 //!   pages, N GPUs.
 //!
 //! GPU page fault ([`Svm::fault`], from a device's fault worker, or [`Svm::prefetch`]):
 //! look the VMA up (no VMA or not readable: `EFAULT`; a write to a read-only VMA:
 //! `EACCES`), find or create the notifier, the range and this VM's pages, then the
 //! `mmu_interval_read_begin` / `hmm_range_fault` / retry loop (`hmm.rs`: the PFN array is
-//! re-initialised on every `-EBUSY`), DMA-map the pages for this device, allocate the
-//! page-table levels the PTEs need, and under the notifier lock check that no
-//! invalidation hit the range since (the range's invalidation count, read before
-//! `read_begin`, unchanged — or `mmu_interval_read_retry` false): then write the PTEs and
-//! mark the pages valid; else (or if the range was unmapped meanwhile) drop the DMA
-//! mappings and start over. Pages are faulted writable when the VMA is writable (so COW
-//! is broken once, as gpusvm does), read-only otherwise. No page is pinned. A range whose
-//! VMA was split since it was made (mprotect, mremap) is evicted (invalidated on every
-//! device and removed) and made again to fit. A fault that keeps losing races returns
-//! `EAGAIN`, which the fault worker answers `RESUME` (the access faults again).
+//! re-initialised on every `-EBUSY`), allocate the page-table levels the PTEs need, and
+//! under the notifier lock check that no invalidation hit the range since (the range's
+//! invalidation count, read before `read_begin`, unchanged — or `mmu_interval_read_retry`
+//! false): only then take the pages' guest-physical addresses, write the PTEs and mark
+//! the pages valid (as `drm_gpusvm_get_pages` maps pages only under its notifier lock:
+//! an unpinned page that an invalidation may have freed never reaches the device); else
+//! (or if the range was unmapped meanwhile) start over. Pages are faulted writable when
+//! the VMA is writable (so COW is broken once, as gpusvm does), read-only otherwise. No
+//! page is pinned. A range whose VMA was split since it was made (mprotect, mremap), or
+//! that overlaps a binding of the faulting VM (made before the bind, or by another VM),
+//! is evicted (invalidated on every device and removed) and made again to fit. A fault
+//! that keeps losing races returns `EAGAIN`, which the fault worker answers `RESUME` (the
+//! access faults again).
 //!
 //! Invalidation ([`SvmNotifierData`] callbacks), for every range the CPU range hits and
 //! every pages object that may be in use: under the notifier lock publish the sequence,
 //! mark the pages invalid, clear the VM's PTEs and *start* a `TLB_INVALIDATE` on its
-//! device (one per VM, covering every range it hits); then *wait* for all of them and
-//! DMA-unmap the pages. `single`: both in the one pass of each device's own notifier, one
+//! device (one per VM, covering every range it hits); then *wait* for all of them.
+//! `single`: both in the one pass of each device's own notifier, one
 //! device after the other; `per_device`: each device's notifier in two passes, so the
 //! core starts every device before waiting for any; `shared`: the one notifier of the
 //! range starts every device in its first pass and waits for all in its second. The
@@ -54,8 +58,9 @@
 //! partly unmapped is removed whole; the part still mapped is faulted in again as new,
 //! smaller ranges that fit the new VMA: the split). The notifier itself never frees.
 //!
-//! Contracts (from the seeds): a range leaves the list only with every pages object
-//! DMA-unmapped; `hmm_range_fault` only inside read_begin/retry; no `GFP_KERNEL`
+//! Contracts (from the seeds): a range leaves the list only once no device can use its
+//! pages (PTEs cleared, TLBs invalidated); `hmm_range_fault` only inside read_begin/retry;
+//! page addresses taken only under the notifier lock after the retry check; no `GFP_KERNEL`
 //! allocation and no waiting for reclaim under the notifier lock (lists grow by swapping
 //! in a vector allocated before the lock is taken); a non-blockable invalidation that
 //! would have to stop a device returns `false` (and only `try_lock`s).
@@ -73,7 +78,7 @@
 //!
 //! Lifetime: a fault-mode VM takes a reference on the object at creation and gives it
 //! back when it is released (after its ASID is unbound or the device reset, it drops its
-//! pages from every range, unmapping their DMA). The last one removes the object from the
+//! pages from every range). The last one removes the object from the
 //! registry and tears it down: notifiers removed (which waits for callbacks in progress),
 //! garbage collector flushed, ranges freed.
 
@@ -83,7 +88,7 @@ use crate::{
     hmm::{self, HmmPfn},
     mmu_notifier::{IntervalNotifier, IntervalOps, Invalidation, MmRef, Passes, Start},
     pagetable::Prealloc,
-    svm_pages::{Pages, Staged},
+    svm_pages::Pages,
     vm::Vm,
     wire, SvmMode,
 };
@@ -252,10 +257,6 @@ impl Range {
         self.end - self.start
     }
 
-    fn npages(&self) -> usize {
-        self.len() / SZ_4K
-    }
-
     fn notifier(&self) -> &SvmNotifier {
         // SAFETY: Notifiers live until teardown, and ranges are only used while the
         // object is alive (see the type's `Send` comment).
@@ -309,6 +310,23 @@ impl WorkItem for Svm {
     fn run(this: Arc<Svm>) {
         this.collect();
     }
+}
+
+/// The chunk of a new range around `addr`: the largest of [`CHUNKS`] whose aligned span
+/// lies inside `[lo, hi)` and overlaps nothing `avoid` names.
+fn chunk_for(
+    addr: usize,
+    lo: usize,
+    hi: usize,
+    avoid: &dyn Fn(u64, u64) -> bool,
+) -> Option<(usize, usize)> {
+    CHUNKS
+        .iter()
+        .map(|&c| {
+            let s = addr & !(c - 1);
+            (s, s + c)
+        })
+        .find(|&(s, e)| s >= lo && e <= hi && !avoid(s as u64, (e - s) as u64))
 }
 
 /// Index of the first range whose end is above `addr`.
@@ -384,9 +402,16 @@ impl Svm {
         Ok(ptr)
     }
 
-    /// Finds the range containing `addr` or creates one (chunked by the VMA), and makes
-    /// sure it has a pages object for `vm`. Returns the range's bounds.
-    fn range_for(&self, vm: &Arc<Vm>, addr: usize, vma: &VmaInfo) -> Result<(usize, usize)> {
+    /// Finds the range containing `addr` or creates one (chunked by the VMA, and not
+    /// overlapping what `avoid` names: the VM's bindings), and makes sure it has a pages
+    /// object for `vm`. Returns the range's bounds.
+    fn range_for(
+        &self,
+        vm: &Arc<Vm>,
+        addr: usize,
+        vma: &VmaInfo,
+        avoid: &dyn Fn(u64, u64) -> bool,
+    ) -> Result<(usize, usize)> {
         let notifier = self.notifier_for(addr)?;
         let nstart = addr & !(NOTIFIER_SIZE - 1);
         // Everything that may be needed, allocated before the notifier lock.
@@ -435,19 +460,14 @@ impl Svm {
             }
             if !found {
                 // The largest chunk inside the VMA and the notifier interval, not
-                // overlapping a neighbour.
+                // overlapping a neighbour nor a binding of the VM (as drm_gpusvm bounds
+                // its chunks by the GPU VMA). The 4 KiB chunk around `addr` always fits:
+                // `addr` is in no binding (bindings are resolved before SVM).
                 let lo = if i > 0 { ns.ranges[i - 1].end } else { 0 };
                 let hi = ns.ranges.get(i).map_or(usize::MAX, |r| r.start);
                 let lo = lo.max(vma.start).max(nstart);
                 let hi = hi.min(vma.end).min(nstart + NOTIFIER_SIZE);
-                let (s, e) = CHUNKS
-                    .iter()
-                    .map(|&c| {
-                        let s = addr & !(c - 1);
-                        (s, s + c)
-                    })
-                    .find(|&(s, e)| s >= lo && e <= hi)
-                    .ok_or(EFAULT)?;
+                let (s, e) = chunk_for(addr, lo, hi, avoid).ok_or(EFAULT)?;
                 if ns.ranges.len() == ns.ranges.capacity() {
                     if spare.capacity() <= ns.ranges.len() {
                         let want = ns.ranges.len() * 2 + 16;
@@ -478,9 +498,8 @@ impl Svm {
                     return Ok(bounds);
                 }
                 None => {
-                    let n = r.npages();
                     drop(ns);
-                    pages = Some(Pages::new(vm, n)?);
+                    pages = Some(Pages::new(vm));
                 }
             }
         }
@@ -508,16 +527,16 @@ impl Svm {
         let mut hmm_failures = 0;
         for _ in 0..FAULT_TRIES {
             let vma = self.vma_info(addr, write)?;
-            let (start, end) = self.range_for(vm, addr, &vma)?;
-            if start < vma.start || end > vma.end {
+            let (start, end) = self.range_for(vm, addr, &vma, &in_binding)?;
+            if start < vma.start || end > vma.end || in_binding(start as u64, (end - start) as u64)
+            {
                 // The VMA changed since the range was made (mprotect or mremap split it):
-                // the range no longer has one protection. Evict it; the next round makes
-                // a smaller one that fits.
+                // the range no longer has one protection. Or the range overlaps a binding
+                // of this VM (it was made before the bind, or by another VM): the VM
+                // cannot mirror it whole. Evict it; the next round makes a smaller one
+                // that fits.
                 self.evict(start)?;
                 continue;
-            }
-            if in_binding(start as u64, (end - start) as u64) {
-                return Err(EFAULT);
             }
             match self.populate(vm, acc, start, end, vma.writable) {
                 Ok(true) => return Ok(end),
@@ -547,7 +566,8 @@ impl Svm {
     ) -> Result<bool> {
         let npages = (end - start) / SZ_4K;
         let mut pfns: KVVec<HmmPfn> = KVVec::from_elem(0, npages, GFP_KERNEL)?;
-        let mut staged = Staged::new(vm, npages)?;
+        // Scratch for the pages' addresses (filled under the notifier lock).
+        let mut addrs: KVVec<u64> = KVVec::from_elem(0, npages, GFP_KERNEL)?;
         for _ in 0..FAULT_TRIES {
             // The range's invalidation count, read *before* `read_begin` (see below).
             let (notifier, gen0) = {
@@ -578,7 +598,6 @@ impl Svm {
             // holds the VM lock of a VM using this object.
             let notifier = unsafe { notifier.as_ref() };
             let seq = hmm::fault_range(notifier, start, &mut pfns, writable)?;
-            staged.map(&pfns, writable)?;
             let counts = match vm.nlock.lock().pt.as_ref() {
                 Some(pt) => pt.missing(start as u64, (end - start) as u64),
                 None => return Err(ENODEV),
@@ -600,15 +619,13 @@ impl Svm {
             // lock in its first pass, and one whose first pass ran before `gen0` was read
             // had finished (or `read_begin` waited for it) before the pages were walked.
             if r.gen != gen0 && r.notifier().read_retry(seq) {
-                // Invalidated since read_begin: these pages may be stale.
-                drop(ns);
-                staged.unmap();
+                // Invalidated since read_begin: these pages may be stale (or freed).
                 continue;
             }
             let Some(p) = r.pages_of(vm) else {
                 return Ok(false);
             };
-            let res = p.commit(start as u64, &mut staged, &mut pre, seq);
+            let res = p.commit(start as u64, &pfns, &mut addrs, writable, &mut pre, seq);
             drop(ns);
             drop(pre);
             res?;
@@ -618,7 +635,7 @@ impl Svm {
     }
 
     /// Makes `vm`'s pages of the range at `start` invalid: PTEs cleared, TLBs invalidated
-    /// and waited for, DMA unmapped (the pages object stays).
+    /// and waited for (the pages object stays).
     fn zap_vm_range(&self, vm: &Vm, start: usize) {
         let mut len = 0;
         {
@@ -648,8 +665,8 @@ impl Svm {
     }
 
     /// Removes the range starting at `start` now, as if the CPU had unmapped it: every
-    /// device's PTEs are cleared and its TLBs invalidated (waited for) before the pages
-    /// are DMA-unmapped and the range leaves the list.
+    /// device's PTEs are cleared and its TLBs invalidated (waited for) before the range
+    /// leaves the list.
     fn evict(&self, start: usize) -> Result {
         let mut vms: KVec<Arc<Vm>> = KVec::with_capacity(MAX_PAGES_PER_RANGE, GFP_KERNEL)?;
         let len = {
@@ -689,7 +706,7 @@ impl Svm {
 
     /// Drops `vm`'s pages from every range (or from the ranges overlapping `only`), after
     /// clearing its PTEs; with `flush`, the device's TLBs are invalidated (and waited
-    /// for) before the DMA mappings go, else the caller guarantees the device no longer
+    /// for) before the pages objects go, else the caller guarantees the device no longer
     /// uses the VM's translations (ASID unbound, device reset).
     pub(crate) fn detach_vm(&self, vm: &Vm, only: Option<(u64, u64)>, flush: bool) {
         let hit = |r: &Range| {
@@ -698,31 +715,35 @@ impl Svm {
             })
         };
         if flush {
-            let mut any = false;
+            // The span of every range whose PTEs this clears: the TLB invalidation covers
+            // all of it, not only `only` (a range overlapping a new binding is cleared
+            // whole, and translations of its other pages must not survive).
+            let mut cleared: Option<(u64, u64)> = None;
             {
                 let mut ns = self.nlock.lock();
                 for r in ns.ranges.iter_mut().filter(|r| hit(r)) {
                     let (s, l) = (r.start as u64, r.len() as u64);
-                    if let Some(p) = r.pages_of(vm) {
-                        any |= p.invalidate(s, l);
+                    if r.pages_of(vm).is_some_and(|p| p.invalidate(s, l)) {
+                        cleared = Some(match cleared {
+                            None => (s, s + l),
+                            Some((a, b)) => (a.min(s), b.max(s + l)),
+                        });
                     }
                 }
             }
-            if any {
-                let (va, size) = only.unwrap_or((0, 1u64 << wire::VA_BITS));
-                let _ = vm.invalidate_tlb(va, size);
+            if let Some((start, end)) = cleared {
+                let _ = vm.invalidate_tlb(start, end - start);
             }
         }
         let mut ns = self.nlock.lock();
         for r in ns.ranges.iter_mut().filter(|r| hit(r)) {
-            // Dropping a pages object unmaps its DMA addresses (the device no longer
-            // uses them, see above).
+            // The device no longer uses these pages (see above).
             r.pages.retain(|p| !p.is_for(vm));
         }
     }
 
     /// The garbage collector: removes the ranges the CPU unmapped, once no invalidation
-    /// is in flight for them, DMA-unmapping their pages first.
+    /// is in flight for them.
     fn collect(&self) {
         loop {
             let victim = {
@@ -734,13 +755,8 @@ impl Svm {
                 else {
                     return;
                 };
-                let r = &mut ns.ranges[i];
                 // The invalidation that marked it unmapped cleared the PTEs and waited for
-                // the TLBs: unmap before the range leaves the list.
-                for p in r.pages.iter_mut() {
-                    p.valid = false;
-                    p.release_dma();
-                }
+                // the TLBs: no device uses its pages any more.
                 ns.ranges.remove(i).ok()
             };
             if victim.is_some() {
@@ -790,6 +806,9 @@ impl Svm {
 struct Target {
     vm: Arc<Vm>,
     ticket: Option<crate::ctrl::Ticket>,
+    /// The first pass could not start the command without sleeping (back-pressure): the
+    /// second pass starts it, outside the notifier lock.
+    deferred: bool,
     /// The command could not be started: reset the device.
     failed: bool,
     start: u64,
@@ -821,7 +840,14 @@ enum Begin {
     Started(Pending),
 }
 
-fn start_tlb_invalidate(vm: &Vm, start: u64, end: u64) -> Option<crate::ctrl::Ticket> {
+/// Starts a `TLB_INVALIDATE` of `[start, end)` on the VM's device; `may_sleep` as for
+/// [`crate::ctrl::CtrlQueue::start`].
+fn start_tlb_invalidate(
+    vm: &Vm,
+    start: u64,
+    end: u64,
+    may_sleep: bool,
+) -> Result<crate::ctrl::Ticket> {
     let body = wire::TlbInvalidateReq {
         asid: vm.asid,
         flags: 0,
@@ -831,8 +857,7 @@ fn start_tlb_invalidate(vm: &Vm, start: u64, end: u64) -> Option<crate::ctrl::Ti
     .to_bytes();
     vm.gpu
         .ctrl
-        .start(wire::Opcode::TlbInvalidate, &body, true)
-        .ok()
+        .start(wire::Opcode::TlbInvalidate, &body, may_sleep)
 }
 
 impl SvmNotifierData {
@@ -907,6 +932,7 @@ impl SvmNotifierData {
                         let t = p.targets[k].get_or_insert_with(|| Target {
                             vm: pg.vm.clone(),
                             ticket: None,
+                            deferred: false,
                             failed: false,
                             start: rs,
                             end: rs + rl,
@@ -917,9 +943,9 @@ impl SvmNotifierData {
                     None => {
                         // More devices than a pending invalidation tracks: this one is
                         // stopped right here (the invalidation is blockable).
-                        let ok = start_tlb_invalidate(&pg.vm, rs, rs + rl)
-                            .map(|t| pg.vm.gpu.ctrl.wait(t))
-                            .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));
+                        let ok = start_tlb_invalidate(&pg.vm, rs, rs + rl, true)
+                            .and_then(|t| pg.vm.gpu.ctrl.wait(t))
+                            .is_ok_and(|d| d.succeeded());
                         if !ok {
                             pg.vm
                                 .gpu
@@ -930,10 +956,13 @@ impl SvmNotifierData {
                 }
             }
         }
-        // Start every device before anyone waits.
+        // Start every device before anyone waits (without sleeping under the lock).
         for t in p.targets.iter_mut().flatten() {
-            t.ticket = start_tlb_invalidate(&t.vm, t.start, t.end);
-            t.failed = t.ticket.is_none();
+            match start_tlb_invalidate(&t.vm, t.start, t.end, false) {
+                Ok(tk) => t.ticket = Some(tk),
+                Err(e) if e == EBUSY => t.deferred = true,
+                Err(_) => t.failed = true,
+            }
         }
         drop(ns);
         if gc {
@@ -949,6 +978,12 @@ impl SvmNotifierData {
     /// Second pass (or the rest of the single pass): wait for every device, then unmap.
     fn complete(this: &SvmNotifier, mut p: Pending) {
         let svm = this.data().svm();
+        for t in p.targets.iter_mut().flatten().filter(|t| t.deferred) {
+            match start_tlb_invalidate(&t.vm, t.start, t.end, true) {
+                Ok(tk) => t.ticket = Some(tk),
+                Err(_) => t.failed = true,
+            }
+        }
         for t in p.targets.iter_mut().flatten() {
             let ok = !t.failed
                 && t.ticket
@@ -1044,34 +1079,50 @@ impl IntervalOps for SvmNotifierData {
 mod tests {
     use super::*;
 
-    fn chunk(addr: usize, lo: usize, hi: usize) -> Option<(usize, usize)> {
-        CHUNKS
-            .iter()
-            .map(|&c| {
-                let s = addr & !(c - 1);
-                (s, s + c)
-            })
-            .find(|&(s, e)| s >= lo && e <= hi)
+    fn nothing(_: u64, _: u64) -> bool {
+        false
     }
 
     #[test]
     fn chunks_follow_the_vma() {
         // A 4 MiB VMA, 2 MiB aligned: 2 MiB chunks.
         assert_eq!(
-            chunk(0x20_1000, 0x20_0000, 0x60_0000),
+            chunk_for(0x20_1000, 0x20_0000, 0x60_0000, &nothing),
             Some((0x20_0000, 0x40_0000))
         );
         // A 1 MiB VMA: 64 KiB chunks.
         assert_eq!(
-            chunk(0x21_1000, 0x20_0000, 0x30_0000),
+            chunk_for(0x21_1000, 0x20_0000, 0x30_0000, &nothing),
             Some((0x21_0000, 0x22_0000))
         );
         // A 12 KiB VMA: 4 KiB chunks.
         assert_eq!(
-            chunk(0x20_2000, 0x20_1000, 0x20_4000),
+            chunk_for(0x20_2000, 0x20_1000, 0x20_4000, &nothing),
             Some((0x20_2000, 0x20_3000))
         );
         // Outside: none.
-        assert_eq!(chunk(0x10_0000, 0x20_0000, 0x30_0000), None);
+        assert_eq!(chunk_for(0x10_0000, 0x20_0000, 0x30_0000, &nothing), None);
+    }
+
+    #[test]
+    fn chunks_avoid_bindings() {
+        // A binding of the first 64 KiB of a 4 MiB VMA at 0x20_0000: a fault at +1 MiB
+        // gets the 64 KiB chunk around it, not the 2 MiB one that holds the binding.
+        let binding = |va: u64, len: u64| crate::vm::ranges_overlap(va, len, 0x20_0000, 0x1_0000);
+        assert_eq!(
+            chunk_for(0x30_0000, 0x20_0000, 0x60_0000, &binding),
+            Some((0x30_0000, 0x31_0000))
+        );
+        // Right next to the binding: the 64 KiB chunk would hold it too; 4 KiB.
+        let binding = |va: u64, len: u64| crate::vm::ranges_overlap(va, len, 0x20_0000, 0x1000);
+        assert_eq!(
+            chunk_for(0x20_1000, 0x20_0000, 0x60_0000, &binding),
+            Some((0x20_1000, 0x20_2000))
+        );
+        // Far from the binding: still 2 MiB.
+        assert_eq!(
+            chunk_for(0x40_0000, 0x20_0000, 0x60_0000, &binding),
+            Some((0x40_0000, 0x60_0000))
+        );
     }
 }

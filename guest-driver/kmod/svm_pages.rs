@@ -3,25 +3,22 @@
 //! SVM *pages*: the device side of an SVM range (see the `DOC:` overview in [`crate::svm`]).
 //!
 //! A [`Pages`] object mirrors one [`crate::svm::Range`] into one VM, i.e. on one device
-//! (the drm_gpusvm_pages of the range/pages split): the DMA addresses of the range's CPU
-//! pages for that device, the notifier sequence they were obtained under, whether the
-//! VM's PTEs map them (`valid`), and how many invalidations are still in flight for it.
-//! A range holds one `Pages` per VM that touched it: one range, N pages, N GPUs.
+//! (the drm_gpusvm_pages of the range/pages split): the notifier sequence its mapping was
+//! made under, whether the VM's PTEs map the range's CPU pages (`valid`), whether they
+//! allow writes, and how many invalidations are still in flight for it. A range holds one
+//! `Pages` per VM that touched it: one range, N pages, N GPUs.
+//!
+//! The device addresses guest memory by guest-physical address (spec, "Addresses"): the
+//! PTEs hold the pages' physical addresses, taken under the SVM notifier lock once the
+//! notifier sequence is known to be current ([`Pages::commit`]), and valid until the next
+//! invalidation clears them. No page is pinned or DMA-mapped, so nothing is unmapped.
 //!
 //! Every field is protected by the SVM object's notifier lock (the range lives in the
 //! SVM object's range list, which that lock protects); the VM's PTEs additionally by the
-//! VM's notifier lock, always taken inside the SVM one. Nothing here allocates: the DMA
-//! array is allocated when the object is created, before any lock.
+//! VM's notifier lock, always taken inside the SVM one. Nothing here allocates.
 
-use crate::{
-    hmm::HmmPfn,
-    pagetable::Prealloc,
-    userptr::{map_pages, unmap_pages},
-    vm::Vm,
-    wire,
-};
+use crate::{hmm, hmm::HmmPfn, pagetable::Prealloc, vm::Vm, wire};
 use kernel::{
-    bindings,
     prelude::*,
     sync::{atomic::Relaxed, Arc},
 };
@@ -30,34 +27,27 @@ use kernel::{
 pub(crate) struct Pages {
     /// The VM (and through it the device) the pages are mapped for.
     pub(crate) vm: Arc<Vm>,
-    /// The VM's PTEs map `dma`, obtained under notifier sequence `seq`.
+    /// The VM's PTEs map the range's pages of notifier sequence `seq`.
     pub(crate) valid: bool,
     /// The notifier sequence of the committed mapping.
     pub(crate) seq: u64,
-    /// The PTEs (and DMA direction) allow writes.
+    /// The PTEs allow writes.
     pub(crate) writable: bool,
-    /// The committed DMA addresses, one per 4 KiB page of the range.
-    pub(crate) dma: KVVec<u64>,
-    /// `dma` holds live DMA mappings.
-    pub(crate) dma_mapped: bool,
     /// Invalidations started (first pass) and not finished.
     pub(crate) inflight: u32,
 }
 
 impl Pages {
-    /// Pages for a range of `npages` 4 KiB pages (allocates: call it without locks).
-    pub(crate) fn new(vm: &Arc<Vm>, npages: usize) -> Result<Self> {
-        let dma = KVVec::from_elem(0, npages, GFP_KERNEL)?;
+    /// Pages of `vm`, not mapped yet.
+    pub(crate) fn new(vm: &Arc<Vm>) -> Self {
         vm.gpu.stats.svm_pages.add(1, Relaxed);
-        Ok(Self {
+        Self {
             vm: vm.clone(),
             valid: false,
             seq: 0,
             writable: false,
-            dma,
-            dma_mapped: false,
             inflight: 0,
-        })
+        }
     }
 
     /// Whether the pages belong to `vm`.
@@ -68,15 +58,7 @@ impl Pages {
     /// Whether the device may be using (or be about to stop using) these pages: an
     /// invalidation has work to do.
     pub(crate) fn busy(&self) -> bool {
-        self.valid || self.inflight > 0 || self.dma_mapped
-    }
-
-    fn dir(writable: bool) -> bindings::dma_data_direction {
-        if writable {
-            bindings::dma_data_direction::DMA_BIDIRECTIONAL
-        } else {
-            bindings::dma_data_direction::DMA_TO_DEVICE
-        }
+        self.valid || self.inflight > 0
     }
 
     /// First pass of an invalidation of `[start, start + len)` (the whole range): marks
@@ -98,57 +80,37 @@ impl Pages {
         true
     }
 
-    /// Second pass: the device's TLB invalidation for these pages completed. Unmaps the
-    /// DMA addresses unless the pages were made valid again since. Under the SVM notifier
-    /// lock.
+    /// Second pass: the device's TLB invalidation for these pages completed. Under the
+    /// SVM notifier lock.
     pub(crate) fn invalidated(&mut self) {
         self.inflight = self.inflight.saturating_sub(1);
-        if !self.valid {
-            self.release_dma();
-        }
     }
 
-    /// Unmaps the committed DMA addresses. Only once the device can no longer use them
-    /// (PTEs cleared and TLB invalidated, or the ASID unbound, or the device reset).
-    pub(crate) fn release_dma(&mut self) {
-        if self.dma_mapped {
-            unmap_pages(
-                self.vm.gpu.dma_dev_raw(),
-                &self.dma,
-                Self::dir(self.writable),
-            );
-            self.dma_mapped = false;
-        }
-    }
-
-    /// Commits a mapping made by [`Staged::map`] (the caller checked the notifier
-    /// sequence under the SVM notifier lock): writes the PTEs of `[start, ...)` and makes
-    /// the pages valid. Takes the VM's notifier lock. On error the staged DMA mappings
-    /// are released by the caller.
+    /// Commits the pages of `pfns` (from `hmm_range_fault` under notifier sequence `seq`,
+    /// which the caller checked is still current, under the SVM notifier lock): takes
+    /// their guest-physical addresses into `addrs` (scratch, one entry per page), writes
+    /// the PTEs of `[start, ...)` and makes the pages valid. Takes the VM's notifier lock.
     pub(crate) fn commit(
         &mut self,
         start: u64,
-        staged: &mut Staged,
+        pfns: &[HmmPfn],
+        addrs: &mut [u64],
+        writable: bool,
         pre: &mut Prealloc,
         seq: u64,
     ) -> Result {
+        hmm::page_addresses(pfns, addrs)?;
         let mut ns = self.vm.nlock.lock();
         if ns.dead {
             return Err(ENODEV);
         }
         let pt = ns.pt.as_mut().ok_or(ENODEV)?;
-        if let Err(e) = pt.map(start, &staged.dma, staged.writable, pre) {
-            pt.clear(start, (staged.dma.len() as u64) * wire::PAGE_SIZE_4K);
+        if let Err(e) = pt.map(start, addrs, writable, pre) {
+            pt.clear(start, (addrs.len() as u64) * wire::PAGE_SIZE_4K);
             return Err(e);
         }
         drop(ns);
-        // Nothing is mapped here: an invalidation (which made the pages invalid) unmapped
-        // before a commit could follow it. Keep the mappings balanced anyway.
-        self.release_dma();
-        core::mem::swap(&mut self.dma, &mut staged.dma);
-        self.writable = staged.writable;
-        self.dma_mapped = true;
-        staged.mapped = false;
+        self.writable = writable;
         self.valid = true;
         self.seq = seq;
         Ok(())
@@ -157,57 +119,10 @@ impl Pages {
 
 impl Drop for Pages {
     fn drop(&mut self) {
-        // Owners release the DMA mappings first (a range never leaves the tree mapped);
-        // this is the final fallback.
-        self.release_dma();
         self.vm
             .gpu
             .stats
             .svm_pages
             .add(1u64.wrapping_neg(), Relaxed);
-    }
-}
-
-/// DMA mappings made for a fault before they are committed (scratch, per fault).
-pub(crate) struct Staged {
-    dev: *mut bindings::device,
-    pub(crate) dma: KVVec<u64>,
-    pub(crate) writable: bool,
-    mapped: bool,
-}
-
-impl Staged {
-    /// Scratch for `npages` pages (allocates: no locks held).
-    pub(crate) fn new(vm: &Vm, npages: usize) -> Result<Self> {
-        Ok(Self {
-            dev: vm.gpu.dma_dev_raw(),
-            dma: KVVec::from_elem(0, npages, GFP_KERNEL)?,
-            writable: false,
-            mapped: false,
-        })
-    }
-
-    /// DMA-maps the pages of `pfns` (from `hmm_range_fault`) for the device. The caller
-    /// holds a `GpuAccess` (the device is bound).
-    pub(crate) fn map(&mut self, pfns: &[HmmPfn], writable: bool) -> Result {
-        self.unmap();
-        map_pages(self.dev, pfns, &mut self.dma, Pages::dir(writable))?;
-        self.writable = writable;
-        self.mapped = true;
-        Ok(())
-    }
-
-    /// Drops mappings that were not committed.
-    pub(crate) fn unmap(&mut self) {
-        if self.mapped {
-            unmap_pages(self.dev, &self.dma, Pages::dir(self.writable));
-            self.mapped = false;
-        }
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        self.unmap();
     }
 }

@@ -6,20 +6,24 @@
 //! Per binding, two kinds of state (see the locking overview in `svmgpu.rs`):
 //!
 //! - [`Entry`] (under the VM lock): the binding and the scratch arrays used to fault the
-//!   CPU pages in (`hmm_range_fault`) and DMA-map them before committing;
+//!   CPU pages in (`hmm_range_fault`) and to compute their addresses before committing;
 //! - [`UNState`] (under the VM's notifier lock, via `LockedBy`): whether the GPU mapping
-//!   is valid, the notifier sequence it was made for, and the committed DMA addresses.
+//!   is valid, the notifier sequence it was made for, and invalidations in flight.
 //!
-//! [`revalidate`] follows the VM_BIND locking rules: `mmu_interval_read_begin`, fault and
-//! map without the notifier lock, then under it check `mmu_interval_read_retry` and only
-//! then write the PTEs (else drop the work and retry). The notifier, under the same lock,
+//! [`revalidate`] follows the VM_BIND locking rules: `mmu_interval_read_begin` and fault
+//! without the notifier lock, then under it check `mmu_interval_read_retry` and only then
+//! take the pages' guest-physical addresses and write the PTEs (else drop the work and
+//! retry), as `drm_gpusvm_get_pages` maps pages only under its notifier lock: an unpinned
+//! page is never used after an invalidation could have freed it. The device uses
+//! guest-physical addresses (spec, "Addresses"), so no page is DMA-mapped and nothing is
+//! unmapped afterwards. The notifier, under the same lock,
 //! publishes the new sequence (`mmu_interval_set_seq`), marks the binding invalid and
 //! clears its PTEs, then stops the device: it *starts* a `TLB_INVALIDATE` for the binding
 //! (and a `CTX_PREEMPT` for the VM's long-running queues) and *waits* for them, in the
 //! same call (single pass) or in `invalidate_finish` (two passes, with the state carried
 //! in a [`FinishRef`] from the device's preallocated [`FinishPool`]; when the pool is
-//! empty it falls back to single pass). Only after the waits are the pages DMA-unmapped.
-//! A failed or timed-out wait resets the device, after which it holds no translation.
+//! empty it falls back to single pass). A failed or timed-out wait resets the device,
+//! after which it holds no translation.
 
 use crate::{
     ctrl::Ticket,
@@ -32,13 +36,10 @@ use crate::{
     wire,
 };
 use kernel::{
-    bindings,
     prelude::*,
     sync::{atomic::Relaxed, Arc, LockedBy},
     time::{Instant, Monotonic},
 };
-
-const PAGE: usize = bindings::PAGE_SIZE;
 
 /// Second-pass state of a userptr notifier, from the device's pool.
 type FinishRef = finish_pool::FinishRef<Pending>;
@@ -51,10 +52,6 @@ pub(crate) struct UNState {
     pub(crate) valid: bool,
     /// The notifier sequence the mapping was made for.
     pub(crate) seq: u64,
-    /// The committed DMA addresses, one per page (meaningful if `dma_mapped`).
-    pub(crate) dma: KVVec<u64>,
-    /// `dma` holds live DMA mappings.
-    pub(crate) dma_mapped: bool,
     /// Invalidations started and not finished.
     pub(crate) inflight: u32,
 }
@@ -77,7 +74,7 @@ pub(crate) struct Entry {
     pub(crate) up: Pin<KBox<Userptr>>,
     /// Scratch: the PFNs `hmm_range_fault` returns.
     pub(crate) pfns: KVVec<HmmPfn>,
-    /// Scratch: DMA addresses mapped and not committed yet.
+    /// Scratch: the pages' addresses, computed under the notifier lock for the PTEs.
     pub(crate) staging: KVVec<u64>,
     /// The last revalidation failed (e.g. the CPU range is unmapped).
     pub(crate) broken: bool,
@@ -94,61 +91,6 @@ impl Entry {
     }
 }
 
-impl UserptrData {
-    fn dir(&self) -> bindings::dma_data_direction {
-        if self.readonly {
-            bindings::dma_data_direction::DMA_TO_DEVICE
-        } else {
-            bindings::dma_data_direction::DMA_BIDIRECTIONAL
-        }
-    }
-}
-
-/// DMA-maps the pages of `pfns` into `out`; on failure nothing stays mapped.
-pub(crate) fn map_pages(
-    dev: *mut bindings::device,
-    pfns: &[HmmPfn],
-    out: &mut [u64],
-    dir: bindings::dma_data_direction,
-) -> Result {
-    for (i, (&p, o)) in pfns.iter().zip(out.iter_mut()).enumerate() {
-        let err = if !hmm::pfn_valid(p) {
-            Some(EFAULT)
-        } else {
-            // SAFETY: `dev` is a bound device (the caller holds a `GpuAccess`); the page is
-            // a valid page returned by `hmm_range_fault` (not pinned: the mapping is only
-            // used while the notifier sequence is unchanged, and unmapped after the
-            // invalidation that ends it).
-            let a =
-                unsafe { bindings::dma_map_page_attrs(dev, hmm::pfn_to_page(p), 0, PAGE, dir, 0) };
-            // SAFETY: `a` was just returned for `dev`.
-            if unsafe { bindings::dma_mapping_error(dev, a) } != 0 {
-                Some(ENOMEM)
-            } else {
-                *o = a;
-                None
-            }
-        };
-        if let Some(e) = err {
-            unmap_pages(dev, &out[..i], dir);
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
-/// Undoes [`map_pages`].
-pub(crate) fn unmap_pages(
-    dev: *mut bindings::device,
-    addrs: &[u64],
-    dir: bindings::dma_data_direction,
-) {
-    for &a in addrs {
-        // SAFETY: `a` was mapped by `map_pages` for `dev` with `dir`, and is unmapped once.
-        unsafe { bindings::dma_unmap_page_attrs(dev, a, PAGE, dir, 0) };
-    }
-}
-
 /// Makes the binding's GPU mapping valid again (or for the first time): the VM_BIND
 /// locking rules' retry loop. The caller holds the VM lock (`entry` is in its list) and a
 /// [`GpuAccess`]. Errors: those of [`hmm::fault_range`] (`EFAULT`...), `ENOMEM`, `ENODEV`
@@ -162,7 +104,6 @@ pub(crate) fn revalidate(entry: &mut Entry, acc: &GpuAccess<'_>) -> Result {
     } = entry;
     let d = up.data();
     let vm = &d.vm;
-    let dev = vm.gpu.dma_dev_raw();
     for _ in 0..64 {
         {
             let ns = vm.nlock.lock();
@@ -181,7 +122,6 @@ pub(crate) fn revalidate(entry: &mut Entry, acc: &GpuAccess<'_>) -> Result {
                 return Err(e);
             }
         };
-        map_pages(dev, pfns, staging, d.dir())?;
         let counts = {
             let ns = vm.nlock.lock();
             match ns.pt.as_ref() {
@@ -189,23 +129,19 @@ pub(crate) fn revalidate(entry: &mut Entry, acc: &GpuAccess<'_>) -> Result {
                 None => [0; 3],
             }
         };
-        let mut pre = match Prealloc::alloc(acc.dma_dev(), counts) {
-            Ok(p) => p,
-            Err(e) => {
-                unmap_pages(dev, staging, d.dir());
-                return Err(e);
-            }
-        };
+        let mut pre = Prealloc::alloc(acc.dma_dev(), counts)?;
         let mut ns = vm.nlock.lock();
-        if ns.dead || up.read_retry(seq) {
-            // An invalidation ran since `read_begin`: these pages may be stale.
-            let dead = ns.dead;
-            drop(ns);
-            unmap_pages(dev, staging, d.dir());
-            if dead {
-                return Err(ENODEV);
-            }
+        if ns.dead {
+            return Err(ENODEV);
+        }
+        if up.read_retry(seq) {
+            // An invalidation ran since `read_begin`: these pages may be stale (or freed).
             continue;
+        }
+        // Current pages: only now may their addresses reach the device.
+        if let Err(e) = hmm::page_addresses(pfns, staging) {
+            *broken = true;
+            return Err(e);
         }
         let mapped = match ns.pt.as_mut() {
             Some(pt) => {
@@ -217,19 +153,8 @@ pub(crate) fn revalidate(entry: &mut Entry, acc: &GpuAccess<'_>) -> Result {
             }
             None => Err(ENODEV),
         };
-        if let Err(e) = mapped {
-            drop(ns);
-            unmap_pages(dev, staging, d.dir());
-            return Err(e);
-        }
+        mapped?;
         let un = d.n.access_mut(&mut ns);
-        if un.dma_mapped {
-            // Not reachable (an invalidation unmaps before a commit can follow it); keep
-            // the mappings balanced anyway.
-            unmap_pages(dev, &un.dma, d.dir());
-        }
-        core::mem::swap(&mut un.dma, staging);
-        un.dma_mapped = true;
         un.valid = true;
         un.seq = seq;
         *broken = false;
@@ -249,37 +174,50 @@ pub(crate) fn zap(entry: &Entry, ns: &mut NState) {
     d.n.access_mut(ns).valid = false;
 }
 
-/// Unmaps the binding's committed DMA addresses, under the notifier lock, once the device
-/// can no longer use them.
-pub(crate) fn release_dma(entry: &Entry, ns: &mut NState, dev: *mut bindings::device) {
-    let d = entry.data();
-    let un = d.n.access_mut(ns);
-    if un.dma_mapped {
-        unmap_pages(dev, &un.dma, d.dir());
-        un.dma_mapped = false;
-    }
-}
-
-/// Creates the notifier-side state for a binding of `npages` pages.
-pub(crate) fn new_unstate(npages: usize) -> Result<UNState> {
-    Ok(UNState {
+/// The notifier-side state of a new binding.
+pub(crate) fn new_unstate() -> UNState {
+    UNState {
         valid: false,
         seq: 0,
-        dma: KVVec::from_elem(0, npages, GFP_KERNEL)?,
-        dma_mapped: false,
         inflight: 0,
-    })
+    }
 }
 
 // ---- invalidation -------------------------------------------------------------------------
 
 /// Device work started by the first pass.
 pub(crate) struct Pending {
+    /// Commands started (or joined) by the first pass.
     tickets: [Option<Ticket>; 1 + MAX_LR_PER_VM],
-    /// A command could not be started: the device must be reset.
+    /// Commands the first pass could not start without sleeping (every command slot or
+    /// asynchronous entry in use: back-pressure, never a reason to reset): the second pass
+    /// starts them, outside the notifier lock, before it waits. The binding's TLB
+    /// invalidation, and the contexts to preempt.
+    deferred_tlb: bool,
+    deferred_preempts: [Option<u32>; MAX_LR_PER_VM],
+    /// A command could not be started at all (the device is going away or was given up).
     failed: bool,
     preempted: bool,
     t0: Instant<Monotonic>,
+}
+
+impl Pending {
+    fn new() -> Self {
+        Self {
+            tickets: [const { None }; 1 + MAX_LR_PER_VM],
+            deferred_tlb: false,
+            deferred_preempts: [None; MAX_LR_PER_VM],
+            failed: false,
+            preempted: false,
+            t0: Instant::<Monotonic>::now(),
+        }
+    }
+
+    fn push(&mut self, t: Ticket) {
+        if let Some(slot) = self.tickets.iter_mut().find(|t| t.is_none()) {
+            *slot = Some(t);
+        }
+    }
 }
 
 enum Begin {
@@ -289,6 +227,16 @@ enum Begin {
 }
 
 impl UserptrData {
+    fn tlb_body(&self) -> [u8; wire::TlbInvalidateReq::SIZE] {
+        wire::TlbInvalidateReq {
+            asid: self.vm.asid,
+            flags: 0,
+            va: self.va,
+            size: self.size,
+        }
+        .to_bytes()
+    }
+
     /// The first pass: publish the sequence, invalidate the mapping, start the device work.
     fn begin(this: &Userptr, inv: &Invalidation<'_>) -> Begin {
         let d = this.data();
@@ -303,7 +251,7 @@ impl UserptrData {
         };
         let dead = ns.dead;
         let un = d.n.access_mut(&mut ns);
-        if dead || !(un.valid || un.inflight > 0 || un.dma_mapped) {
+        if dead || !(un.valid || un.inflight > 0) {
             // The device cannot be using these pages.
             inv.set_seq();
             return Begin::Nothing;
@@ -320,55 +268,77 @@ impl UserptrData {
                 pt.clear(d.va, d.size);
             }
         }
-        let mut p = Pending {
-            tickets: [const { None }; 1 + MAX_LR_PER_VM],
-            failed: false,
-            preempted: false,
-            t0: Instant::<Monotonic>::now(),
-        };
+        let mut p = Pending::new();
         let ctrl = &vm.gpu.ctrl;
-        // Long-running queues: preempt them (they are resumed by the rebind worker).
-        let mut n = 0;
-        for lr in ns.lr.iter_mut() {
-            let body = wire::CtxReq {
-                ctx_id: lr.ctx_id,
-                flags: 0,
-            }
-            .to_bytes();
-            match ctrl.start(wire::Opcode::CtxPreempt, &body, true) {
-                Ok(t) => {
-                    p.tickets[n] = Some(t);
-                    n += 1;
+        // Long-running queues: preempt them (the rebind worker resumes them), once per
+        // VM: an invalidation that finds a preemption in flight (started by another
+        // binding's invalidation, not resumed since) waits for that one too.
+        for (k, lr) in ns.lr.iter_mut().enumerate() {
+            let joined = if lr.preempted {
+                lr.preempt.and_then(|id| ctrl.join(id))
+            } else {
+                None
+            };
+            let started = match joined {
+                Some(t) => Ok(t),
+                None => {
+                    let body = wire::CtxReq {
+                        ctx_id: lr.ctx_id,
+                        flags: 0,
+                    }
+                    .to_bytes();
+                    ctrl.start(wire::Opcode::CtxPreempt, &body, false)
                 }
+            };
+            match started {
+                Ok(t) => {
+                    lr.preempt = Some(t.id());
+                    p.push(t);
+                }
+                Err(e) if e == EBUSY => p.deferred_preempts[k] = Some(lr.ctx_id),
                 Err(_) => p.failed = true,
             }
             lr.preempted = true;
             p.preempted = true;
         }
         // The PTEs are cleared: invalidate the TLBs for the whole binding.
-        let body = wire::TlbInvalidateReq {
-            asid: vm.asid,
-            flags: 0,
-            va: d.va,
-            size: d.size,
-        }
-        .to_bytes();
-        match ctrl.start(wire::Opcode::TlbInvalidate, &body, true) {
-            Ok(t) => p.tickets[n] = Some(t),
+        match ctrl.start(wire::Opcode::TlbInvalidate, &d.tlb_body(), false) {
+            Ok(t) => p.push(t),
+            Err(e) if e == EBUSY => p.deferred_tlb = true,
             Err(_) => p.failed = true,
         }
         Begin::Started(p)
     }
 
-    /// The second pass (or the rest of the single pass): wait, then release the pages.
+    /// The second pass (or the rest of the single pass): start what the first pass
+    /// deferred, wait, then release the pages.
     fn complete(this: &Userptr, mut p: Pending) {
         let d = this.data();
         let vm = &d.vm;
         let gpu = &vm.gpu;
+        let ctrl = &gpu.ctrl;
+        let deferred = p.deferred_preempts;
+        for ctx_id in deferred.iter().flatten() {
+            let body = wire::CtxReq {
+                ctx_id: *ctx_id,
+                flags: 0,
+            }
+            .to_bytes();
+            match ctrl.start(wire::Opcode::CtxPreempt, &body, true) {
+                Ok(t) => p.push(t),
+                Err(_) => p.failed = true,
+            }
+        }
+        if p.deferred_tlb {
+            match ctrl.start(wire::Opcode::TlbInvalidate, &d.tlb_body(), true) {
+                Ok(t) => p.push(t),
+                Err(_) => p.failed = true,
+            }
+        }
         let mut ok = !p.failed;
         for t in p.tickets.iter_mut() {
             if let Some(t) = t.take() {
-                match gpu.ctrl.wait(t) {
+                match ctrl.wait(t) {
                     Ok(done) if done.succeeded() => {}
                     _ => ok = false,
                 }
@@ -384,10 +354,6 @@ impl UserptrData {
         let dead = ns.dead;
         let un = d.n.access_mut(&mut ns);
         un.inflight = un.inflight.saturating_sub(1);
-        if !dead && un.dma_mapped && !un.valid {
-            unmap_pages(gpu.dma_dev_raw(), &un.dma, d.dir());
-            un.dma_mapped = false;
-        }
         drop(ns);
         gpu.stats.invalidations.add(1, Relaxed);
         gpu.stats
@@ -436,11 +402,10 @@ impl IntervalOps for UserptrData {
             .gpu
             .finish_pool
             .put(finish)
-            .unwrap_or(Pending {
-                tickets: [const { None }; 1 + MAX_LR_PER_VM],
-                failed: true,
-                preempted: false,
-                t0: Instant::<Monotonic>::now(),
+            .unwrap_or_else(|| {
+                let mut p = Pending::new();
+                p.failed = true;
+                p
             });
         Self::complete(this, p);
     }

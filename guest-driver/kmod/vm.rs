@@ -5,6 +5,7 @@
 //! rebind worker that resumes long-running queues after an invalidation.
 
 use crate::{
+    ctrl::TicketId,
     exec_queue::ExecQueue,
     gpu::{Gpu, GpuAccess},
     mmu_notifier::{IntervalNotifier, MmRef, Passes},
@@ -17,11 +18,14 @@ use kernel::{
     bindings, new_mutex, new_work,
     prelude::*,
     sync::{Arc, LockedBy, Mutex},
+    time::{delay::fsleep, Delta},
     workqueue::{self, impl_has_work, Work, WorkItem},
 };
 
 /// Long-running exec queues per VM (each one is preempted on invalidation).
 pub(crate) const MAX_LR_PER_VM: usize = 16;
+/// Rounds of the rebind worker while the device has no room for its resumes.
+const REBIND_TRIES: usize = 5000;
 
 /// Whether `[a, a + alen)` and `[b, b + blen)` intersect (lengths nonzero, no overflow).
 pub(crate) fn ranges_overlap(a: u64, alen: u64, b: u64, blen: u64) -> bool {
@@ -51,6 +55,9 @@ pub(crate) struct LrCtx {
     pub(crate) ctx_id: u32,
     /// Preempted by an invalidation, not resumed yet.
     pub(crate) preempted: bool,
+    /// The last preemption started while `preempted`: later invalidations join it
+    /// instead of starting one each.
+    pub(crate) preempt: Option<TicketId>,
 }
 
 /// What the notifier lock protects.
@@ -224,17 +231,13 @@ impl Vm {
         }
         if let Some(svm) = svm {
             // The device no longer uses the VM's translations (ASID unbound, or reset):
-            // drop its SVM pages (DMA-unmapped) and give the object back.
+            // drop its SVM pages and give the object back.
             svm.detach_vm(self, None, false);
             svm::release(svm);
         }
         {
             let mut ns = self.nlock.lock();
             ns.dead = true;
-            let dev = self.gpu.dma_dev_raw();
-            for e in entries.iter() {
-                userptr::release_dma(e, &mut ns, dev);
-            }
             let pt = ns.pt.take();
             ns.lr.clear();
             drop(ns);
@@ -272,6 +275,7 @@ impl Vm {
                 .push_within_capacity(LrCtx {
                     ctx_id,
                     preempted: false,
+                    preempt: None,
                 })
                 .map_err(|_| ENOSPC)?;
         }
@@ -301,7 +305,7 @@ impl Vm {
         // Everything a binding needs is allocated here, before any lock.
         let pfns = KVVec::from_elem(0, npages, GFP_KERNEL)?;
         let staging = KVVec::from_elem(0, npages, GFP_KERNEL)?;
-        let unstate = userptr::new_unstate(npages)?;
+        let unstate = userptr::new_unstate();
         let mut vs = self.lock.lock();
         if vs.dead {
             return Err(ENODEV);
@@ -354,7 +358,7 @@ impl Vm {
     }
 
     /// Removes the binding that starts at `va` and has `size` bytes: clears its PTEs,
-    /// invalidates the TLBs and waits, then unmaps the pages.
+    /// invalidates the TLBs and waits (the device uses the pages no more afterwards).
     pub(crate) fn unbind(&self, va: u64, size: u64) -> Result {
         let mut vs = self.lock.lock();
         if vs.dead {
@@ -371,12 +375,6 @@ impl Vm {
             userptr::zap(&entry, &mut ns);
         }
         let res = self.invalidate_tlb(va, size);
-        {
-            let mut ns = self.nlock.lock();
-            if !ns.dead {
-                userptr::release_dma(&entry, &mut ns, self.gpu.dma_dev_raw());
-            }
-        }
         drop(vs);
         drop(entry);
         res
@@ -555,50 +553,64 @@ impl Vm {
     }
 
     /// The rebind worker: revalidate the bindings and resume the preempted long-running
-    /// queues.
+    /// queues. The resumes are started under the notifier lock without sleeping; when the
+    /// device has no room for them (back-pressure), the worker waits a little outside the
+    /// locks and tries again.
     fn rebind(&self) {
         let Ok(acc) = self.gpu.enter() else { return };
-        let mut vs = self.lock.lock();
-        if vs.dead {
-            return;
-        }
-        for e in vs.entries.iter_mut() {
-            let _ = userptr::revalidate(e, &acc);
-        }
-        let mut ns = self.nlock.lock();
-        if ns.dead {
-            return;
-        }
-        // A binding invalidated again since: its invalidation queues this work again.
-        let raced = vs
-            .entries
-            .iter()
-            .any(|e| !e.broken && !e.data().n.access(&ns).valid);
-        if raced {
-            return;
-        }
-        let mut tickets = [const { None }; MAX_LR_PER_VM];
-        for (lr, t) in ns.lr.iter_mut().zip(tickets.iter_mut()) {
-            if lr.preempted {
+        for _ in 0..REBIND_TRIES {
+            let mut vs = self.lock.lock();
+            if vs.dead {
+                return;
+            }
+            for e in vs.entries.iter_mut() {
+                let _ = userptr::revalidate(e, &acc);
+            }
+            let mut ns = self.nlock.lock();
+            if ns.dead {
+                return;
+            }
+            // A binding invalidated again since: its invalidation queues this work again.
+            let raced = vs
+                .entries
+                .iter()
+                .any(|e| !e.broken && !e.data().n.access(&ns).valid);
+            if raced {
+                return;
+            }
+            let mut tickets = [const { None }; MAX_LR_PER_VM];
+            let mut busy = false;
+            for (lr, t) in ns.lr.iter_mut().zip(tickets.iter_mut()) {
+                if !lr.preempted {
+                    continue;
+                }
                 let body = wire::CtxReq {
                     ctx_id: lr.ctx_id,
                     flags: 0,
                 }
                 .to_bytes();
-                *t = self
-                    .gpu
-                    .ctrl
-                    .start(wire::Opcode::CtxResume, &body, true)
-                    .ok();
-                lr.preempted = false;
+                match self.gpu.ctrl.start(wire::Opcode::CtxResume, &body, false) {
+                    Ok(tk) => {
+                        *t = Some(tk);
+                        lr.preempted = false;
+                        lr.preempt = None;
+                    }
+                    Err(e) if e == EBUSY => busy = true,
+                    // The device went away or was given up: nothing to resume.
+                    Err(_) => {}
+                }
             }
-        }
-        drop(ns);
-        drop(vs);
-        for t in tickets.iter_mut() {
-            if let Some(t) = t.take() {
-                let _ = self.gpu.ctrl.wait(t);
+            drop(ns);
+            drop(vs);
+            for t in tickets.iter_mut() {
+                if let Some(t) = t.take() {
+                    let _ = self.gpu.ctrl.wait(t);
+                }
             }
+            if !busy {
+                return;
+            }
+            fsleep(Delta::from_millis(1));
         }
     }
 }

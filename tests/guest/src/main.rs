@@ -2,8 +2,10 @@
 //! initramfs), prints KTAP v1 to stdout or to the file given with `--out`, and exits 1
 //! when any test failed.
 
+mod coherence;
 mod expect;
 mod gpu;
+mod holes;
 mod inject;
 mod ktap;
 mod soak;
@@ -47,6 +49,10 @@ fn main() {
                 for t in tests::INJECT {
                     println!("  {}", t.0);
                 }
+                println!("tests needing large device latencies (only with --only; scripts/test.sh starts their guests with --tlb-inval-latency-ns 20000000):");
+                for t in tests::LATENCY {
+                    println!("  {}", t.0);
+                }
                 return;
             }
             _ => {
@@ -64,6 +70,7 @@ fn main() {
         Some(o) => tests::ALL
             .iter()
             .chain(tests::INJECT.iter())
+            .chain(tests::LATENCY.iter())
             .filter(|t| t.0 == o)
             .collect(),
     };

@@ -47,6 +47,18 @@ pub const INJECT: &[(&str, Test)] = &[
     ("inject_walk_read_error", inject::walk_read_error),
 ];
 
+/// Tests that need large device latencies (`--tlb-inval-latency-ns 20000000`), so that a
+/// driver returning early from a notifier is caught every time: scripts/test.sh runs them
+/// in guests of their own; run only with `--only NAME`.
+pub const LATENCY: &[(&str, Test)] = &[
+    ("coherence_after_syscall", crate::coherence::after_syscall),
+    ("coherence_many_bindings", crate::coherence::many_bindings),
+    (
+        "unbind_stops_device_before_notifiers_return",
+        crate::holes::unbind_stops_device_before_notifiers_return,
+    ),
+];
+
 pub const ALL: &[(&str, Test)] = &[
     ("driver_binds_all_devices", driver_binds_all_devices),
     ("config_matches_backend", config_matches_backend),
@@ -118,6 +130,15 @@ pub const ALL: &[(&str, Test)] = &[
     (
         "invalidation_timing_single_vs_twopass",
         gpu::invalidation_timing,
+    ),
+    (
+        "svm_bind_inside_mirrored_range",
+        crate::holes::svm_bind_inside_mirrored_range,
+    ),
+    ("svm_next_to_binding", crate::holes::svm_next_to_binding),
+    (
+        "invalidation_flood_is_back_pressure",
+        crate::holes::invalidation_flood_is_back_pressure,
     ),
     ("svm_mode_single", crate::svm::mode_single),
     ("svm_mode_per_device", crate::svm::mode_per_device),
