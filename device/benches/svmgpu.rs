@@ -114,6 +114,7 @@ fn tlb_hits(ram: &mut Ram) {
         root: ram.root,
         log: &log,
         audit: false,
+        audit_grace: std::time::Duration::ZERO,
         hook: None,
     };
     let mut mmu = Mmu::new(64, 4).unwrap();
@@ -158,6 +159,7 @@ fn page_walks(ram: &mut Ram) {
         root: ram.root,
         log: &log,
         audit: false,
+        audit_grace: std::time::Duration::ZERO,
         hook: None,
     };
     let mut mmu = Mmu::new(64, 4).unwrap();
@@ -189,6 +191,7 @@ fn through_mmu(ram: &Ram, insn: Insn, bytes: u64, reps: u32) -> f64 {
         root: ram.root,
         log: &log,
         audit: false,
+        audit_grace: std::time::Duration::ZERO,
         hook: None,
     };
     let mut mmu = Mmu::new(1024, 8).unwrap();

@@ -79,6 +79,11 @@ pub struct DeviceOptions {
     pub hang_threshold_us: u32,
     /// Audit every access even if the driver did not accept `SVMGPU_F_AUDIT`.
     pub audit: bool,
+    /// Audit: how long a TLB entry may stay ahead of its page table, with no invalidation
+    /// covering it accepted, before it counts as unflushed (spec 11.4).
+    pub audit_grace_ns: u64,
+    /// TLBs never evict: a translation whose set is full is used uncached (spec 10.3).
+    pub tlb_no_evict: bool,
 }
 
 impl Default for DeviceOptions {
@@ -97,6 +102,8 @@ impl Default for DeviceOptions {
             timeslice_us: defaults::TIMESLICE_US,
             hang_threshold_us: defaults::HANG_THRESHOLD_US,
             audit: false,
+            audit_grace_ns: defaults::AUDIT_GRACE_NS,
+            tlb_no_evict: false,
         }
     }
 }
@@ -115,6 +122,10 @@ pub mod defaults {
     pub const TIMESLICE_US: u32 = 1_000;
     /// Engine-hang threshold.
     pub const HANG_THRESHOLD_US: u32 = 100_000;
+    /// Audit grace period: 2 s, far above the microseconds a correct driver takes from a PTE
+    /// write to the acceptance of the invalidation covering it, even on a loaded TCG host
+    /// (device/README.md, "Audit").
+    pub const AUDIT_GRACE_NS: u64 = 2_000_000_000;
 }
 
 impl DeviceOptions {
@@ -305,7 +316,7 @@ mod tests {
         let b = o.config_space(5).to_bytes();
         let u32_at = |off: usize| u32::from_le_bytes(b[off..off + 4].try_into().unwrap());
         assert_eq!(&b[0..4], b"SVMG");
-        assert_eq!(u32_at(4), 0x0000_0001);
+        assert_eq!(u32_at(4), 0x0000_0002);
         assert_eq!(u32_at(8), 5);
         assert_eq!(u32_at(12), 3);
         assert_eq!(u32_at(16), 16);

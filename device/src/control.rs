@@ -18,10 +18,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use crate::context::{Context, Job};
 use crate::gpu::{Deferred, Gpu, Shared};
 use crate::inject::{Kind, Subject};
-use crate::mmu::tlb::Scope;
+use crate::mmu::Scope;
 use crate::stats::Counter;
 
-/// Largest response of spec v0.1 (GET_STATS).
+/// Largest response (GET_STATS).
 pub const MAX_RESPONSE_SIZE: usize = RespHeader::SIZE + StatsResp::SIZE;
 
 /// Why a control request failed; each maps to a spec status code.
@@ -189,7 +189,7 @@ fn execute(
             want,
         });
     }
-    let want = RespHeader::SIZE + op.response_body_size();
+    let want = RespHeader::SIZE + op.min_response_body_size();
     if resp_cap < want {
         return Err(ControlError::ResponseBuffer {
             op,
@@ -223,7 +223,10 @@ fn execute(
         Opcode::GetStats => {
             let mut s = gpu.stats().snapshot();
             s.commands_completed = before;
-            ok(&s.to_bytes(), None)
+            // As many whole counters as the buffer holds (spec 6.2): at least those of v0.1.
+            let fit = (resp_cap - RespHeader::SIZE) / 8 * 8;
+            let bytes = s.to_bytes();
+            ok(&bytes[..fit.min(bytes.len())], None)
         }
         Opcode::Reset => {
             let r = ResetReq::decode(body).ok_or(c.bad("short body"))?;
@@ -532,7 +535,7 @@ mod tests {
             .chunks(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(words, [0x0000_0001, 1, 4, 8, 16, 32, 2, 0]);
+        assert_eq!(words, [0x0000_0002, 1, 4, 8, 16, 32, 2, 0]);
         assert_eq!(&body[32..40], &0u64.to_le_bytes());
 
         // The next one sees one completed command; errors count as completed too.
@@ -550,12 +553,27 @@ mod tests {
     fn get_stats() {
         let g = gpu();
         handle_request(&g, &req(0x77, 0, 0, &[]), 16);
-        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 192).0;
+        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 208).0;
         assert_eq!(header(&r).status, 0);
         assert_eq!(header(&r).seqno, 9);
+        assert_eq!(r.bytes().len(), 16 + StatsResp::SIZE);
         let s = StatsResp::decode(&r.bytes()[16..]).unwrap();
         assert_eq!(s.commands_completed, 1);
         assert_eq!(s.commands_failed, 1);
+        // A driver of an older minor version gets the counters it knows (spec 6.2): whole
+        // counters only, as many as fit, never fewer than v0.1's 24.
+        for (cap, body) in [(192, 192), (199, 192), (200, 200), (208, 208), (4096, 208)] {
+            let r = handle_request(&g, &req(2, 0, 10, &[]), 16 + cap).0;
+            assert_eq!(header(&r).status, 0, "{cap}");
+            assert_eq!(r.bytes().len(), 16 + body, "{cap}");
+            assert_eq!(
+                u64::from_le_bytes(r.bytes()[24..32].try_into().unwrap()),
+                1,
+                "commands_failed at offset 8"
+            );
+        }
+        let r = handle_request(&g, &req(2, 0, 11, &[]), 16 + 191).0;
+        assert_eq!(header(&r).status, Status::BadLength.as_u32());
     }
 
     #[test]

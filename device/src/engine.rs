@@ -89,6 +89,7 @@ fn run_slice(
     };
     let t = sh.timing;
     let audit = sh.audit();
+    let audit_grace = sh.audit_grace();
     let started = Instant::now();
     let deadline = started + Duration::from_nanos(t.timeslice_ns);
     let mut pacer = Pacer::new();
@@ -124,6 +125,7 @@ fn run_slice(
                 root,
                 log: &sh.log,
                 audit,
+                audit_grace,
                 hook,
             };
             let step = exec.step(&mut mmu, &sp, &mut st, sh.outbox.fence_room());
@@ -182,7 +184,10 @@ fn run_slice(
     s.add(Counter::PteErrors, c.pte_errors);
     s.add(Counter::AuditChecks, c.audit_checks);
     s.add(Counter::StaleAccesses, c.stale);
+    s.add(Counter::UnflushedEntries, c.unflushed);
+    s.add(Counter::NarrowFlushEntries, c.narrow);
     s.add_extra(Extra::AuditMismatches, c.mismatches);
+    s.add_extra(Extra::TlbFillsUncached, c.uncached);
     if let Some(es) = s.engine(e) {
         let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         es.slices.fetch_add(1, Ordering::Relaxed);

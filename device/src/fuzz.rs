@@ -19,7 +19,7 @@ use crate::gpu::Gpu;
 use crate::isa::{Executor, Step};
 use crate::mmu::audit::InvalLog;
 use crate::mmu::walker::{walk, Leaf};
-use crate::mmu::{Mmu, Space};
+use crate::mmu::{AuditFindings, Mmu, Scope, Space, Tables};
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
@@ -137,9 +137,29 @@ pub fn walker(data: &[u8]) {
 /// Steps an executor may take on one fuzz input.
 pub const ISA_MAX_STEPS: usize = 4096;
 
+/// A tiny deterministic generator (SplitMix64) for the ISA fuzzer's driver actions.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
 /// The ISA decoder and executor: `data` is a batch at VA 0x10000 in a 64 KiB space mapped
 /// 1:1 at GPA 0 with 4 KiB read-write-execute pages, whose page table lives outside it. Runs
 /// until the job ends, faults, or [`ISA_MAX_STEPS`]; WAIT/DELAY time is simulated.
+///
+/// Between instructions a driver model, seeded from the input, remaps pages and invalidates
+/// them the way a correct driver does (PTE write, then an invalidation covering it, accepted
+/// and completed as the device does it), and invalidates unrelated ranges. The audit, with
+/// no grace period, must then count nothing (no stale access, no unflushed entry, no narrow
+/// flush), and every access must be checked. At the end the model remaps one cached page
+/// *without* invalidating it: the audit's scan must report exactly that entry.
 pub fn isa(data: &[u8]) {
     // Decoding alone: every decodable prefix re-encodes to the same qwords.
     let words: Vec<u64> = data
@@ -169,8 +189,15 @@ pub fn isa(data: &[u8]) {
         writable: true,
         no_exec: false,
     };
-    for i in 0..(IMAGE as u64 / PAGE_SIZE_4K) {
-        put(l0 + 8 * i, pte::page_4k(i * PAGE_SIZE_4K, rwx).unwrap_or(0));
+    let pages = IMAGE as u64 / PAGE_SIZE_4K;
+    let map = |va_page: u64, pa_page: u64| {
+        put(
+            l0 + 8 * va_page,
+            pte::page_4k(pa_page * PAGE_SIZE_4K, rwx).unwrap_or(0),
+        );
+    };
+    for i in 0..pages {
+        map(i, i);
     }
     let n = data.len().min(0x8000);
     // The batch ends at the top of the space: running past it faults or overruns.
@@ -189,21 +216,108 @@ pub fn isa(data: &[u8]) {
         root,
         log: &log,
         audit: true,
+        audit_grace: std::time::Duration::ZERO,
         hook: None,
     };
+    let roots = |asid: u32| (asid == 0).then_some(root);
+    let tables = Tables {
+        mem: &mem,
+        root: &roots,
+        grace: std::time::Duration::ZERO,
+    };
+    let mut found = AuditFindings::default();
     let mut mmu = Mmu::new(16, 4).expect("tlb");
+    // The device's invalidation: accepted (audit rule 2), covered entries dropped,
+    // completed (rule 3).
+    let mut invalidate = |mmu: &mut Mmu, scope: Scope| {
+        let seq = log.accept();
+        let a = mmu.audit_accept(&tables, scope, seq);
+        mmu.tlb_mut().invalidate(scope);
+        log.complete(scope, seq);
+        let c = mmu.audit_complete(&tables, seq);
+        found.unflushed += a.unflushed + c.unflushed;
+        found.narrow += a.narrow + c.narrow;
+    };
+    let mut rng = Mix(data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }));
     let mut exec = Executor::new();
     let mut st = ExecState::start(job);
+    let mut faulted = false;
     for i in 0..ISA_MAX_STEPS {
         match exec.step(&mut mmu, &sp, &mut st, i % 2 == 0) {
             Step::Next | Step::Fence(_) | Step::FenceBlocked => {}
             Step::Sleep(ns) => st.partial_ns = st.partial_ns.saturating_add(ns.max(1)),
-            Step::End | Step::Error { .. } | Step::Fault(_) => break,
+            Step::Fault(_) => {
+                faulted = true;
+                break;
+            }
+            Step::End | Step::Error { .. } => break,
         }
         assert!(st.depth <= svmgpu_spec::LOOP_MAX_DEPTH);
         assert!(st.pc >= job.batch_va && st.pc <= job.batch_end());
+        let r = rng.next();
+        match r % 8 {
+            // Remap a page to another physical page, then invalidate a range covering it:
+            // that page only, a few pages around it, or the whole ASID.
+            0 => {
+                let page = (r >> 8) % pages;
+                map(page, (r >> 16) % pages);
+                let scope = match (r >> 32) % 3 {
+                    0 => Scope::Range {
+                        asid: 0,
+                        start: page * PAGE_SIZE_4K,
+                        end: (page + 1) * PAGE_SIZE_4K,
+                    },
+                    1 => Scope::Range {
+                        asid: 0,
+                        start: page.saturating_sub(2) * PAGE_SIZE_4K,
+                        end: (page + 3) * PAGE_SIZE_4K,
+                    },
+                    _ => Scope::Asid(0),
+                };
+                invalidate(&mut mmu, scope);
+            }
+            // An unrelated invalidation (another range, another ASID).
+            1 => {
+                let page = (r >> 8) % pages;
+                let scope = if r & (1 << 40) == 0 {
+                    Scope::Range {
+                        asid: 0,
+                        start: page * PAGE_SIZE_4K,
+                        end: (page + 1) * PAGE_SIZE_4K,
+                    }
+                } else {
+                    Scope::Asid(1)
+                };
+                invalidate(&mut mmu, scope);
+            }
+            _ => {}
+        }
     }
-    assert_eq!(mmu.counters.stale, 0);
+    let c = mmu.counters;
+    assert_eq!(
+        (c.stale, c.unflushed, c.narrow, found),
+        (0, 0, 0, AuditFindings::default()),
+        "a correct driver's remaps made the audit count"
+    );
+    // Every translated access is checked; only the one that faulted (if any) is not.
+    let unchecked = (c.hits + c.misses).saturating_sub(c.audit_checks);
+    assert!(unchecked <= u64::from(faulted), "{c:?}, faulted {faulted}");
+    // The audit is live: a cached page remapped without invalidation is found at once.
+    let cached = (0..pages).find_map(|p| {
+        mmu.tlb_mut()
+            .lookup(0, p * PAGE_SIZE_4K)
+            .map(|e| (p, e.leaf.pa / PAGE_SIZE_4K))
+    });
+    if let Some((page, pa_page)) = cached {
+        map(page, (pa_page + 1) % pages);
+        let f = mmu.audit_scan(&tables);
+        assert_eq!(
+            f.unflushed, 1,
+            "a forgotten invalidation of page {page} not seen"
+        );
+    }
 }
 
 /// The whole device, driven by a command sequence: `data` is read as 16-byte operations

@@ -30,8 +30,8 @@ use crate::context::{Context, CtxOp, ExecState, Job, Stall};
 use crate::fault::{FaultReport, FaultTable, Raised, Waiter};
 use crate::inject::{Field, Injector, Kind, RecKind, Subject};
 use crate::mmu::audit::InvalLog;
-use crate::mmu::tlb::Scope;
-use crate::mmu::{Fault, Mmu};
+use crate::mmu::tlb::Eviction;
+use crate::mmu::{AuditFindings, Fault, Mmu, Scope, Tables};
 use crate::outbox::{Injected, Outbox};
 use crate::stats::{Counter, Extra, Stats};
 use crate::timing::Timing;
@@ -252,6 +252,32 @@ impl Shared {
 
     pub fn audit(&self) -> bool {
         self.options.audit || self.features.load(Ordering::Relaxed) & (1 << SVMGPU_F_AUDIT) != 0
+    }
+
+    /// How long a TLB entry may stay ahead of memory before the audit counts it.
+    pub fn audit_grace(&self) -> Duration {
+        Duration::from_nanos(self.options.audit_grace_ns)
+    }
+
+    /// Runs an audit check over every engine's TLB (`check` gets each MMU and the tables),
+    /// and adds what it found to the statistics. Takes each MMU in turn, never the state
+    /// lock, so it waits at most for one instruction per engine.
+    pub fn audit_tlbs(&self, check: impl Fn(&mut Mmu, &Tables<'_>) -> AuditFindings) {
+        let Some(mem) = self.memory() else { return };
+        let root = |asid: u32| self.root(asid);
+        let tables = Tables {
+            mem: &mem,
+            root: &root,
+            grace: self.audit_grace(),
+        };
+        let mut found = AuditFindings::default();
+        for e in 0..self.mmus.len() {
+            let f = check(&mut self.mmu(e), &tables);
+            found.unflushed += f.unflushed;
+            found.narrow += f.narrow;
+        }
+        self.stats.add(Counter::UnflushedEntries, found.unflushed);
+        self.stats.add(Counter::NarrowFlushEntries, found.narrow);
     }
 
     pub fn coalesce(&self) -> bool {
@@ -760,50 +786,64 @@ impl Shared {
         }
     }
 
+    /// Starts an accepted TLB invalidation: it takes its sequence number, the audit looks
+    /// at the entries it concerns (spec 11.4, rule 2) before the timer can complete it, then
+    /// the injections decide when and how it completes.
+    fn start_invalidation(&self, seqno: u64, scope: Scope) {
+        let seq = self.log.accept();
+        if self.audit() {
+            self.audit_tlbs(|m, t| m.audit_accept(t, scope, seq));
+        }
+        let mut st = self.lock();
+        let now = Instant::now();
+        let mut deadline = now + Duration::from_nanos(self.timing.tlb_inval_ns);
+        let mut status = Status::Ok;
+        let subject = Subject {
+            asid: Some(match scope {
+                Scope::All => ASID_ALL,
+                Scope::Asid(a) | Scope::Range { asid: a, .. } => a,
+            }),
+            va: Some(match scope {
+                Scope::Range { start, end, .. } => (start, end),
+                _ => (0, 1 << VA_BITS),
+            }),
+            seqno: Some(seqno),
+            ..Subject::default()
+        };
+        let inj = &self.inject;
+        if inj
+            .check(Kind::TlbInvalDrop, &subject, &self.stats)
+            .is_some()
+        {
+            // Accepted, never completed: it stays outstanding until a reset.
+            return;
+        }
+        if let Some(h) = inj.check(Kind::TlbInvalError, &subject, &self.stats) {
+            status = h.status;
+        }
+        if let Some(h) = inj.check(Kind::TlbInvalDelay, &subject, &self.stats) {
+            deadline += h.delay;
+        }
+        st.invals.push(PendingInval {
+            seqno,
+            scope,
+            seq,
+            deadline,
+            status,
+        });
+        self.timer.notify_all();
+    }
+
     /// Starts deferred work (see [`Deferred`]).
     pub fn start(&self, d: Deferred) {
+        if let Deferred::Invalidate { seqno, scope } = d {
+            self.start_invalidation(seqno, scope);
+            return;
+        }
         let mut st = self.lock();
         let now = Instant::now();
         match d {
-            Deferred::Invalidate { seqno, scope } => {
-                let seq = self.log.accept();
-                let mut deadline = now + Duration::from_nanos(self.timing.tlb_inval_ns);
-                let mut status = Status::Ok;
-                let subject = Subject {
-                    asid: Some(match scope {
-                        Scope::All => ASID_ALL,
-                        Scope::Asid(a) | Scope::Range { asid: a, .. } => a,
-                    }),
-                    va: Some(match scope {
-                        Scope::Range { start, end, .. } => (start, end),
-                        _ => (0, 1 << VA_BITS),
-                    }),
-                    seqno: Some(seqno),
-                    ..Subject::default()
-                };
-                let inj = &self.inject;
-                if inj
-                    .check(Kind::TlbInvalDrop, &subject, &self.stats)
-                    .is_some()
-                {
-                    // Accepted, never completed: it stays outstanding until a reset.
-                    return;
-                }
-                if let Some(h) = inj.check(Kind::TlbInvalError, &subject, &self.stats) {
-                    status = h.status;
-                }
-                if let Some(h) = inj.check(Kind::TlbInvalDelay, &subject, &self.stats) {
-                    deadline += h.delay;
-                }
-                st.invals.push(PendingInval {
-                    seqno,
-                    scope,
-                    seq,
-                    deadline,
-                    status,
-                });
-                self.timer.notify_all();
-            }
+            Deferred::Invalidate { .. } => {} // started above
             Deferred::CtxOp {
                 ctx,
                 uid,
@@ -1050,7 +1090,12 @@ impl Gpu {
         let mmus = (0..options.engines)
             .map(|_| {
                 // Geometry was validated above.
-                Mmu::new(options.tlb_entries, options.tlb_ways)
+                let eviction = if options.tlb_no_evict {
+                    Eviction::Never
+                } else {
+                    Eviction::Lru
+                };
+                Mmu::with_eviction(options.tlb_entries, options.tlb_ways, eviction)
                     .map(Mutex::new)
                     .map_err(|e| GpuError::Thread(e.to_string()))
             })
@@ -1174,6 +1219,9 @@ impl Gpu {
     /// The device feature bits the driver accepted.
     pub fn set_features(&self, features: u64) {
         self.shared.features.store(features, Ordering::Relaxed);
+        // Audit mode may have started: the timer schedules the audit's scans.
+        let _st = self.shared.lock();
+        self.shared.timer.notify_all();
     }
 
     /// Delivers held events and completions into the connection's rings.

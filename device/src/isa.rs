@@ -472,6 +472,7 @@ mod tests {
                 root: self.root,
                 log: &self.log,
                 audit: false,
+                audit_grace: std::time::Duration::ZERO,
                 hook: None,
             };
             for n in 1..10_000 {

@@ -98,6 +98,17 @@ struct Args {
     /// not accept the AUDIT feature.
     #[arg(long)]
     audit: bool,
+
+    /// Audit: a TLB entry ahead of its page table for this long, with no invalidation
+    /// covering it accepted, counts as unflushed (GET_STATS unflushed_entries), in
+    /// nanoseconds.
+    #[arg(long, value_name = "NS", default_value_t = defaults::AUDIT_GRACE_NS)]
+    audit_grace_ns: u64,
+
+    /// TLBs never evict: entries leave only by invalidation, and a translation whose set is
+    /// full is used uncached (keeps a forgotten invalidation observable).
+    #[arg(long)]
+    tlb_no_evict: bool,
 }
 
 impl TryFrom<Args> for DaemonConfig {
@@ -125,6 +136,8 @@ impl TryFrom<Args> for DaemonConfig {
                 timeslice_us: a.timeslice_us,
                 hang_threshold_us: a.hang_threshold_us,
                 audit: a.audit,
+                audit_grace_ns: a.audit_grace_ns,
+                tlb_no_evict: a.tlb_no_evict,
             },
         })
     }
@@ -212,6 +225,9 @@ mod tests {
             "--hang-threshold-us",
             "6",
             "--audit",
+            "--audit-grace-ns",
+            "7",
+            "--tlb-no-evict",
             "--inject",
             "seed=3;engine-hang:count=1",
             "--inject",
@@ -241,6 +257,8 @@ mod tests {
                 timeslice_us: 5,
                 hang_threshold_us: 6,
                 audit: true,
+                audit_grace_ns: 7,
+                tlb_no_evict: true,
             }
         );
         assert!(c.validate().is_ok());

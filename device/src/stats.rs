@@ -72,9 +72,11 @@ counters! {
     InjectedFaults => injected_faults,
     StaleAccesses => stale_accesses,
     AuditChecks => audit_checks,
+    UnflushedEntries => unflushed_entries,
+    NarrowFlushEntries => narrow_flush_entries,
 }
 
-/// Number of counters (24 in spec v0.1).
+/// Number of counters (26 in spec v0.2).
 pub const NUM_COUNTERS: usize = StatsResp::SIZE / 8;
 
 /// Device-side counters that GET_STATS does not carry (growing its body would break drivers
@@ -87,17 +89,25 @@ pub enum Extra {
     AuditMismatches,
     /// Faulting accesses attached to an outstanding fault on the same page (coalescing).
     FaultsCoalesced,
+    /// Translations used without being cached: their TLB set was full and never evicts
+    /// (`--tlb-no-evict`).
+    TlbFillsUncached,
 }
 
 impl Extra {
     /// Every extra counter, in JSON order.
-    pub const ALL: &'static [Extra] = &[Extra::AuditMismatches, Extra::FaultsCoalesced];
+    pub const ALL: &'static [Extra] = &[
+        Extra::AuditMismatches,
+        Extra::FaultsCoalesced,
+        Extra::TlbFillsUncached,
+    ];
 
     /// Its JSON name.
     pub const fn name(self) -> &'static str {
         match self {
             Extra::AuditMismatches => "audit_mismatches",
             Extra::FaultsCoalesced => "faults_coalesced",
+            Extra::TlbFillsUncached => "tlb_fills_uncached",
         }
     }
 }
@@ -121,7 +131,7 @@ pub struct EngineStats {
 #[derive(Debug, Default)]
 pub struct Stats {
     counters: [AtomicU64; NUM_COUNTERS],
-    extra: [AtomicU64; 2],
+    extra: [AtomicU64; Extra::ALL.len()],
     engines: Vec<EngineStats>,
     /// Injections per kind (their sum is `injected_faults`).
     injected: [AtomicU64; KIND_COUNT],
@@ -231,7 +241,7 @@ mod tests {
 
     #[test]
     fn counters_match_wire_order() {
-        assert_eq!(NUM_COUNTERS, 24);
+        assert_eq!(NUM_COUNTERS, 26);
         assert_eq!(Counter::ALL.len(), NUM_COUNTERS);
         let s = Stats::new();
         for (i, &c) in Counter::ALL.iter().enumerate() {
@@ -248,6 +258,10 @@ mod tests {
             Counter::AuditChecks as usize * 8
         );
         assert_eq!(StatsResp::OFFSET_RESETS, Counter::Resets as usize * 8);
+        assert_eq!(
+            StatsResp::OFFSET_NARROW_FLUSH_ENTRIES,
+            Counter::NarrowFlushEntries as usize * 8
+        );
     }
 
     #[test]
@@ -269,7 +283,7 @@ mod tests {
         s.inc_extra(Extra::FaultsCoalesced);
         assert!(s
             .to_json(3)
-            .contains("\"audit_mismatches\":0,\"faults_coalesced\":1,\"engines\":[],"));
+            .contains("\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\"engines\":[],"));
         s.inc_injected(Kind::EventOverflow);
         let j = s.to_json(3);
         assert!(j.contains(",\"injected\":{\"tlb-inval-delay\":0,"), "{j}");

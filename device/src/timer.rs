@@ -8,10 +8,11 @@
 //! old translation has finished — then recording it for the audit and posting COMMAND_DONE.
 //!
 //! It also runs the deadlines of fault injection: the end of a device-initiated reset, and
-//! the release of a completion held back by `completion-reorder`.
+//! the release of a completion held back by `completion-reorder`; and, in audit mode, the
+//! periodic scan of every TLB against memory (spec section 11.4).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::gpu::State;
 
@@ -20,14 +21,38 @@ use svmgpu_spec::{Opcode, Status, CTX_NONE};
 use crate::gpu::{command_done, PendingInval, Shared};
 use crate::stats::Counter;
 
+/// Period of the audit's TLB scan: half the grace period, within these bounds.
+const SCAN_MIN: Duration = Duration::from_millis(50);
+const SCAN_MAX: Duration = Duration::from_secs(1);
+
+/// When the audit scans next (`None`: audit off).
+fn next_scan(sh: &Shared, after: Instant) -> Option<Instant> {
+    sh.audit()
+        .then(|| after + (sh.audit_grace() / 2).clamp(SCAN_MIN, SCAN_MAX))
+}
+
 /// The timer thread's body: runs until the device shuts down.
 pub(crate) fn run(sh: &Shared) {
     let mut st = sh.lock();
+    let mut scan_at = next_scan(sh, Instant::now());
     loop {
         if sh.shutdown.load(Ordering::Acquire) {
             return;
         }
         let now = Instant::now();
+        match scan_at {
+            Some(at) if at <= now => {
+                drop(st);
+                sh.audit_tlbs(|m, t| m.audit_scan(t));
+                scan_at = next_scan(sh, Instant::now());
+                st = sh.lock();
+                continue;
+            }
+            // Audit mode started (features negotiated) or stopped since the last look.
+            None if sh.audit() => scan_at = next_scan(sh, now),
+            Some(_) if !sh.audit() => scan_at = None,
+            _ => {}
+        }
         // Preemptions whose latency elapsed.
         let mut fired = Vec::new();
         st.preempt_timers.retain(|&(d, ctx, uid)| {
@@ -76,7 +101,7 @@ pub(crate) fn run(sh: &Shared) {
             st = sh.lock();
             continue;
         }
-        let next = next_deadline(sh, &st);
+        let next = next_deadline(sh, &st).into_iter().chain(scan_at).min();
         drop(st);
         sh.flush();
         st = sh.lock();
@@ -84,7 +109,7 @@ pub(crate) fn run(sh: &Shared) {
             return;
         }
         // Re-check: work may have arrived while the lock was released.
-        let next_now = next_deadline(sh, &st);
+        let next_now = next_deadline(sh, &st).into_iter().chain(scan_at).min();
         st = match next_now.or(next) {
             Some(d) => {
                 let wait = d.saturating_duration_since(Instant::now());
@@ -126,6 +151,10 @@ fn complete_invalidations(sh: &Shared, due: &[PendingInval], generation: u64) {
             dropped += sh.mmu(e).tlb_mut().invalidate(inv.scope);
         }
         sh.log.complete(inv.scope, inv.seq);
+        if sh.audit() {
+            // What it left behind (spec 11.4, rule 3), before its completion is posted.
+            sh.audit_tlbs(|m, t| m.audit_complete(t, inv.seq));
+        }
         sh.stats.inc(Counter::TlbInvalidations);
         sh.stats.add(Counter::TlbEntriesInvalidated, dropped);
         let st = sh.lock();

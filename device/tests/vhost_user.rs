@@ -128,12 +128,16 @@ fn get_info_round_trip() {
     .to_bytes();
     assert_eq!(fe.control_bytes(&req, 4096).len(), 56);
 
-    let (h, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], 192);
+    let (h, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], StatsResp::SIZE as u32);
     assert_eq!(h.status, 0);
     let s = StatsResp::decode(&body).unwrap();
     assert_eq!(s.commands_completed, 7);
     assert_eq!(s.commands_failed, 0);
     assert_eq!(be.gpu.stats().get(Counter::CommandsCompleted), 8);
+    // A v0.1 driver's 192-byte buffer gets the 24 counters it knows (spec 6.2).
+    let (h, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], 192);
+    assert_eq!((h.status, body.len()), (0, 192));
+    assert_eq!(u64::from_le_bytes(body[..8].try_into().unwrap()), 8);
 }
 
 #[test]
@@ -230,7 +234,7 @@ fn malformed_requests_get_errors_and_the_device_keeps_serving() {
     assert_eq!(h.status, 0);
     let answered = 1 + (Opcode::ALL.len() as u64 - 2) + 2 + 3 + 2;
     assert_eq!(info.commands_completed, answered);
-    let (_, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], 192);
+    let (_, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], StatsResp::SIZE as u32);
     let s = StatsResp::decode(&body).unwrap();
     assert_eq!(s.commands_failed, answered - 3, "all but three failed");
     assert_eq!(s.malformed_chains, 3);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //
-// svmgpu wire definitions, spec v0.1.
+// svmgpu wire definitions, spec v0.2.
 //
 // The normative contract is spec/svmgpu.md; this file follows it. Every number here must
 // match a number there.
@@ -26,7 +26,7 @@ pub const PCI_DEVICE_ID: u16 = 0x107e;
 /// Major version of this spec.
 pub const SPEC_VERSION_MAJOR: u16 = 0;
 /// Minor version of this spec.
-pub const SPEC_VERSION_MINOR: u16 = 1;
+pub const SPEC_VERSION_MINOR: u16 = 2;
 /// `(major << 16) | minor`, as found in the config space `version` field and in GET_INFO.
 pub const SPEC_VERSION: u32 = spec_version(SPEC_VERSION_MAJOR, SPEC_VERSION_MINOR);
 
@@ -63,9 +63,9 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Virtio feature bit VIRTIO_F_VERSION_1 (bit number). Required.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
-/// Device feature bit 0 (bit number): audit mode. Every engine access re-walks the page
-/// table and counts accesses that used a translation an already-completed invalidation
-/// covered (`stale_accesses` in GET_STATS).
+/// Device feature bit 0 (bit number): audit mode. The device checks its TLBs against the
+/// page tables in memory and counts what it finds wrong in GET_STATS: `stale_accesses`,
+/// `unflushed_entries`, `narrow_flush_entries` (spec section 11.4).
 pub const SVMGPU_F_AUDIT: u32 = 0;
 /// Device feature bit 1 (bit number): fault coalescing. Stalled accesses of any contexts to
 /// the same ASID and 4 KiB page share one page-fault event and one fault id.
@@ -274,7 +274,7 @@ wire_struct! {
     Config, 64, {
         /// [`CONFIG_MAGIC`].
         magic: u32 = OFFSET_MAGIC @ 0,
-        /// Spec version, `(major << 16) | minor`; v0.1 is [`SPEC_VERSION`].
+        /// Spec version, `(major << 16) | minor`; this version is [`SPEC_VERSION`].
         version: u32 = OFFSET_VERSION @ 4,
         /// The backend's socket index, 0..N-1.
         device_index: u32 = OFFSET_DEVICE_INDEX @ 8,
@@ -376,6 +376,16 @@ impl Opcode {
             Opcode::GetInfo => GetInfoResp::SIZE,
             Opcode::GetStats => StatsResp::SIZE,
             _ => 0,
+        }
+    }
+
+    /// Smallest response body the device serves (after the 16-byte header): the full body
+    /// but for GET_STATS, which fills a shorter buffer with as many whole counters as fit,
+    /// down to the 24 counters of v0.1 (spec section 6.2).
+    pub const fn min_response_body_size(self) -> usize {
+        match self {
+            Opcode::GetStats => STATS_V0_1_SIZE,
+            _ => self.response_body_size(),
         }
     }
 }
@@ -600,10 +610,15 @@ wire_struct! {
     }
 }
 
+/// Size of the GET_STATS response body of spec v0.1 (24 counters): the smallest response
+/// buffer body GET_STATS accepts.
+pub const STATS_V0_1_SIZE: usize = 192;
+
 wire_struct! {
-    /// GET_STATS response body (24 counters, 192 bytes). Counters are monotonic from
-    /// backend start; neither RESET nor a virtio reset clears them.
-    StatsResp, 192, {
+    /// GET_STATS response body (26 counters, 208 bytes). Counters are monotonic from
+    /// backend start; neither RESET nor a virtio reset clears them. Append-only: a newer
+    /// minor version adds counters at the end.
+    StatsResp, 208, {
         /// Control requests answered (any status).
         commands_completed: u64 = OFFSET_COMMANDS_COMPLETED @ 0,
         /// Control requests answered with a status other than OK.
@@ -648,10 +663,20 @@ wire_struct! {
         resets: u64 = OFFSET_RESETS @ 160,
         /// Faults injected by the device's fault-injection machinery.
         injected_faults: u64 = OFFSET_INJECTED_FAULTS @ 168,
-        /// Audit mode: accesses through a translation a completed invalidation covered.
+        /// Audit mode: accesses through a translation a completed invalidation covered
+        /// (a device fault).
         stale_accesses: u64 = OFFSET_STALE_ACCESSES @ 176,
         /// Audit mode: accesses checked.
         audit_checks: u64 = OFFSET_AUDIT_CHECKS @ 184,
+        /// Audit mode: TLB entries that stayed ahead of their page table (granting what it
+        /// no longer grants) longer than the audit grace period with no invalidation
+        /// covering them accepted: PTEs changed and never invalidated. Since v0.2.
+        unflushed_entries: u64 = OFFSET_UNFLUSHED_ENTRIES @ 192,
+        /// Audit mode: of `unflushed_entries`, those an invalidation of their ASID left
+        /// behind (it did not cover them although they were already ahead of memory when it
+        /// was accepted, and it completed OK): a flush narrower than the PTE change. Since
+        /// v0.2.
+        narrow_flush_entries: u64 = OFFSET_NARROW_FLUSH_ENTRIES @ 200,
     }
 }
 

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! One engine's TLB (spec/svmgpu.md section 10.3): `entries` entries, `ways`-way set
-//! associative, tagged by (ASID, virtual page, page size), LRU replacement within a set.
-//! Entries stay until invalidated or evicted, so stale translations are real.
+//! associative, tagged by (ASID, virtual page, page size), LRU replacement within a set, or
+//! no replacement at all ([`Eviction::Never`], a debugging aid: a forgotten invalidation
+//! stays observable). Entries stay until invalidated or evicted, so stale translations are
+//! real.
 //!
 //! A 4 KiB page and a 2 MiB page are indexed by their own page numbers, so a lookup probes
 //! the 4 KiB set, then the 2 MiB set.
@@ -10,6 +12,8 @@
 use svmgpu_spec::{PAGE_SIZE_2M, PAGE_SIZE_4K};
 use thiserror::Error;
 
+use super::audit::EntryAudit;
+use super::scope::Scope;
 use super::walker::Leaf;
 
 /// Errors creating a TLB.
@@ -35,6 +39,35 @@ pub struct TlbEntry {
     /// The device's invalidation sequence number when the walk that filled it started
     /// (audit mode: an invalidation accepted later covers a translation older than itself).
     pub fill_seq: u64,
+    /// What the audit found about it (audit mode only).
+    pub audit: EntryAudit,
+}
+
+impl TlbEntry {
+    /// A fresh entry: the translation `leaf` of `asid`, walked at sequence number
+    /// `fill_seq`.
+    pub fn new(asid: u32, leaf: Leaf, fill_seq: u64) -> Self {
+        Self {
+            asid,
+            leaf,
+            fill_seq,
+            audit: EntryAudit::default(),
+        }
+    }
+
+    fn is(&self, asid: u32, page_va: u64, huge: bool) -> bool {
+        self.asid == asid && self.leaf.page_va == page_va && self.leaf.huge == huge
+    }
+}
+
+/// What a new translation does when its set is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Eviction {
+    /// It replaces the least recently used entry of the set.
+    #[default]
+    Lru,
+    /// It is not cached (used for its access only): entries leave only by invalidation.
+    Never,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -53,46 +86,17 @@ pub struct Tlb {
     /// `sets - 1` when `sets` is a power of two (a mask instead of a division).
     set_mask: Option<u64>,
     clock: u64,
-}
-
-/// What an invalidation covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scope {
-    /// Every entry.
-    All,
-    /// Every entry of one ASID.
-    Asid(u32),
-    /// Entries of one ASID whose page intersects `[start, end)`.
-    Range {
-        /// ASID.
-        asid: u32,
-        /// First byte.
-        start: u64,
-        /// One past the last byte.
-        end: u64,
-    },
-}
-
-impl Scope {
-    /// True if the scope covers `e`.
-    pub fn covers(&self, asid: u32, leaf: &Leaf) -> bool {
-        match *self {
-            Scope::All => true,
-            Scope::Asid(a) => a == asid,
-            Scope::Range {
-                asid: a,
-                start,
-                end,
-            } => {
-                a == asid && leaf.page_va < end && leaf.page_va.saturating_add(leaf.size()) > start
-            }
-        }
-    }
+    eviction: Eviction,
 }
 
 impl Tlb {
-    /// An empty TLB.
+    /// An empty TLB with LRU replacement.
     pub fn new(entries: u32, ways: u32) -> Result<Self, TlbError> {
+        Self::with_eviction(entries, ways, Eviction::Lru)
+    }
+
+    /// An empty TLB.
+    pub fn with_eviction(entries: u32, ways: u32, eviction: Eviction) -> Result<Self, TlbError> {
         if entries == 0 || ways == 0 || entries % ways != 0 {
             return Err(TlbError::Geometry { entries, ways });
         }
@@ -109,6 +113,7 @@ impl Tlb {
             sets,
             set_mask: sets.is_power_of_two().then(|| sets - 1),
             clock: 0,
+            eviction,
         })
     }
 
@@ -124,61 +129,99 @@ impl Tlb {
         set as usize * self.ways
     }
 
-    fn probe(&mut self, base: usize, asid: u32, page_va: u64, huge: bool) -> Option<TlbEntry> {
+    fn probe(&mut self, base: usize, asid: u32, page_va: u64, huge: bool) -> Option<usize> {
         let ways = self.ways;
-        for slot in self.slots.get_mut(base..base + ways)? {
-            if let Some(e) = slot.entry {
-                if e.asid == asid && e.leaf.page_va == page_va && e.leaf.huge == huge {
-                    self.clock += 1;
-                    slot.stamp = self.clock;
-                    return Some(e);
-                }
+        for (i, slot) in self
+            .slots
+            .get_mut(base..base + ways)?
+            .iter_mut()
+            .enumerate()
+        {
+            if slot.entry.is_some_and(|e| e.is(asid, page_va, huge)) {
+                self.clock += 1;
+                slot.stamp = self.clock;
+                return Some(base + i);
             }
         }
         None
     }
 
-    /// The entry translating `va` in `asid`, if cached (and marks it recently used).
+    /// The slot of the entry translating `va` in `asid`, if cached (and marks it recently
+    /// used).
     #[inline]
-    pub fn lookup(&mut self, asid: u32, va: u64) -> Option<TlbEntry> {
+    pub fn lookup_slot(&mut self, asid: u32, va: u64) -> Option<usize> {
         let p4 = va & !(PAGE_SIZE_4K - 1);
         let b4 = self.set_index(va >> 12);
-        if let Some(e) = self.probe(b4, asid, p4, false) {
-            return Some(e);
+        if let Some(i) = self.probe(b4, asid, p4, false) {
+            return Some(i);
         }
         let p2 = va & !(PAGE_SIZE_2M - 1);
         let b2 = self.set_index(va >> 21);
         self.probe(b2, asid, p2, true)
     }
 
-    /// Caches a translation, replacing the same page's entry or the set's least recently
-    /// used one.
-    pub fn insert(&mut self, e: TlbEntry) {
+    /// The entry translating `va` in `asid`, if cached (and marks it recently used).
+    #[inline]
+    pub fn lookup(&mut self, asid: u32, va: u64) -> Option<TlbEntry> {
+        let i = self.lookup_slot(asid, va)?;
+        self.entry(i)
+    }
+
+    /// The entry in slot `i`, if any.
+    #[inline]
+    pub fn entry(&self, i: usize) -> Option<TlbEntry> {
+        self.slots.get(i)?.entry
+    }
+
+    /// The entry in slot `i`, if any, to update.
+    pub fn entry_mut(&mut self, i: usize) -> Option<&mut TlbEntry> {
+        self.slots.get_mut(i)?.entry.as_mut()
+    }
+
+    /// Every valid entry, to update (audit checks).
+    pub fn entries_mut(&mut self) -> impl Iterator<Item = &mut TlbEntry> {
+        self.slots.iter_mut().filter_map(|s| s.entry.as_mut())
+    }
+
+    /// Drops the entry in slot `i`.
+    pub fn remove_slot(&mut self, i: usize) {
+        if let Some(s) = self.slots.get_mut(i) {
+            s.entry = None;
+        }
+    }
+
+    /// Caches a translation, replacing the same page's entry, else taking a free way, else
+    /// (LRU) replacing the set's least recently used entry. False if it was not cached (a
+    /// full set that never evicts).
+    pub fn insert(&mut self, e: TlbEntry) -> bool {
         let shift = if e.leaf.huge { 21 } else { 12 };
         let base = self.set_index(e.leaf.page_va >> shift);
         self.clock += 1;
         let stamp = self.clock;
         let Some(set) = self.slots.get_mut(base..base + self.ways) else {
-            return;
+            return false;
         };
         let same = set.iter().position(|s| {
-            s.entry.is_some_and(|x| {
-                x.asid == e.asid && x.leaf.page_va == e.leaf.page_va && x.leaf.huge == e.leaf.huge
-            })
+            s.entry
+                .is_some_and(|x| x.is(e.asid, e.leaf.page_va, e.leaf.huge))
         });
-        let victim = same
-            .or_else(|| set.iter().position(|s| s.entry.is_none()))
-            .or_else(|| {
-                set.iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.stamp)
-                    .map(|(i, _)| i)
-            });
-        if let Some(slot) = victim.and_then(|i| set.get_mut(i)) {
-            *slot = Slot {
-                entry: Some(e),
-                stamp,
-            };
+        let mut victim = same.or_else(|| set.iter().position(|s| s.entry.is_none()));
+        if victim.is_none() && self.eviction == Eviction::Lru {
+            victim = set
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.stamp)
+                .map(|(i, _)| i);
+        }
+        match victim.and_then(|i| set.get_mut(i)) {
+            Some(slot) => {
+                *slot = Slot {
+                    entry: Some(e),
+                    stamp,
+                };
+                true
+            }
+            None => false,
         }
     }
 
@@ -189,9 +232,7 @@ impl Tlb {
         let ways = self.ways;
         if let Some(set) = self.slots.get_mut(base..base + ways) {
             for s in set {
-                if s.entry.is_some_and(|x| {
-                    x.asid == asid && x.leaf.page_va == leaf.page_va && x.leaf.huge == leaf.huge
-                }) {
+                if s.entry.is_some_and(|x| x.is(asid, leaf.page_va, leaf.huge)) {
                     s.entry = None;
                 }
             }
@@ -231,11 +272,7 @@ mod tests {
     }
 
     fn entry(asid: u32, page_va: u64, huge: bool) -> TlbEntry {
-        TlbEntry {
-            asid,
-            leaf: leaf(page_va, huge),
-            fill_seq: 0,
-        }
+        TlbEntry::new(asid, leaf(page_va, huge), 0)
     }
 
     #[test]
@@ -276,6 +313,46 @@ mod tests {
         assert!(t.lookup(0, 0).is_some());
         assert!(t.lookup(0, 1 << 12).is_none(), "page 1 was the LRU");
         assert_eq!(t.occupancy(), 4);
+    }
+
+    #[test]
+    fn never_evicting_keeps_entries_until_invalidated() {
+        let mut t = Tlb::with_eviction(4, 4, Eviction::Never).unwrap();
+        for i in 0..4 {
+            assert!(t.insert(entry(0, i << 12, false)));
+        }
+        // The set is full: the fifth page is not cached and nothing is evicted.
+        assert!(!t.insert(entry(0, 4 << 12, false)));
+        assert!(t.lookup(0, 4 << 12).is_none());
+        for i in 0..4 {
+            assert!(t.lookup(0, i << 12).is_some(), "page {i} kept");
+        }
+        // Re-filling a cached page still replaces it; an invalidation makes room.
+        assert!(t.insert(entry(0, 2 << 12, false)));
+        assert_eq!(
+            t.invalidate(Scope::Range {
+                asid: 0,
+                start: 0,
+                end: 0x1000
+            }),
+            1
+        );
+        assert!(t.insert(entry(0, 4 << 12, false)));
+        assert!(t.lookup(0, 4 << 12).is_some());
+    }
+
+    #[test]
+    fn slots_and_audit_state() {
+        let mut t = Tlb::new(16, 4).unwrap();
+        t.insert(entry(1, 0x3000, false));
+        let i = t.lookup_slot(1, 0x3abc).unwrap();
+        assert_eq!(t.entry(i).unwrap().leaf.page_va, 0x3000);
+        t.entry_mut(i).unwrap().audit.covered = true;
+        assert!(t.lookup(1, 0x3000).unwrap().audit.covered);
+        assert_eq!(t.entries_mut().count(), 1);
+        t.remove_slot(i);
+        assert!(t.lookup_slot(1, 0x3000).is_none());
+        assert!(t.entry(i).is_none() && t.entry(999).is_none());
     }
 
     #[test]

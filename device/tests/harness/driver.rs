@@ -210,7 +210,11 @@ impl Driver {
 
     /// GET_STATS.
     pub fn stats(&mut self) -> StatsResp {
-        let (h, body, _) = self.fe.control(Opcode::GetStats.as_u32(), &[], 192);
+        let (h, body, _) = self.fe.control(
+            Opcode::GetStats.as_u32(),
+            &[],
+            Opcode::GetStats.response_body_size() as u32,
+        );
         assert_eq!(h.status, 0);
         StatsResp::decode(&body).unwrap()
     }
