@@ -8,15 +8,13 @@ use log::debug;
 use svmgpu_spec::{
     AsidBindReq, AsidUnbindReq, CtrlHeader, CtxCreateReq, CtxReq, FaultAction, FaultReplyReq,
     GetInfoResp, JobSubmitReq, Opcode, ResetReason, ResetReq, RespHeader, StatsResp, Status,
-    TlbInvalidateReq, ASID_ALL, CTX_CREATE_FLAGS_MASK, MAX_ASYNC_OUTSTANDING, MAX_BATCH_LEN,
-    MAX_REQUEST_SIZE, PAGE_SIZE_4K, SPEC_VERSION, TLB_INVAL_FLAGS_MASK, TLB_INVAL_F_WHOLE_ASID,
-    VA_BITS,
+    TlbInvalidateReq, ASID_ALL, CTX_CREATE_FLAGS_MASK, MAX_BATCH_LEN, MAX_REQUEST_SIZE,
+    PAGE_SIZE_4K, SPEC_VERSION, TLB_INVAL_FLAGS_MASK, TLB_INVAL_F_WHOLE_ASID, VA_BITS,
 };
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::context::{Context, Job};
-use crate::gpu::{Deferred, Gpu, Shared};
+use crate::context::Job;
+use crate::device::{Deferred, Device, Refusal};
 use crate::inject::{Kind, Subject};
 use crate::mmu::Scope;
 use crate::stats::Counter;
@@ -139,36 +137,40 @@ impl Response {
 /// `MAX_REQUEST_SIZE + 1` bytes, so that an over-long request is detected); `resp_cap` is
 /// the size of the response buffer, at least 16. The request counts as completed.
 ///
-/// The returned [`Deferred`] work must be started with [`Gpu::start`] once the response is in
+/// The returned [`Deferred`] work must be started with [`crate::gpu::Gpu::start`] once the response is in
 /// the used ring (spec section 5.3: no completion before its command's response).
-pub fn handle_request(gpu: &Gpu, req: &[u8], resp_cap: usize) -> (Response, Option<Deferred>) {
-    let before = gpu.stats().inc(Counter::CommandsCompleted);
+pub(crate) fn handle_request(
+    dev: &Device,
+    req: &[u8],
+    resp_cap: usize,
+) -> (Response, Option<Deferred>) {
+    let before = dev.stats().inc(Counter::CommandsCompleted);
     let seqno = CtrlHeader::decode(req).map_or(0, |h| h.seqno);
-    match execute(gpu, req, resp_cap, before) {
+    match execute(dev, req, resp_cap, before) {
         Ok(r) => r,
-        Err(e) => (fail(gpu, e, seqno), None),
+        Err(e) => (fail(dev, e, seqno), None),
     }
 }
 
 /// Answers a request that the chain layer rejected before reading it (bad layout, request
 /// not in guest RAM). The request counts as completed.
-pub fn reject(gpu: &Gpu, err: ControlError, seqno: u64) -> Response {
-    gpu.stats().inc(Counter::CommandsCompleted);
-    fail(gpu, err, seqno)
+pub(crate) fn reject(dev: &Device, err: ControlError, seqno: u64) -> Response {
+    dev.stats().inc(Counter::CommandsCompleted);
+    fail(dev, err, seqno)
 }
 
-fn fail(gpu: &Gpu, err: ControlError, seqno: u64) -> Response {
-    gpu.stats().inc(Counter::CommandsFailed);
+fn fail(dev: &Device, err: ControlError, seqno: u64) -> Response {
+    dev.stats().inc(Counter::CommandsFailed);
     debug!(
         "svmgpu{}: control request seqno {seqno} failed: {err} ({:?})",
-        gpu.index(),
+        dev.index(),
         err.status()
     );
     Response::error(err.status(), seqno)
 }
 
 fn execute(
-    gpu: &Gpu,
+    dev: &Device,
     req: &[u8],
     resp_cap: usize,
     before: u64,
@@ -197,21 +199,23 @@ fn execute(
             want,
         });
     }
-    let sh = gpu.shared();
-    let c = Cmd { sh, op };
+    let c = Cmd { dev, op };
     // Check 8: a device-initiated reset in progress; and the `device-reset` injection, which
     // starts one at a request (that request is the first to see RESETTING).
     if !matches!(op, Opcode::GetInfo | Opcode::GetStats) {
-        if gpu.resetting() {
+        if dev.resetting() {
             return Err(c.reject(Status::Resetting, "device-initiated reset in progress"));
         }
-        if sh.inject.active(Kind::DeviceReset) {
+        if dev.injector().active(Kind::DeviceReset) {
             let subject = Subject {
                 seqno: Some(hdr.seqno),
                 ..Subject::default()
             };
-            if let Some(hit) = sh.inject.check(Kind::DeviceReset, &subject, &sh.stats) {
-                sh.begin_device_reset(hit.delay);
+            if let Some(hit) = dev
+                .injector()
+                .check(Kind::DeviceReset, &subject, dev.stats())
+            {
+                dev.begin_device_reset(hit.delay);
                 return Err(c.reject(Status::Resetting, "device-initiated reset (injected)"));
             }
         }
@@ -219,9 +223,9 @@ fn execute(
     let body = &req[CtrlHeader::SIZE..];
     let ok = |body: &[u8], d: Option<Deferred>| Ok((Response::new(Status::Ok, hdr.seqno, body), d));
     match op {
-        Opcode::GetInfo => ok(&get_info(gpu, before).to_bytes(), None),
+        Opcode::GetInfo => ok(&get_info(dev, before).to_bytes(), None),
         Opcode::GetStats => {
-            let mut s = gpu.stats().snapshot();
+            let mut s = dev.stats().snapshot();
             s.commands_completed = before;
             // As many whole counters as the buffer holds (spec 6.2): at least those of v0.1.
             let fit = (resp_cap - RespHeader::SIZE) / 8 * 8;
@@ -231,7 +235,7 @@ fn execute(
         Opcode::Reset => {
             let r = ResetReq::decode(body).ok_or(c.bad("short body"))?;
             c.check(r.flags == 0 && r.reserved == 0, "flags or reserved nonzero")?;
-            sh.reset(Some(ResetReason::DriverRequest));
+            dev.reset(Some(ResetReason::DriverRequest));
             ok(&[], None)
         }
         Opcode::CtxCreate => {
@@ -240,30 +244,14 @@ fn execute(
         }
         Opcode::CtxDestroy => {
             let r = c.ctx_req(body)?;
-            if !sh.destroy(r.ctx_id) {
-                return Err(c.reject(Status::NotFound, "no such context"));
-            }
+            c.device(dev.destroy_context(r.ctx_id))?;
             ok(&[], None)
         }
         Opcode::CtxPreempt | Opcode::CtxResume => {
             let r = c.ctx_req(body)?;
-            let uid = {
-                let st = sh.lock();
-                st.contexts
-                    .get(&r.ctx_id)
-                    .map(|x| x.uid)
-                    .ok_or(c.reject(Status::NotFound, "no such context"))?
-            };
-            c.async_slot()?;
-            ok(
-                &[],
-                Some(Deferred::CtxOp {
-                    ctx: r.ctx_id,
-                    uid,
-                    seqno: hdr.seqno,
-                    preempt: op == Opcode::CtxPreempt,
-                }),
-            )
+            let preempt = op == Opcode::CtxPreempt;
+            let d = c.device(dev.accept_ctx_op(r.ctx_id, preempt, hdr.seqno))?;
+            ok(&[], Some(d))
         }
         Opcode::AsidBind => {
             c.asid_bind(AsidBindReq::decode(body).ok_or(c.bad("short body"))?)?;
@@ -276,14 +264,8 @@ fn execute(
         Opcode::TlbInvalidate => {
             let scope =
                 c.inval_scope(TlbInvalidateReq::decode(body).ok_or(c.bad("short body"))?)?;
-            c.async_slot()?;
-            ok(
-                &[],
-                Some(Deferred::Invalidate {
-                    seqno: hdr.seqno,
-                    scope,
-                }),
-            )
+            let d = c.device(dev.accept_invalidation(hdr.seqno, scope))?;
+            ok(&[], Some(d))
         }
         Opcode::JobSubmit => {
             let r = JobSubmitReq::decode(body).ok_or(c.bad("short body"))?;
@@ -294,9 +276,7 @@ fn execute(
             let r = FaultReplyReq::decode(body).ok_or(c.bad("short body"))?;
             c.check(r.flags == 0, "flags nonzero")?;
             let action = FaultAction::from_u32(r.action).ok_or(c.bad("undefined action"))?;
-            if !sh.fault_reply(r.fault_id, action == FaultAction::Resume) {
-                return Err(c.reject(Status::NotFound, "no such outstanding fault"));
-            }
+            c.device(dev.answer_fault(r.fault_id, action == FaultAction::Resume))?;
             ok(&[], None)
         }
     }
@@ -304,7 +284,7 @@ fn execute(
 
 /// One command's checks and effects (section 6).
 struct Cmd<'a> {
-    sh: &'a Shared,
+    dev: &'a Device,
     op: Opcode,
 }
 
@@ -315,6 +295,11 @@ impl Cmd<'_> {
             status,
             why,
         }
+    }
+
+    /// The device's answer, its refusal as this command's error.
+    fn device<T>(&self, r: Result<T, Refusal>) -> Result<T, ControlError> {
+        r.map_err(|r| self.reject(r.status, r.why))
     }
 
     fn bad(&self, why: &'static str) -> ControlError {
@@ -330,11 +315,14 @@ impl Cmd<'_> {
     }
 
     fn check_ctx_id(&self, id: u32) -> Result<(), ControlError> {
-        self.check(id < self.sh.config.max_contexts, "context id out of range")
+        self.check(
+            id < self.dev.config().max_contexts,
+            "context id out of range",
+        )
     }
 
     fn check_asid(&self, asid: u32) -> Result<(), ControlError> {
-        self.check(asid < self.sh.config.num_asids, "ASID out of range")
+        self.check(asid < self.dev.config().num_asids, "ASID out of range")
     }
 
     fn ctx_req(&self, body: &[u8]) -> Result<CtxReq, ControlError> {
@@ -344,31 +332,12 @@ impl Cmd<'_> {
         Ok(r)
     }
 
-    fn async_slot(&self) -> Result<(), ControlError> {
-        if self.sh.outbox.async_pending() >= MAX_ASYNC_OUTSTANDING {
-            return Err(self.reject(Status::Busy, "too many asynchronous commands outstanding"));
-        }
-        self.sh.outbox.async_accepted();
-        Ok(())
-    }
-
     fn ctx_create(&self, r: CtxCreateReq) -> Result<(), ControlError> {
         self.check_ctx_id(r.ctx_id)?;
         self.check_asid(r.asid)?;
         self.check(r.flags & !CTX_CREATE_FLAGS_MASK == 0, "undefined flag")?;
         self.check(r.reserved == 0, "reserved nonzero")?;
-        let mut st = self.sh.lock();
-        if st.contexts.contains_key(&r.ctx_id) {
-            return Err(self.reject(Status::AlreadyExists, "context id in use"));
-        }
-        if self.sh.root(r.asid).is_none() {
-            return Err(self.reject(Status::BadState, "ASID not bound"));
-        }
-        let uid = st.next_uid;
-        st.next_uid += 1;
-        st.contexts
-            .insert(r.ctx_id, Context::new(r.ctx_id, uid, r.asid, r.flags));
-        Ok(())
+        self.device(self.dev.create_context(r.ctx_id, r.asid, r.flags))
     }
 
     fn asid_bind(&self, r: AsidBindReq) -> Result<(), ControlError> {
@@ -378,36 +347,13 @@ impl Cmd<'_> {
             r.pt_root % PAGE_SIZE_4K == 0 && r.pt_root < 1 << 52,
             "root unaligned or too wide",
         )?;
-        let in_ram = self
-            .sh
-            .memory()
-            .is_some_and(|m| m.check_range(GuestAddress(r.pt_root), PAGE_SIZE_4K as usize));
-        if !in_ram {
-            return Err(self.reject(Status::BadAddress, "root table is not guest RAM"));
-        }
-        if let Some(slot) = self.sh.roots.get(r.asid as usize) {
-            slot.store(r.pt_root | 1, std::sync::atomic::Ordering::Release);
-        }
-        Ok(())
+        self.device(self.dev.bind_asid(r.asid, r.pt_root))
     }
 
     fn asid_unbind(&self, r: AsidUnbindReq) -> Result<(), ControlError> {
         self.check_asid(r.asid)?;
         self.check(r.flags == 0, "flags nonzero")?;
-        let st = self.sh.lock();
-        if self.sh.root(r.asid).is_none() {
-            return Err(self.reject(Status::NotFound, "ASID not bound"));
-        }
-        if st.contexts.values().any(|c| c.asid == r.asid) {
-            return Err(self.reject(Status::BadState, "a context uses the ASID"));
-        }
-        if let Some(slot) = self.sh.roots.get(r.asid as usize) {
-            slot.store(0, std::sync::atomic::Ordering::Release);
-        }
-        for e in 0..self.sh.mmus.len() {
-            self.sh.mmu(e).tlb_mut().invalidate(Scope::Asid(r.asid));
-        }
-        Ok(())
+        self.device(self.dev.unbind_asid(r.asid))
     }
 
     fn inval_scope(&self, r: TlbInvalidateReq) -> Result<Scope, ControlError> {
@@ -449,31 +395,17 @@ impl Cmd<'_> {
                     .is_some_and(|e| e <= 1 << VA_BITS),
             "batch unaligned, empty, too long or beyond 2^48",
         )?;
-        let st = self.sh.lock();
-        let c = st
-            .contexts
-            .get(&r.ctx_id)
-            .ok_or(self.reject(Status::NotFound, "no such context"))?;
-        if c.error.is_some() {
-            return Err(self.reject(Status::BadState, "context in the error state"));
-        }
-        if !c.has_job_room() {
-            return Err(self.reject(Status::Busy, "job queue full"));
-        }
-        Ok(Deferred::Job {
-            ctx: r.ctx_id,
-            uid: c.uid,
-            job: Job {
-                seqno,
-                batch_va: r.batch_va,
-                batch_len: r.batch_len,
-            },
-        })
+        let job = Job {
+            seqno,
+            batch_va: r.batch_va,
+            batch_len: r.batch_len,
+        };
+        self.device(self.dev.accept_job(r.ctx_id, job))
     }
 }
 
-fn get_info(gpu: &Gpu, commands_completed: u64) -> GetInfoResp {
-    let c = gpu.config();
+fn get_info(dev: &Device, commands_completed: u64) -> GetInfoResp {
+    let c = dev.config();
     GetInfoResp {
         spec_version: SPEC_VERSION,
         device_index: c.device_index,
@@ -491,6 +423,7 @@ fn get_info(gpu: &Gpu, commands_completed: u64) -> GetInfoResp {
 mod tests {
     use super::*;
     use crate::config::DeviceOptions;
+    use crate::gpu::Gpu;
 
     fn gpu() -> Gpu {
         Gpu::new(
@@ -526,7 +459,7 @@ mod tests {
     #[test]
     fn get_info_bytes() {
         let g = gpu();
-        let r = handle_request(&g, &req(1, 0, 0xabcd, &[]), 56).0;
+        let r = g.handle_request(&req(1, 0, 0xabcd, &[]), 56).0;
         let expect_hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0xcd, 0xab, 0, 0, 0, 0, 0, 0];
         assert_eq!(&r.bytes()[..16], &expect_hdr);
         assert_eq!(r.bytes().len(), 56);
@@ -539,9 +472,9 @@ mod tests {
         assert_eq!(&body[32..40], &0u64.to_le_bytes());
 
         // The next one sees one completed command; errors count as completed too.
-        let r = handle_request(&g, &req(0x9999, 0, 1, &[]), 56).0;
+        let r = g.handle_request(&req(0x9999, 0, 1, &[]), 56).0;
         assert_eq!(header(&r).status, Status::Unsupported.as_u32());
-        let r = handle_request(&g, &req(1, 0, 2, &[]), 100).0;
+        let r = g.handle_request(&req(1, 0, 2, &[]), 100).0;
         assert_eq!(r.bytes().len(), 56);
         let info = GetInfoResp::decode(&r.bytes()[16..]).unwrap();
         assert_eq!(info.commands_completed, 2);
@@ -552,8 +485,8 @@ mod tests {
     #[test]
     fn get_stats() {
         let g = gpu();
-        handle_request(&g, &req(0x77, 0, 0, &[]), 16);
-        let r = handle_request(&g, &req(2, 0, 9, &[]), 16 + 208).0;
+        g.handle_request(&req(0x77, 0, 0, &[]), 16);
+        let r = g.handle_request(&req(2, 0, 9, &[]), 16 + 208).0;
         assert_eq!(header(&r).status, 0);
         assert_eq!(header(&r).seqno, 9);
         assert_eq!(r.bytes().len(), 16 + StatsResp::SIZE);
@@ -563,7 +496,7 @@ mod tests {
         // A driver of an older minor version gets the counters it knows (spec 6.2): whole
         // counters only, as many as fit, never fewer than v0.1's 24.
         for (cap, body) in [(192, 192), (199, 192), (200, 200), (208, 208), (4096, 208)] {
-            let r = handle_request(&g, &req(2, 0, 10, &[]), 16 + cap).0;
+            let r = g.handle_request(&req(2, 0, 10, &[]), 16 + cap).0;
             assert_eq!(header(&r).status, 0, "{cap}");
             assert_eq!(r.bytes().len(), 16 + body, "{cap}");
             assert_eq!(
@@ -572,7 +505,7 @@ mod tests {
                 "commands_failed at offset 8"
             );
         }
-        let r = handle_request(&g, &req(2, 0, 11, &[]), 16 + 191).0;
+        let r = g.handle_request(&req(2, 0, 11, &[]), 16 + 191).0;
         assert_eq!(header(&r).status, Status::BadLength.as_u32());
     }
 
@@ -580,7 +513,7 @@ mod tests {
     fn errors() {
         let g = gpu();
         let check = |request: &[u8], cap: usize, status: Status, seqno: u64| {
-            let r = handle_request(&g, request, cap).0;
+            let r = g.handle_request(request, cap).0;
             assert_eq!(r.bytes().len(), 16, "{request:?}");
             let h = header(&r);
             assert_eq!(h.status, status.as_u32(), "{request:?}");
@@ -612,9 +545,9 @@ mod tests {
     #[test]
     fn reject_counts() {
         let g = gpu();
-        let r = reject(&g, ControlError::RequestNotInRam, 0);
+        let r = g.reject(ControlError::RequestNotInRam, 0);
         assert_eq!(header(&r).status, Status::BadAddress.as_u32());
-        let r = reject(&g, ControlError::ChainLayout, 3);
+        let r = g.reject(ControlError::ChainLayout, 3);
         assert_eq!(header(&r).status, Status::BadLength.as_u32());
         assert_eq!(header(&r).seqno, 3);
         assert_eq!(g.stats().get(Counter::CommandsCompleted), 2);
@@ -636,7 +569,7 @@ mod tests {
                 b[..4].copy_from_slice(&((x % 4) as u32).to_le_bytes());
             }
             let cap = 16 + (x as usize >> 8) % 300;
-            let r = handle_request(&g, &b, cap).0;
+            let r = g.handle_request(&b, cap).0;
             assert!(r.bytes().len() >= 16 && r.bytes().len() <= cap);
         }
     }

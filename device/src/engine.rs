@@ -6,11 +6,12 @@
 //! attention flag (preemption, destroy, reset), so a context stops at an instruction boundary;
 //! WAIT and DELAY are interruptible and keep their elapsed time.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::gpu::{fence_done, Pick, Shared, SliceEnd};
+use crate::device::{Device, Pick, SliceEnd};
 use crate::inject::{Kind, Subject};
 use crate::isa::{Executor, Step};
 use crate::mmu::{Space, WalkHook};
@@ -21,39 +22,36 @@ use crate::timing::Pacer;
 const SLEEP_QUANTUM: Duration = Duration::from_micros(50);
 
 /// The engine thread's body: runs until the device shuts down.
-pub(crate) fn run(sh: &Shared, e: usize) {
+pub(crate) fn run(sh: &Device, e: usize) {
     let mut exec = Executor::new();
-    loop {
-        let pick = {
-            let mut st = sh.lock();
-            loop {
-                if sh.shutdown.load(Ordering::Acquire) {
-                    return;
-                }
-                if let Some(p) = sh.pick(&mut st, e) {
-                    break p;
-                }
-                st = sh.work.wait(st).unwrap_or_else(|p| p.into_inner());
+    while let Some(pick) = sh.next_pick(e) {
+        // A bug in the executor must not take the engine (and every context waiting for
+        // it) down with it: a panic is contained as a device-initiated reset.
+        let slice = panic::catch_unwind(AssertUnwindSafe(|| {
+            if sh.take_slice_failure() {
+                panic!("engine {e}: injected slice failure (test hook)");
             }
-        };
-        let (state, end) = if pick.hang {
-            sh.hang(e, &pick);
-            (pick.exec, SliceEnd::Stopped)
-        } else {
-            run_slice(sh, e, &mut exec, &pick)
-        };
-        {
-            let mut st = sh.lock();
-            sh.finish(&mut st, e, pick, state, end);
+            if pick.hang {
+                sh.hang(e, &pick);
+                (pick.exec, SliceEnd::Stopped)
+            } else {
+                run_slice(sh, e, &mut exec, &pick)
+            }
+        }));
+        match slice {
+            Ok((state, end)) => sh.end_slice(e, pick, state, end),
+            Err(_) => {
+                exec = Executor::new();
+                sh.engine_failed(e, &pick);
+            }
         }
-        sh.flush();
     }
 }
 
 /// `walk-read-error` for the walks of one context on one engine.
 #[derive(Debug)]
 struct InjectWalk<'a> {
-    sh: &'a Shared,
+    sh: &'a Device,
     ctx: u32,
     engine: u32,
 }
@@ -68,15 +66,15 @@ impl WalkHook for InjectWalk<'_> {
             ..Subject::default()
         };
         self.sh
-            .inject
-            .check(Kind::WalkReadError, &subject, &self.sh.stats)
+            .injector()
+            .check(Kind::WalkReadError, &subject, self.sh.stats())
             .map(|h| h.level)
     }
 }
 
 /// Runs `pick` for one time slice on engine `e`.
 fn run_slice(
-    sh: &Shared,
+    sh: &Device,
     e: usize,
     exec: &mut Executor,
     pick: &Pick,
@@ -87,7 +85,7 @@ fn run_slice(
         thread::sleep(SLEEP_QUANTUM);
         return (st, SliceEnd::Stopped);
     };
-    let t = sh.timing;
+    let t = sh.timing();
     let audit = sh.audit();
     let audit_grace = sh.audit_grace();
     let started = Instant::now();
@@ -100,11 +98,11 @@ fn run_slice(
         engine: e as u32,
     };
     let hook = sh
-        .inject
+        .injector()
         .active(Kind::WalkReadError)
         .then_some(&walk_hook as &dyn WalkHook);
     let end = loop {
-        if pick.attention.load(Ordering::Acquire) || sh.shutdown.load(Ordering::Acquire) {
+        if pick.attention.load(Ordering::Acquire) || sh.shutting_down() {
             break SliceEnd::Stopped;
         }
         let now = Instant::now();
@@ -123,19 +121,21 @@ fn run_slice(
                 mem: &mem,
                 asid: pick.asid,
                 root,
-                log: &sh.log,
+                log: sh.log(),
                 audit,
                 audit_grace,
                 hook,
             };
-            let step = exec.step(&mut mmu, &sp, &mut st, sh.outbox.fence_room());
+            let step = exec.step(&mut mmu, &sp, &mut st, sh.fence_room());
             (step, mmu.counters.walks - walks_before)
         };
         pacer.charge(t.insn_ns + walks * t.walk_ns);
         match step {
             Step::Next => {
                 insns += 1;
-                if sh.inject.active(Kind::FaultSpurious) || sh.inject.active(Kind::FaultPhantom) {
+                if sh.injector().active(Kind::FaultSpurious)
+                    || sh.injector().active(Kind::FaultPhantom)
+                {
                     if let Some(f) = sh.inject_after_insn(e, pick, pc) {
                         break SliceEnd::Fault(f);
                     }
@@ -143,13 +143,10 @@ fn run_slice(
             }
             Step::Fence(value) => {
                 insns += 1;
-                let s = sh.lock();
-                if s.generation == pick.generation {
-                    sh.complete(&s, fence_done(st.job.seqno, pick.ctx, value));
-                }
-                drop(s);
-                sh.flush();
-                if sh.inject.active(Kind::FaultSpurious) || sh.inject.active(Kind::FaultPhantom) {
+                sh.post_fence(pick, st.job.seqno, value);
+                if sh.injector().active(Kind::FaultSpurious)
+                    || sh.injector().active(Kind::FaultPhantom)
+                {
                     if let Some(f) = sh.inject_after_insn(e, pick, pc) {
                         break SliceEnd::Fault(f);
                     }
@@ -176,7 +173,7 @@ fn run_slice(
         }
     };
     let c = sh.mmu(e).take_counters();
-    let s = &sh.stats;
+    let s = sh.stats();
     s.add(Counter::Instructions, insns);
     s.add(Counter::TlbHits, c.hits);
     s.add(Counter::TlbMisses, c.misses);

@@ -125,13 +125,18 @@ impl FaultTable {
     }
 
     /// Forgets a context (destroyed or in error): its waits are dropped, and so is every
-    /// fault no other context waits on.
-    pub fn forget(&mut self, uid: u64) {
-        self.outstanding.retain(|_, o| {
+    /// fault no other context waits on. Returns the ids of the faults dropped.
+    pub fn forget(&mut self, uid: u64) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        self.outstanding.retain(|&id, o| {
             o.waiters.retain(|w| w.uid != uid);
+            if o.waiters.is_empty() {
+                dropped.push(id);
+            }
             !o.waiters.is_empty()
         });
         self.deferred.retain(|(w, _)| w.uid != uid);
+        dropped
     }
 
     /// Drops everything (reset); ids keep counting.
@@ -178,8 +183,9 @@ mod tests {
         assert_eq!(o.waiters, vec![w(1), w(2)]);
         assert_eq!(t.take(1), None);
         assert_eq!(t.next_deferred(), Some((w(4), report(0x5000))));
-        t.forget(3);
+        assert_eq!(t.forget(3), vec![2]);
         assert_eq!(t.outstanding(), 0);
+        assert_eq!(t.forget(3), Vec::<u64>::new());
         t.clear();
         assert_eq!(
             t.raise(w(1), report(0), false),

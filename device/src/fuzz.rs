@@ -14,7 +14,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::config::DeviceOptions;
 use crate::context::{ExecState, Job};
-use crate::control::handle_request;
 use crate::gpu::Gpu;
 use crate::isa::{Executor, Step};
 use crate::mmu::audit::InvalLog;
@@ -47,7 +46,7 @@ pub fn control(data: &[u8]) {
             data.get(1).copied().unwrap_or(0),
         ]));
     let req = data.get(2..).unwrap_or(&[]);
-    let (resp, deferred) = handle_request(gpu, req, cap);
+    let (resp, deferred) = gpu.handle_request(req, cap);
     let bytes = resp.bytes();
     assert!(bytes.len() >= RespHeader::SIZE && bytes.len() <= cap);
     let h = RespHeader::decode(bytes).expect("header");
@@ -366,7 +365,7 @@ pub fn sequence(data: &[u8]) {
         .to_bytes()
         .to_vec();
         req.extend_from_slice(body);
-        let (resp, d) = handle_request(gpu, &req, 256);
+        let (resp, d) = gpu.handle_request(&req, 256);
         assert!(RespHeader::decode(resp.bytes()).is_some());
         if let Some(d) = d {
             gpu.start(d);

@@ -9,7 +9,8 @@
 //! - [`config`]: device options and the config space they produce;
 //! - [`gpu`]: the device state that outlives connections (identity, statistics);
 //! - [`control`]: the control-request dispatcher (bytes in, bytes out);
-//! - [`chain`]: descriptor chains ↔ dispatcher, with every descriptor untrusted;
+//! - [`chain`]: descriptor chains, every descriptor untrusted (a leaf);
+//! - [`controlq`]: control-queue chains ↔ the dispatcher;
 //! - [`vhu_svmgpu`]: the `VhostUserBackend` implementation;
 //! - [`daemon`]: sockets, connections, signals;
 //! - [`stats`]: per-device counters;
@@ -23,12 +24,15 @@
 //! - [`ctl`], [`json`]: the runtime control socket and its line-oriented JSON protocol;
 //! - [`fuzz`]: entry points shared by the fuzzers and the tests that replay their inputs.
 
+pub mod budget;
 pub mod chain;
 pub mod config;
 pub mod context;
 pub mod control;
+pub mod controlq;
 pub mod ctl;
 pub mod daemon;
+mod device;
 mod engine;
 pub mod fault;
 pub mod fuzz;
@@ -38,6 +42,7 @@ pub mod isa;
 pub mod json;
 pub mod mmu;
 pub mod outbox;
+mod records;
 pub mod stats;
 mod timer;
 pub mod timing;

@@ -6,25 +6,31 @@
 //! Records are queued by whoever produces them (control thread, engines, the timer) and
 //! delivered whenever buffers are available: right after queuing, and when the driver kicks
 //! eventq/complq. Every backlog is bounded:
-//! - events: `max_outstanding_faults + 64`; PAGE_FAULT events are never dropped (the fault
-//!   table bounds them), other events are dropped and counted, and reported by EVENTS_LOST;
-//! - completions: one COMMAND_DONE per accepted asynchronous command (at most
-//!   `MAX_ASYNC_OUTSTANDING` until delivered), one JOB_DONE per job (at most
-//!   `max_contexts × JOB_QUEUE_DEPTH`), and at most [`FENCE_BACKLOG`] FENCE records: a FENCE
-//!   with NOTIFY waits while that many are held.
+//! - events: `max_outstanding_faults + 64` droppable events (CONTEXT_ERROR, ENGINE_HANG),
+//!   dropped and counted beyond that and reported by EVENTS_LOST; PAGE_FAULT events are
+//!   bounded by the outstanding faults, because a fault that ends (answered, dropped) before
+//!   its event was delivered withdraws it ([`Outbox::withdraw_fault`]);
+//! - completions: by the [`Budget`]: one COMMAND_DONE per asynchronous-command slot, one
+//!   JOB_DONE per job slot (`max_contexts × JOB_QUEUE_DEPTH`), at most `FENCE_BACKLOG`
+//!   FENCE records; each slot comes back when its record is delivered.
 //!
-//! A reset discards the backlogs; records produced by work of an earlier reset generation are
-//! dropped on arrival.
+//! Producers only ever take the backlog lock, for a push; delivery — which consumes guest
+//! buffers, possibly all unusable — runs under its own lock without holding the backlog's,
+//! one delivering thread at a time (others leave a note and return), so no producer waits
+//! for the guest.
+//!
+//! A reset discards the backlogs (after any delivery in progress) and clears the budget;
+//! records produced by work of an earlier reset generation are dropped on arrival.
 //!
 //! Fault injection (spec section 16.3) acts here too: a completion may be queued corrupted,
 //! twice, or held back behind the next one (at most one record is held back, and only until
 //! its deadline); a droppable event may be dropped as if the backlog were full. Bounds hold:
-//! a duplicate is one more record per record, and is not counted against the FENCE or
-//! asynchronous-command budgets, which follow the original.
+//! a duplicate is one more record per record, and takes no slot of its own: the original's
+//! slot comes back when the original is delivered.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use log::warn;
@@ -36,35 +42,45 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+use crate::budget::Budget;
 use crate::chain::{write_record, Desc};
 use crate::stats::{Counter, Stats};
 
-/// FENCE completions the device holds before a FENCE with NOTIFY waits for complq buffers.
-pub const FENCE_BACKLOG: usize = svmgpu_spec::FENCE_BACKLOG as usize;
+/// What delivering a completion record gives back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Nothing (an injected duplicate, or a record of an undefined kind).
+    None,
+    /// An asynchronous-command slot (COMMAND_DONE).
+    Async,
+    /// A job slot of this context id (JOB_DONE).
+    Job(u32),
+    /// A FENCE record's place in the backlog.
+    Fence,
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Held {
     rec: Completion,
-    /// Counts against `async_pending` until delivered.
-    is_async: bool,
-    /// Counts against the FENCE backlog until delivered.
-    fence: bool,
+    slot: Slot,
 }
 
 impl Held {
     fn new(rec: Completion) -> Self {
-        Self {
-            rec,
-            is_async: rec.kind == CompletionKind::CommandDone.as_u32(),
-            fence: rec.kind == CompletionKind::Fence.as_u32(),
-        }
+        let slot = match CompletionKind::from_u32(rec.kind) {
+            Some(CompletionKind::CommandDone) => Slot::Async,
+            Some(CompletionKind::JobDone) => Slot::Job(rec.ctx_id),
+            Some(CompletionKind::Fence) => Slot::Fence,
+            None => Slot::None,
+        };
+        Self { rec, slot }
     }
 }
 
 /// How an injected completion is queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Injected {
-    /// Queued as this (corrupted) record; the budgets follow the original.
+    /// Queued as this (corrupted) record; the slot follows the original.
     Corrupt(Completion),
     /// Queued twice.
     Duplicate,
@@ -72,10 +88,13 @@ pub enum Injected {
     Reorder(Instant),
 }
 
-struct Inner {
+/// The records not yet delivered.
+struct Backlog {
     generation: u64,
     events: VecDeque<Event>,
     event_cap: usize,
+    /// Droppable events held (the others are bounded elsewhere).
+    droppable: usize,
     lost: u64,
     next_event_seq: u64,
     completions: VecDeque<Held>,
@@ -85,9 +104,9 @@ struct Inner {
     complq: Option<VringRwLock>,
 }
 
-impl std::fmt::Debug for Inner {
+impl std::fmt::Debug for Backlog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inner")
+        f.debug_struct("Backlog")
             .field("generation", &self.generation)
             .field("events", &self.events.len())
             .field("completions", &self.completions.len())
@@ -96,14 +115,19 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// The two backlogs and the rings they drain into.
+fn droppable(ev: &Event) -> bool {
+    !matches!(ev, Event::PageFault(_) | Event::DeviceReset(_))
+}
+
+/// The two backlogs, the rings they drain into, and the budget their records hold.
 #[derive(Debug)]
 pub struct Outbox {
-    inner: Mutex<Inner>,
-    /// Asynchronous commands accepted and whose COMMAND_DONE is not yet in a used ring.
-    async_pending: AtomicU32,
-    /// FENCE records held (read on every FENCE without taking the lock).
-    fences: AtomicUsize,
+    backlog: Mutex<Backlog>,
+    /// Held by the one thread delivering.
+    delivery: Mutex<()>,
+    /// Records may be waiting: the delivering thread looks again before it leaves.
+    pending: AtomicBool,
+    budget: Budget,
 }
 
 /// Result of offering one record to a ring.
@@ -113,13 +137,15 @@ enum Offer {
 }
 
 impl Outbox {
-    /// Empty backlogs for a device with `max_faults` outstanding faults.
-    pub fn new(max_faults: u32) -> Self {
+    /// Empty backlogs for a device with `max_faults` outstanding faults and `max_contexts`
+    /// contexts.
+    pub fn new(max_faults: u32, max_contexts: u32) -> Self {
         Self {
-            inner: Mutex::new(Inner {
+            backlog: Mutex::new(Backlog {
                 generation: 0,
                 events: VecDeque::new(),
                 event_cap: max_faults as usize + EVENT_BACKLOG_EXTRA as usize,
+                droppable: 0,
                 lost: 0,
                 next_event_seq: 1,
                 completions: VecDeque::new(),
@@ -127,13 +153,19 @@ impl Outbox {
                 eventq: None,
                 complq: None,
             }),
-            async_pending: AtomicU32::new(0),
-            fences: AtomicUsize::new(0),
+            delivery: Mutex::new(()),
+            pending: AtomicBool::new(false),
+            budget: Budget::new(max_contexts),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The device's slots.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// The reset generation records are produced for.
@@ -141,140 +173,148 @@ impl Outbox {
         self.lock().generation
     }
 
-    /// Asynchronous commands not yet completed into a used ring.
-    pub fn async_pending(&self) -> u32 {
-        self.async_pending.load(Ordering::Acquire)
-    }
-
-    /// Counts a newly accepted asynchronous command.
-    pub fn async_accepted(&self) {
-        self.async_pending.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// True if a FENCE with NOTIFY may post now.
-    pub fn fence_room(&self) -> bool {
-        self.fences.load(Ordering::Acquire) < FENCE_BACKLOG
-    }
-
     /// Uses these rings from now on (the connection's eventq and complq).
     pub fn attach(&self, eventq: &VringRwLock, complq: &VringRwLock) {
-        let mut i = self.lock();
-        if i.eventq.is_none() {
-            i.eventq = Some(eventq.clone());
-            i.complq = Some(complq.clone());
+        let mut b = self.lock();
+        if b.eventq.is_none() {
+            b.eventq = Some(eventq.clone());
+            b.complq = Some(complq.clone());
         }
     }
 
-    /// Discards every held record and starts a new generation. A virtio reset also forgets
-    /// the rings and restarts `event_seq` at 1.
+    /// Discards every held record, clears the budget and starts a new generation, once no
+    /// record is being delivered. A virtio reset also forgets the rings and restarts
+    /// `event_seq` at 1.
     pub fn discard(&self, virtio: bool) {
-        let mut i = self.lock();
-        i.generation += 1;
-        i.events.clear();
-        i.lost = 0;
-        i.completions.clear();
-        i.held_back = None;
-        self.fences.store(0, Ordering::Release);
-        self.async_pending.store(0, Ordering::Release);
+        let _delivering = self.delivery.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = self.lock();
+        b.generation += 1;
+        b.events.clear();
+        b.droppable = 0;
+        b.lost = 0;
+        b.completions.clear();
+        b.held_back = None;
+        self.budget.clear();
         if virtio {
-            i.eventq = None;
-            i.complq = None;
-            i.next_event_seq = 1;
+            b.eventq = None;
+            b.complq = None;
+            b.next_event_seq = 1;
         }
     }
 
     /// Queues an event produced in generation `gen`. DEVICE_RESET and PAGE_FAULT events are
     /// never dropped; others are when the backlog is full.
     pub fn push_event(&self, gen: u64, ev: Event, stats: &Stats) {
-        let mut i = self.lock();
-        if gen != i.generation {
+        let mut b = self.lock();
+        if gen != b.generation {
             return;
         }
-        let keep = matches!(ev, Event::PageFault(_) | Event::DeviceReset(_));
-        if !keep && i.events.len() >= i.event_cap {
-            i.lost += 1;
-            stats.inc(Counter::EventsLost);
-            return;
+        if droppable(&ev) {
+            if b.droppable >= b.event_cap {
+                b.lost += 1;
+                stats.inc(Counter::EventsLost);
+                return;
+            }
+            b.droppable += 1;
         }
-        i.events.push_back(ev);
+        b.events.push_back(ev);
+        self.pending.store(true, Ordering::Release);
     }
 
     /// True if a droppable event would be kept now.
     pub fn event_room(&self) -> bool {
-        let i = self.lock();
-        i.events.len() < i.event_cap
+        let b = self.lock();
+        b.droppable < b.event_cap
     }
 
     /// Queues an event of generation `gen` only if the backlog has room (injected events,
-    /// which the bounds of section 7.3 do not account for). False if it was not queued.
+    /// which the bounds of section 7.3 do not account for); it counts as droppable. False
+    /// if it was not queued.
     pub fn push_event_if_room(&self, gen: u64, ev: Event) -> bool {
-        let mut i = self.lock();
-        if gen != i.generation || i.events.len() >= i.event_cap {
+        let mut b = self.lock();
+        if gen != b.generation || b.droppable >= b.event_cap {
             return false;
         }
-        i.events.push_back(ev);
+        b.droppable += 1;
+        b.events.push_back(ev);
+        self.pending.store(true, Ordering::Release);
         true
+    }
+
+    /// Withdraws the undelivered PAGE_FAULT events of fault `fault_id` (the fault ended
+    /// before the driver saw it). Injected copies went in as droppable.
+    pub fn withdraw_fault(&self, fault_id: u64) {
+        let mut b = self.lock();
+        let before = b.events.len();
+        b.events
+            .retain(|e| !matches!(e, Event::PageFault(f) if f.fault_id == fault_id));
+        let gone = before - b.events.len();
+        // The first was the fault's own event; more are injected duplicates.
+        b.droppable = b.droppable.saturating_sub(gone.saturating_sub(1));
     }
 
     /// Drops an event of generation `gen` as if the backlog were full (`event-overflow`):
     /// counted in `events_lost` and reported by EVENTS_LOST.
     pub fn lose_event(&self, gen: u64, stats: &Stats) {
-        let mut i = self.lock();
-        if gen == i.generation {
-            i.lost += 1;
+        let mut b = self.lock();
+        if gen == b.generation {
+            b.lost += 1;
             stats.inc(Counter::EventsLost);
+            self.pending.store(true, Ordering::Release);
         }
     }
 
-    fn queue(&self, i: &mut Inner, h: Held) {
-        if h.fence {
-            self.fences.fetch_add(1, Ordering::AcqRel);
+    fn queue(&self, b: &mut Backlog, h: Held) {
+        if h.slot == Slot::Fence {
+            self.budget.hold_fence();
         }
-        i.completions.push_back(h);
+        b.completions.push_back(h);
+        self.pending.store(true, Ordering::Release);
     }
 
     /// Queues a completion produced in generation `gen` (and after it, a completion held
     /// back by `completion-reorder`).
     pub fn push_completion(&self, gen: u64, rec: Completion) {
-        let mut i = self.lock();
-        if gen != i.generation {
+        let mut b = self.lock();
+        if gen != b.generation {
             return;
         }
-        self.queue(&mut i, Held::new(rec));
-        if let Some((h, _)) = i.held_back.take() {
-            self.queue(&mut i, h);
+        self.queue(&mut b, Held::new(rec));
+        if let Some((h, _)) = b.held_back.take() {
+            self.queue(&mut b, h);
         }
     }
 
     /// Queues a completion of generation `gen` the way fault injection says.
     pub fn push_injected(&self, gen: u64, rec: Completion, how: Injected) {
-        let mut i = self.lock();
-        if gen != i.generation {
+        let mut b = self.lock();
+        if gen != b.generation {
             return;
         }
         let h = Held::new(rec);
         match how {
-            Injected::Corrupt(bad) => self.queue(&mut i, Held { rec: bad, ..h }),
+            Injected::Corrupt(bad) => self.queue(&mut b, Held { rec: bad, ..h }),
             Injected::Duplicate => {
-                self.queue(&mut i, h);
-                let copy = Held {
-                    is_async: false,
-                    fence: false,
-                    ..h
-                };
-                self.queue(&mut i, copy);
+                self.queue(&mut b, h);
+                self.queue(
+                    &mut b,
+                    Held {
+                        slot: Slot::None,
+                        ..h
+                    },
+                );
             }
             Injected::Reorder(deadline) => {
                 // One record is held back at a time: an earlier one goes first.
-                if let Some((old, _)) = i.held_back.take() {
-                    self.queue(&mut i, old);
+                if let Some((old, _)) = b.held_back.take() {
+                    self.queue(&mut b, old);
                 }
-                i.held_back = Some((h, deadline));
+                b.held_back = Some((h, deadline));
                 return;
             }
         }
-        if let Some((h, _)) = i.held_back.take() {
-            self.queue(&mut i, h);
+        if let Some((h, _)) = b.held_back.take() {
+            self.queue(&mut b, h);
         }
     }
 
@@ -285,11 +325,11 @@ impl Outbox {
 
     /// Queues the held-back completion if its deadline is reached; true if it did.
     pub fn release_held_back(&self, now: Instant) -> bool {
-        let mut i = self.lock();
-        match i.held_back {
+        let mut b = self.lock();
+        match b.held_back {
             Some((h, d)) if d <= now => {
-                i.held_back = None;
-                self.queue(&mut i, h);
+                b.held_back = None;
+                self.queue(&mut b, h);
                 true
             }
             _ => false,
@@ -297,72 +337,122 @@ impl Outbox {
     }
 
     /// Delivers what the rings have buffers for; returns true if a FENCE record left the
-    /// backlog (waiting fences may proceed).
+    /// backlog (waiting fences may proceed). If another thread is delivering, it does the
+    /// work (it looks again before it stops) and this returns at once.
     pub fn flush(&self, mem: &GuestMemoryMmap<()>, stats: &Stats) -> bool {
-        let mut i = self.lock();
-        let i = &mut *i;
+        self.pending.store(true, Ordering::Release);
         let mut fence_freed = false;
-        if let Some(q) = i.complq.clone() {
-            let mut used = false;
-            while let Some(h) = i.completions.front() {
-                let bytes = h.rec.to_bytes();
-                match offer(&q, mem, &bytes, stats) {
-                    Offer::Written => {
-                        used = true;
-                        stats.inc(Counter::CompletionsPosted);
-                        if h.is_async {
-                            let _ = self.async_pending.fetch_update(
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                                |n| n.checked_sub(1),
-                            );
-                        }
-                        if h.fence {
-                            self.fences.fetch_sub(1, Ordering::AcqRel);
+        loop {
+            let Ok(_delivering) = self.delivery.try_lock() else {
+                return fence_freed;
+            };
+            while self.pending.swap(false, Ordering::AcqRel) {
+                fence_freed |= self.deliver_completions(mem, stats);
+                self.deliver_events(mem, stats);
+            }
+            drop(_delivering);
+            // A producer may have left its note between the last look and the unlock.
+            if !self.pending.load(Ordering::Acquire) {
+                return fence_freed;
+            }
+        }
+    }
+
+    fn deliver_completions(&self, mem: &GuestMemoryMmap<()>, stats: &Stats) -> bool {
+        let (q, generation) = {
+            let b = self.lock();
+            match &b.complq {
+                Some(q) => (q.clone(), b.generation),
+                None => return false,
+            }
+        };
+        let mut fence_freed = false;
+        let mut used = false;
+        loop {
+            let Some(h) = self.lock().completions.front().copied() else {
+                break;
+            };
+            match offer(&q, mem, &h.rec.to_bytes(), stats) {
+                Offer::Written => {
+                    used = true;
+                    stats.inc(Counter::CompletionsPosted);
+                    let mut b = self.lock();
+                    // Only a reset (which waits for this delivery) changes the backlog's
+                    // front besides this thread.
+                    if b.generation == generation {
+                        b.completions.pop_front();
+                    }
+                    drop(b);
+                    match h.slot {
+                        Slot::Async => self.budget.give_async(),
+                        Slot::Job(ctx) => self.budget.give_jobs(ctx, 1),
+                        Slot::Fence => {
+                            self.budget.release_fence();
                             fence_freed = true;
                         }
-                        i.completions.pop_front();
+                        Slot::None => {}
                     }
-                    Offer::NoBuffer => break,
                 }
+                Offer::NoBuffer => break,
             }
-            notify(&q, used);
         }
-        if let Some(q) = i.eventq.clone() {
-            let mut used = false;
-            loop {
-                if i.lost > 0 && i.events.len() < i.event_cap {
-                    let lost = std::mem::take(&mut i.lost);
-                    i.events.push_back(Event::EventsLost(EventsLostEvent {
+        notify(&q, used);
+        fence_freed
+    }
+
+    fn deliver_events(&self, mem: &GuestMemoryMmap<()>, stats: &Stats) {
+        let Some(q) = self.lock().eventq.clone() else {
+            return;
+        };
+        let mut used = false;
+        loop {
+            let (ev, seq) = {
+                let mut b = self.lock();
+                if b.lost > 0 && b.droppable < b.event_cap {
+                    let lost = std::mem::take(&mut b.lost);
+                    b.droppable += 1;
+                    b.events.push_back(Event::EventsLost(EventsLostEvent {
                         lost,
                         ..Default::default()
                     }));
                 }
-                let Some(ev) = i.events.front() else { break };
-                let mut bytes = [0u8; EVENT_SIZE];
-                // The buffer is exactly one record long.
-                let _ = ev.encode(i.next_event_seq, &mut bytes);
-                match offer(&q, mem, &bytes, stats) {
-                    Offer::Written => {
-                        used = true;
-                        i.next_event_seq += 1;
-                        stats.inc(Counter::EventsPosted);
-                        i.events.pop_front();
+                let Some(ev) = b.events.front().copied() else {
+                    break;
+                };
+                (ev, b.next_event_seq)
+            };
+            let mut bytes = [0u8; EVENT_SIZE];
+            // The buffer is exactly one record long.
+            let _ = ev.encode(seq, &mut bytes);
+            match offer(&q, mem, &bytes, stats) {
+                Offer::Written => {
+                    used = true;
+                    stats.inc(Counter::EventsPosted);
+                    let mut b = self.lock();
+                    b.next_event_seq += 1;
+                    // Unless the fault it reports ended meanwhile and withdrew it (the
+                    // driver then sees an event for a fault that is no longer outstanding,
+                    // as with an injected duplicate: its reply gets NOT_FOUND), the front is
+                    // still `ev` — a reset waits for this delivery.
+                    if b.events.front() == Some(&ev) {
+                        b.events.pop_front();
+                        if droppable(&ev) {
+                            b.droppable = b.droppable.saturating_sub(1);
+                        }
                     }
-                    Offer::NoBuffer => break,
                 }
+                Offer::NoBuffer => break,
             }
-            notify(&q, used);
         }
-        fence_freed
+        notify(&q, used);
     }
 
     /// Records held (events, completions), for tests and statistics.
     pub fn held(&self) -> (usize, usize) {
-        let i = self.lock();
+        let b = self.lock();
         (
-            i.events.len(),
-            i.completions.len() + usize::from(i.held_back.is_some()),
+            b.events.len(),
+            b.completions.len() + usize::from(b.held_back.is_some()),
         )
     }
 }
@@ -420,12 +510,19 @@ fn offer(q: &VringRwLock, mem: &GuestMemoryMmap<()>, bytes: &[u8], stats: &Stats
 #[cfg(test)]
 mod tests {
     use super::*;
-    use svmgpu_spec::{DeviceResetEvent, PageFaultEvent};
+    use svmgpu_spec::{DeviceResetEvent, PageFaultEvent, FENCE_BACKLOG};
+
+    fn fault(id: u64) -> Event {
+        Event::PageFault(PageFaultEvent {
+            fault_id: id,
+            ..Default::default()
+        })
+    }
 
     #[test]
     fn backlog_bounds_and_generations() {
         let stats = Stats::new();
-        let o = Outbox::new(1);
+        let o = Outbox::new(1, 4);
         let g = o.generation();
         let ctx_err = Event::ContextError(Default::default());
         for _ in 0..(1 + EVENT_BACKLOG_EXTRA as usize + 10) {
@@ -433,13 +530,12 @@ mod tests {
         }
         assert_eq!(o.held().0, 65);
         assert_eq!(stats.get(Counter::EventsLost), 10);
-        o.push_event(g, Event::PageFault(PageFaultEvent::default()), &stats);
+        o.push_event(g, fault(1), &stats);
         o.push_event(g, Event::DeviceReset(DeviceResetEvent::default()), &stats);
         assert_eq!(o.held().0, 67, "faults and resets are never dropped");
-        o.async_accepted();
-        assert_eq!(o.async_pending(), 1);
+        assert!(o.budget().take_async());
         o.discard(false);
-        assert_eq!((o.held(), o.async_pending()), ((0, 0), 0));
+        assert_eq!((o.held(), o.budget().async_held()), ((0, 0), 0));
         // A record of the old generation is dropped.
         o.push_completion(g, Completion::default());
         assert_eq!(o.held().1, 0);
@@ -448,28 +544,26 @@ mod tests {
             ..Default::default()
         };
         for _ in 0..FENCE_BACKLOG {
-            assert!(o.fence_room());
+            assert!(o.budget().fence_room());
             o.push_completion(g + 1, fence);
         }
-        assert!(!o.fence_room());
+        assert!(!o.budget().fence_room());
         // Injected completions: a duplicate, a corrupt record and one held back.
-        let o = Outbox::new(1);
+        let o = Outbox::new(1, 4);
         let g = o.generation();
         let cmd = |seqno| Completion {
             kind: CompletionKind::CommandDone.as_u32(),
             seqno,
             ..Default::default()
         };
-        o.async_accepted();
         o.push_injected(g, cmd(1), Injected::Duplicate);
         assert_eq!(o.held().1, 2);
         let mut bad = fence;
         bad.seqno = 1 << 63;
         o.push_injected(g, fence, Injected::Corrupt(bad));
-        assert_eq!(
-            o.fences.load(Ordering::Relaxed),
-            1,
-            "budget of the original"
+        assert!(
+            o.lock().completions.iter().any(|h| h.slot == Slot::Fence),
+            "the slot of the original"
         );
         let later = Instant::now() + std::time::Duration::from_secs(60);
         o.push_injected(g, cmd(2), Injected::Reorder(later));
@@ -480,6 +574,17 @@ mod tests {
         assert_eq!(o.held_back_deadline(), None);
         let order: Vec<u64> = o.lock().completions.iter().map(|h| h.rec.seqno).collect();
         assert_eq!(order, [1, 1, 1 << 63, 3, 2]);
+        let slots: Vec<Slot> = o.lock().completions.iter().map(|h| h.slot).collect();
+        assert_eq!(
+            slots,
+            [
+                Slot::Async,
+                Slot::None,
+                Slot::Fence,
+                Slot::Async,
+                Slot::Async
+            ]
+        );
         o.push_injected(g, cmd(4), Injected::Reorder(Instant::now()));
         assert!(o.release_held_back(Instant::now()));
         // Injected events: dropped as lost, or queued only where there is room.
@@ -500,5 +605,29 @@ mod tests {
         let mem =
             GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x10000)]).unwrap();
         assert!(!o.flush(&mem, &stats));
+    }
+
+    #[test]
+    fn a_fault_that_ends_withdraws_its_events() {
+        let stats = Stats::new();
+        let o = Outbox::new(2, 1);
+        let g = o.generation();
+        o.push_event(g, fault(7), &stats);
+        // An injected duplicate goes in as droppable.
+        assert!(o.push_event_if_room(g, fault(7)));
+        o.push_event(g, fault(8), &stats);
+        o.push_event(g, Event::ContextError(Default::default()), &stats);
+        assert_eq!(o.held().0, 4);
+        o.withdraw_fault(7);
+        assert_eq!(o.held().0, 2);
+        assert_eq!(o.lock().droppable, 1, "the duplicate's room is back");
+        o.withdraw_fault(9);
+        assert_eq!(o.held().0, 2);
+        // Blind answers to faults nobody saw cannot grow the backlog.
+        for id in 100..10_000 {
+            o.push_event(g, fault(id), &stats);
+            o.withdraw_fault(id);
+        }
+        assert_eq!(o.held().0, 2);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use svmgpu_spec::StatsResp;
 
-use crate::inject::{Kind, KIND_COUNT};
+use crate::inject::kind::{Kind, KIND_COUNT};
 
 /// Defines the counter enum, its names and the mapping onto [`StatsResp`] in one place, so
 /// that the three can never disagree.

@@ -25,7 +25,8 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::chain::{serve_control_chain, Desc};
+use crate::chain::Desc;
+use crate::controlq::serve_control_chain;
 use crate::gpu::Gpu;
 
 /// Guest memory as the backend sees it.
@@ -124,12 +125,17 @@ impl VhostUserSvmgpuBackend {
                     })
                     .collect();
                 let (used, deferred) = serve_control_chain(&self.gpu, &*mem, &descs);
-                if let Err(e) = vring.add_used(head, used) {
+                let returned = vring.add_used(head, used);
+                if let Err(e) = &returned {
                     error!("svmgpu{}: controlq add_used: {e}", self.gpu.index());
                 }
                 // The response is in the used ring: now its command may start (and complete).
                 if let Some(d) = deferred {
-                    self.gpu.start(d);
+                    if returned.is_ok() {
+                        self.gpu.start(d);
+                    } else {
+                        self.gpu.cancel(d);
+                    }
                 }
             }
             if let Err(e) = vring.signal_used_queue() {
