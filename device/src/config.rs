@@ -84,6 +84,9 @@ pub struct DeviceOptions {
     pub audit_grace_ns: u64,
     /// TLBs never evict: a translation whose set is full is used uncached (spec 10.3).
     pub tlb_no_evict: bool,
+    /// A job of a context without `CTX_F_LONG_RUNNING` that has been on an engine this long
+    /// fails with `JOB_TIMEOUT` (spec 17); 0: never.
+    pub job_timeout_ms: u32,
 }
 
 impl Default for DeviceOptions {
@@ -104,6 +107,7 @@ impl Default for DeviceOptions {
             audit: false,
             audit_grace_ns: defaults::AUDIT_GRACE_NS,
             tlb_no_evict: false,
+            job_timeout_ms: defaults::JOB_TIMEOUT_MS,
         }
     }
 }
@@ -126,6 +130,9 @@ pub mod defaults {
     /// write to the acceptance of the invalidation covering it, even on a loaded TCG host
     /// (device/README.md, "Audit").
     pub const AUDIT_GRACE_NS: u64 = 2_000_000_000;
+    /// Job timeout: 10 s of engine time, twice the 5 s after which svmgpu.ko gives up on a
+    /// job itself, so that it only ends jobs no driver is watching.
+    pub const JOB_TIMEOUT_MS: u32 = 10_000;
 }
 
 impl DeviceOptions {
@@ -191,6 +198,7 @@ impl DeviceOptions {
             insn_ns: u64::from(self.insn_cost_ns),
             timeslice_ns: u64::from(self.timeslice_us) * 1000,
             hang_ns: u64::from(self.hang_threshold_us) * 1000,
+            job_timeout_ns: u64::from(self.job_timeout_ms) * 1_000_000,
         }
     }
 

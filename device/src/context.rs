@@ -5,8 +5,9 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use svmgpu_spec::{Status, JOB_QUEUE_DEPTH, LOOP_MAX_DEPTH};
 
@@ -41,6 +42,11 @@ pub struct ExecState {
     pub depth: usize,
     /// Running time already spent in the current WAIT or DELAY.
     pub partial_ns: u64,
+    /// Time the job has been on an engine (the job timeout counts it).
+    pub ran_ns: u64,
+    /// Host time its instructions took, sleeps excluded (a job that burns much of it is
+    /// throttled when it runs alone).
+    pub cpu_ns: u64,
 }
 
 impl ExecState {
@@ -52,6 +58,8 @@ impl ExecState {
             loops: [(0, 0); LOOP_MAX_DEPTH],
             depth: 0,
             partial_ns: 0,
+            ran_ns: 0,
+            cpu_ns: 0,
         }
     }
 }
@@ -117,7 +125,55 @@ pub struct Context {
     /// Accepted CTX_PREEMPT/CTX_RESUME commands not yet completed.
     pub ops: VecDeque<CtxOp>,
     /// Asks the engine running it to stop at the next instruction boundary.
-    pub attention: Arc<AtomicBool>,
+    pub attention: Arc<Attention>,
+}
+
+/// A request to the engine running a context to stop at the next instruction boundary. An
+/// engine that sleeps inside WAIT or DELAY is woken by it.
+#[derive(Debug, Default)]
+pub struct Attention {
+    asked: AtomicBool,
+    /// The engine thread to wake while it runs the context.
+    engine: Mutex<Option<Thread>>,
+}
+
+impl Attention {
+    /// Asks for attention (and wakes the engine if it sleeps).
+    pub fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
+        if let Some(t) = &*self.engine.lock().unwrap_or_else(|p| p.into_inner()) {
+            t.unpark();
+        }
+    }
+
+    /// True if attention was asked for.
+    pub fn asked(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+    }
+
+    /// Clears the request (the context left its engine).
+    pub fn clear(&self) {
+        self.asked.store(false, Ordering::Release);
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The calling engine thread runs the context from now on.
+    pub fn attach_current(&self) {
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread::current());
+    }
+
+    /// Sleeps up to `d`, or until attention is asked for; returns the time slept.
+    pub fn sleep(&self, d: Duration) -> Duration {
+        let t0 = Instant::now();
+        let until = t0 + d;
+        loop {
+            let now = Instant::now();
+            if self.asked() || now >= until {
+                return now - t0;
+            }
+            thread::park_timeout(until - now);
+        }
+    }
 }
 
 impl Context {
@@ -136,7 +192,7 @@ impl Context {
             preempted: false,
             error: None,
             ops: VecDeque::new(),
-            attention: Arc::new(AtomicBool::new(false)),
+            attention: Arc::new(Attention::default()),
         }
     }
 
@@ -161,7 +217,7 @@ impl Context {
 
     /// Asks its engine to stop at the next boundary.
     pub fn interrupt(&self) {
-        self.attention.store(true, Ordering::Release);
+        self.attention.ask();
     }
 
     /// The front op is a preemption whose latency has elapsed.

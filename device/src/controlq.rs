@@ -4,7 +4,6 @@
 //! a chain can be answered at all, then the request bytes to the dispatcher and its
 //! response back into the chain.
 
-use log::warn;
 use svmgpu_spec::{RespHeader, MAX_REQUEST_SIZE};
 use thiserror::Error;
 use vm_memory::{GuestMemory, Permissions};
@@ -45,7 +44,7 @@ pub fn serve_control_chain<M: GuestMemory>(
         Ok(r) => r,
         Err(e) => {
             gpu.stats().inc(Counter::MalformedChains);
-            warn!("svmgpu{}: dropped a control chain: {e}", gpu.index());
+            crate::warn_limited!("svmgpu{}: dropped a control chain: {e}", gpu.index());
             (0, None)
         }
     }

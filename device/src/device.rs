@@ -20,7 +20,8 @@ use log::{debug, info};
 use svmgpu_spec::{
     AccessKind, Completion, CompletionKind, Config, ContextErrorEvent, DeviceResetEvent,
     EngineHangEvent, Event, FaultReason, Opcode, PageFaultEvent, ResetReason, Status, ASID_ALL,
-    CONFIG_SIZE, CTX_NONE, PAGE_SIZE_4K, SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE, VA_BITS,
+    CONFIG_SIZE, CTX_F_LONG_RUNNING, CTX_NONE, PAGE_SIZE_4K, SVMGPU_F_AUDIT,
+    SVMGPU_F_FAULT_COALESCE, VA_BITS,
 };
 use vm_memory::{
     GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryLoadGuard,
@@ -28,7 +29,7 @@ use vm_memory::{
 };
 
 use crate::config::{DeviceOptions, OptionsError};
-use crate::context::{Context, CtxOp, ExecState, Job, Stall};
+use crate::context::{Attention, Context, CtxOp, ExecState, Job, Stall};
 use crate::fault::{FaultReport, FaultTable, Raised, Waiter};
 use crate::inject::{Field, Injector, Kind, RecKind, Subject};
 use crate::mmu::audit::InvalLog;
@@ -143,9 +144,11 @@ pub(crate) struct Pick {
     pub asid: u32,
     pub generation: u64,
     pub exec: ExecState,
-    pub attention: Arc<AtomicBool>,
+    pub attention: Arc<Attention>,
     /// Injected engine hang: the engine makes no progress on this job.
     pub hang: bool,
+    /// `CTX_F_LONG_RUNNING`: the job timeout does not apply.
+    pub long_running: bool,
 }
 
 /// How an engine's time slice ended.
@@ -432,6 +435,28 @@ impl Device {
         #[cfg(not(test))]
         {
             false
+        }
+    }
+
+    /// A job that burns host CPU ran a slice alone on engine `e`: the engine rests for
+    /// `rest` before it takes the job again, unless other work comes (a runaway job costs
+    /// time slices, not a whole host core, spec 17). Woken by new work and by attention.
+    pub fn rest(&self, pick: &Pick, rest: Duration) {
+        let until = Instant::now() + rest;
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            if now >= until || !st.runq.is_empty() || pick.attention.asked() || self.shutting_down()
+            {
+                return;
+            }
+            // In steps of at most a millisecond: attention does not signal this condvar.
+            let step = (until - now).min(Duration::from_millis(1));
+            st = self
+                .work
+                .wait_timeout(st, step)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -753,6 +778,7 @@ impl Device {
                 exec,
                 attention: c.attention.clone(),
                 hang,
+                long_running: c.flags & CTX_F_LONG_RUNNING != 0,
             };
             st.engines[e] = Some(c.uid);
             return Some(pick);
@@ -771,7 +797,7 @@ impl Device {
             return;
         };
         c.running = None;
-        c.attention.store(false, Ordering::Release);
+        c.attention.clear();
         let id = pick.ctx;
         match end {
             SliceEnd::Expired | SliceEnd::Stopped => c.exec = Some(exec),

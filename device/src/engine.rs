@@ -11,6 +11,9 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use svmgpu_spec::Status;
+
+use crate::context::ExecState;
 use crate::device::{Device, Pick, SliceEnd};
 use crate::inject::{Kind, Subject};
 use crate::isa::{Executor, Step};
@@ -18,8 +21,13 @@ use crate::mmu::{Space, WalkHook};
 use crate::stats::{Counter, Extra};
 use crate::timing::Pacer;
 
-/// Longest sleep inside WAIT/DELAY before the engine looks at its attention flag again.
-const SLEEP_QUANTUM: Duration = Duration::from_micros(50);
+/// How long an engine waits when there is no guest memory (between connections).
+const NO_MEMORY_NAP: Duration = Duration::from_micros(50);
+/// A job whose instructions have taken this much host time is a runaway candidate: when it
+/// runs alone, the engine rests [`RUNAWAY_REST`] times as long as each slice burnt.
+const RUNAWAY_CPU: Duration = Duration::from_secs(1);
+/// See [`RUNAWAY_CPU`]: such a job gets at most 1/8 of a host core when alone.
+const RUNAWAY_REST: u32 = 7;
 
 /// The engine thread's body: runs until the device shuts down.
 pub(crate) fn run(sh: &Device, e: usize) {
@@ -33,13 +41,18 @@ pub(crate) fn run(sh: &Device, e: usize) {
             }
             if pick.hang {
                 sh.hang(e, &pick);
-                (pick.exec, SliceEnd::Stopped)
+                (pick.exec, SliceEnd::Stopped, Duration::ZERO)
             } else {
                 run_slice(sh, e, &mut exec, &pick)
             }
         }));
         match slice {
-            Ok((state, end)) => sh.end_slice(e, pick, state, end),
+            Ok((state, end, burnt)) => {
+                if end == SliceEnd::Expired && state.cpu_ns >= RUNAWAY_CPU.as_nanos() as u64 {
+                    sh.rest(&pick, burnt * RUNAWAY_REST);
+                }
+                sh.end_slice(e, pick, state, end);
+            }
             Err(_) => {
                 exec = Executor::new();
                 sh.engine_failed(e, &pick);
@@ -72,19 +85,22 @@ impl WalkHook for InjectWalk<'_> {
     }
 }
 
-/// Runs `pick` for one time slice on engine `e`.
+/// Runs `pick` for one time slice on engine `e`; returns its state, how the slice ended
+/// and the host time its instructions took (sleeps excluded).
 fn run_slice(
     sh: &Device,
     e: usize,
     exec: &mut Executor,
     pick: &Pick,
-) -> (crate::context::ExecState, SliceEnd) {
+) -> (ExecState, SliceEnd, Duration) {
     let mut st = pick.exec;
     let Some(mem) = sh.memory() else {
         // No guest memory (between connections): nothing can run.
-        thread::sleep(SLEEP_QUANTUM);
-        return (st, SliceEnd::Stopped);
+        thread::sleep(NO_MEMORY_NAP);
+        return (st, SliceEnd::Stopped, Duration::ZERO);
     };
+    pick.attention.attach_current();
+    let mut slept = Duration::ZERO;
     let t = sh.timing();
     let audit = sh.audit();
     let audit_grace = sh.audit_grace();
@@ -101,13 +117,22 @@ fn run_slice(
         .injector()
         .active(Kind::WalkReadError)
         .then_some(&walk_hook as &dyn WalkHook);
+    let ran_before = st.ran_ns;
     let end = loop {
-        if pick.attention.load(Ordering::Acquire) || sh.shutting_down() {
+        if pick.attention.asked() || sh.shutting_down() {
             break SliceEnd::Stopped;
         }
         let now = Instant::now();
         if now >= deadline {
             break SliceEnd::Expired;
+        }
+        // The job timeout counts the time on an engine, this slice included.
+        let on_engine = ran_before.saturating_add(nanos(now - started));
+        if !pick.long_running && t.job_timeout_ns != 0 && on_engine >= t.job_timeout_ns {
+            break SliceEnd::Failed {
+                status: Status::JobTimeout,
+                address: 0,
+            };
         }
         let Some(root) = sh.root(pick.asid) else {
             // Unbound under us: only a reset does that, and it discards the context.
@@ -129,7 +154,7 @@ fn run_slice(
             let step = exec.step(&mut mmu, &sp, &mut st, sh.fence_room());
             (step, mmu.counters.walks - walks_before)
         };
-        pacer.charge(t.insn_ns + walks * t.walk_ns);
+        slept += pacer.charge(t.insn_ns + walks * t.walk_ns);
         match step {
             Step::Next => {
                 insns += 1;
@@ -160,18 +185,20 @@ fn run_slice(
             Step::Fault(f) => break SliceEnd::Fault(f),
             Step::FenceBlocked => break SliceEnd::FenceBlocked,
             Step::Sleep(ns) => {
+                // Until the WAIT polls again or the DELAY is over, the slice ends, or
+                // attention is asked for (preemption, destroy, reset).
                 let left = deadline.saturating_duration_since(now);
-                let d = Duration::from_nanos(ns).min(left).min(SLEEP_QUANTUM);
-                let t0 = Instant::now();
-                if !d.is_zero() {
-                    thread::sleep(d);
-                }
+                let d = pick.attention.sleep(Duration::from_nanos(ns).min(left));
+                slept += d;
                 // Elapsed running time, whatever the sleep's precision.
-                let spent = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                st.partial_ns = st.partial_ns.saturating_add(spent.max(1));
+                st.partial_ns = st.partial_ns.saturating_add(nanos(d).max(1));
             }
         }
     };
+    let elapsed = started.elapsed();
+    let burnt = elapsed.saturating_sub(slept);
+    st.ran_ns = ran_before.saturating_add(nanos(elapsed));
+    st.cpu_ns = st.cpu_ns.saturating_add(nanos(burnt));
     let c = sh.mmu(e).take_counters();
     let s = sh.stats();
     s.add(Counter::Instructions, insns);
@@ -186,12 +213,16 @@ fn run_slice(
     s.add_extra(Extra::AuditMismatches, c.mismatches);
     s.add_extra(Extra::TlbFillsUncached, c.uncached);
     if let Some(es) = s.engine(e) {
-        let busy = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let busy = nanos(elapsed);
         es.slices.fetch_add(1, Ordering::Relaxed);
         es.busy_ns.fetch_add(busy, Ordering::Relaxed);
         es.instructions.fetch_add(insns, Ordering::Relaxed);
         es.tlb_hits.fetch_add(c.hits, Ordering::Relaxed);
         es.tlb_misses.fetch_add(c.misses, Ordering::Relaxed);
     }
-    (st, end)
+    (st, end, burnt)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

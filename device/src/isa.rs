@@ -19,6 +19,16 @@ use crate::mmu::{Fault, Mmu, Space};
 
 /// How often a WAIT polls memory while its condition is false.
 pub const WAIT_POLL_NS: u64 = 2_000;
+/// Longest interval between two polls of a WAIT.
+pub const WAIT_POLL_MAX_NS: u64 = 1_000_000;
+
+/// The interval before the next poll of a WAIT that has waited `waited_ns` so far: an
+/// eighth of that (so a semaphore is seen at most 12.5 % later than it could have been),
+/// from [`WAIT_POLL_NS`] up to [`WAIT_POLL_MAX_NS`] — a WAIT that waits for long costs
+/// a thousand polls a second, not a host core.
+pub fn wait_poll_ns(waited_ns: u64) -> u64 {
+    (waited_ns / 8).clamp(WAIT_POLL_NS, WAIT_POLL_MAX_NS)
+}
 
 /// Outcome of one step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,7 +274,7 @@ impl Executor {
                 if timeout_us != 0 && st.partial_ns >= limit {
                     return Ok(Flow::Stay(err(Status::JobSemaphoreTimeout, va)));
                 }
-                Ok(Flow::Stay(Step::Sleep(WAIT_POLL_NS)))
+                Ok(Flow::Stay(Step::Sleep(wait_poll_ns(st.partial_ns))))
             }
             Insn::Loop { count, offset } => Ok(self.do_loop(st, count, offset)),
             Insn::Delay { ns } => {

@@ -42,6 +42,7 @@ pub mod isa;
 pub mod json;
 pub mod mmu;
 pub mod outbox;
+pub mod ratelimit;
 mod records;
 pub mod stats;
 mod timer;

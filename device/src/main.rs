@@ -109,6 +109,11 @@ struct Args {
     /// full is used uncached (keeps a forgotten invalidation observable).
     #[arg(long)]
     tlb_no_evict: bool,
+
+    /// A job of a context created without CTX_F_LONG_RUNNING that has been on an engine this
+    /// long fails with JOB_TIMEOUT, in milliseconds (0: never).
+    #[arg(long, value_name = "MS", default_value_t = defaults::JOB_TIMEOUT_MS)]
+    job_timeout_ms: u32,
 }
 
 impl TryFrom<Args> for DaemonConfig {
@@ -138,6 +143,7 @@ impl TryFrom<Args> for DaemonConfig {
                 audit: a.audit,
                 audit_grace_ns: a.audit_grace_ns,
                 tlb_no_evict: a.tlb_no_evict,
+                job_timeout_ms: a.job_timeout_ms,
             },
         })
     }
@@ -228,6 +234,8 @@ mod tests {
             "--audit-grace-ns",
             "7",
             "--tlb-no-evict",
+            "--job-timeout-ms",
+            "8",
             "--inject",
             "seed=3;engine-hang:count=1",
             "--inject",
@@ -259,6 +267,7 @@ mod tests {
                 audit: true,
                 audit_grace_ns: 7,
                 tlb_no_evict: true,
+                job_timeout_ms: 8,
             }
         );
         assert!(c.validate().is_ok());

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::warn;
 use svmgpu_spec::{
     Completion, CompletionKind, Event, EventsLostEvent, COMPLETION_SIZE, EVENT_BACKLOG_EXTRA,
     EVENT_SIZE,
@@ -460,7 +459,7 @@ impl Outbox {
 fn notify(q: &VringRwLock, used: bool) {
     if used {
         if let Err(e) = q.signal_used_queue() {
-            warn!("used-buffer notification failed: {e}");
+            crate::warn_limited!("used-buffer notification failed: {e}");
         }
     }
 }
@@ -489,18 +488,18 @@ fn offer(q: &VringRwLock, mem: &GuestMemoryMmap<()>, bytes: &[u8], stats: &Stats
         match write_record(mem, &descs, bytes) {
             Some(n) => {
                 if let Err(e) = st.add_used(head, n) {
-                    warn!("add_used failed: {e}");
+                    crate::warn_limited!("add_used failed: {e}");
                 }
                 return Offer::Written;
             }
             None => {
                 stats.inc(Counter::MalformedChains);
-                warn!(
+                crate::warn_limited!(
                     "a buffer of {} bytes or outside guest RAM was returned unused",
                     bytes.len()
                 );
                 if let Err(e) = st.add_used(head, 0) {
-                    warn!("add_used failed: {e}");
+                    crate::warn_limited!("add_used failed: {e}");
                 }
             }
         }

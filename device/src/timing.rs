@@ -23,6 +23,9 @@ pub struct Timing {
     pub timeslice_ns: u64,
     /// Engine-hang threshold: no progress for this long posts ENGINE_HANG.
     pub hang_ns: u64,
+    /// Job timeout (0: none): a job that is not long-running fails after this much time on
+    /// an engine.
+    pub job_timeout_ns: u64,
 }
 
 /// How far the modelled time may run ahead of real time before the engine sleeps; below
@@ -46,17 +49,19 @@ impl Pacer {
     }
 
     /// Adds `ns` of modelled time, and sleeps if the model is ahead of real time by more
-    /// than the slack.
-    pub fn charge(&mut self, ns: u64) {
+    /// than the slack; returns the time slept.
+    pub fn charge(&mut self, ns: u64) -> Duration {
         if ns == 0 {
-            return;
+            return Duration::ZERO;
         }
         self.modelled += Duration::from_nanos(ns);
         let real = self.start.elapsed();
-        if let Some(ahead) = self.modelled.checked_sub(real) {
-            if ahead > PACE_SLACK {
+        match self.modelled.checked_sub(real) {
+            Some(ahead) if ahead > PACE_SLACK => {
                 std::thread::sleep(ahead);
+                ahead
             }
+            _ => Duration::ZERO,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use log::{debug, error, info, warn};
+use log::{debug, error, info};
 use svmgpu_spec::{
     MAX_QUEUE_SIZE, NUM_QUEUES, QUEUE_COMPLETION, QUEUE_CONTROL, QUEUE_EVENT, SVMGPU_FEATURES_MASK,
     SVMGPU_F_AUDIT, SVMGPU_F_FAULT_COALESCE, SVMGPU_F_FAULT_INJECT,
@@ -93,7 +93,7 @@ impl VhostUserSvmgpuBackend {
     /// notifies the driver.
     fn process_controlq(&self, vring: &VringRwLock) {
         let Some(mem) = self.memory() else {
-            warn!(
+            crate::warn_limited!(
                 "svmgpu{}: controlq kick before SET_MEM_TABLE",
                 self.gpu.index()
             );
@@ -103,7 +103,7 @@ impl VhostUserSvmgpuBackend {
         loop {
             if event_idx {
                 if let Err(e) = vring.disable_notification() {
-                    error!("svmgpu{}: controlq: {e}", self.gpu.index());
+                    crate::error_limited!("svmgpu{}: controlq: {e}", self.gpu.index());
                     return;
                 }
             }
@@ -111,7 +111,7 @@ impl VhostUserSvmgpuBackend {
                 Ok(it) => it.collect(),
                 Err(e) => {
                     // The driver put the ring somewhere unusable: nothing to answer.
-                    error!("svmgpu{}: controlq unusable: {e}", self.gpu.index());
+                    crate::error_limited!("svmgpu{}: controlq unusable: {e}", self.gpu.index());
                     return;
                 }
             };
@@ -127,7 +127,7 @@ impl VhostUserSvmgpuBackend {
                 let (used, deferred) = serve_control_chain(&self.gpu, &*mem, &descs);
                 let returned = vring.add_used(head, used);
                 if let Err(e) = &returned {
-                    error!("svmgpu{}: controlq add_used: {e}", self.gpu.index());
+                    crate::error_limited!("svmgpu{}: controlq add_used: {e}", self.gpu.index());
                 }
                 // The response is in the used ring: now its command may start (and complete).
                 if let Some(d) = deferred {
@@ -139,7 +139,7 @@ impl VhostUserSvmgpuBackend {
                 }
             }
             if let Err(e) = vring.signal_used_queue() {
-                warn!("svmgpu{}: controlq notify: {e}", self.gpu.index());
+                crate::warn_limited!("svmgpu{}: controlq notify: {e}", self.gpu.index());
             }
             if !event_idx {
                 return;
@@ -148,7 +148,7 @@ impl VhostUserSvmgpuBackend {
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
-                    error!("svmgpu{}: controlq: {e}", self.gpu.index());
+                    crate::error_limited!("svmgpu{}: controlq: {e}", self.gpu.index());
                     return;
                 }
             }
@@ -178,7 +178,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
 
     fn acked_features(&self, features: u64) {
         if features & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!(
+            crate::warn_limited!(
                 "svmgpu{}: frontend did not accept VIRTIO_F_VERSION_1 (features {features:#x})",
                 self.gpu.index()
             );
@@ -216,7 +216,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Read-only config space. Returning Err would end the whole connection, and a guest
         // must not be able to kill its device with a config write: ignore it.
-        warn!(
+        crate::warn_limited!(
             "svmgpu{}: ignored a write of {} bytes at config offset {offset}",
             self.gpu.index(),
             buf.len()
@@ -250,11 +250,11 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
         _thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
-            warn!("svmgpu{}: unexpected event set {evset:?}", self.gpu.index());
+            crate::warn_limited!("svmgpu{}: unexpected event set {evset:?}", self.gpu.index());
             return Ok(());
         }
         let Some(vring) = vrings.get(device_event as usize) else {
-            warn!(
+            crate::warn_limited!(
                 "svmgpu{}: event for unknown queue {device_event}",
                 self.gpu.index()
             );
@@ -275,7 +275,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
                     self.gpu.index()
                 )
             }
-            _ => warn!(
+            _ => crate::warn_limited!(
                 "svmgpu{}: event for unknown queue {device_event}",
                 self.gpu.index()
             ),

@@ -1550,7 +1550,7 @@ fn random_command_storm_then_reset() {
 
 #[test]
 fn two_pass_invalidation_on_two_devices_overlaps_the_latencies() {
-    let lat = Duration::from_millis(30);
+    let lat = Duration::from_millis(100);
     let opts = DeviceOptions {
         tlb_inval_latency_ns: lat.as_nanos() as u32,
         ..options()

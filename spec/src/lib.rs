@@ -255,6 +255,7 @@ mod tests {
             (Status::JobHang, 0x105),
             (Status::JobSkipped, 0x106),
             (Status::JobLoopOverflow, 0x107),
+            (Status::JobTimeout, 0x108),
         ];
         assert_eq!(Status::ALL.len(), st.len());
         for (s, v) in st {

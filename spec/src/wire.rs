@@ -439,6 +439,9 @@ wire_enum! {
         JobSkipped = 0x106,
         /// Job/context: LOOP nesting deeper than [`LOOP_MAX_DEPTH`].
         JobLoopOverflow = 0x107,
+        /// Job/context: the job ran longer than the device's job timeout (never for a
+        /// `CTX_F_LONG_RUNNING` context). Since v0.2.
+        JobTimeout = 0x108,
     }
 }
 

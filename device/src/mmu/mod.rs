@@ -259,7 +259,7 @@ impl Mmu {
         self.counters.audit_checks += 1;
         if sp.log.is_stale(e.asid, &e.leaf, e.fill_seq) {
             self.counters.stale += 1;
-            log::error!(
+            crate::error_limited!(
                 "audit: stale access: asid {} va {va:#x} used a translation (page {:#x} -> {:#x}) \
                  that a completed invalidation covered",
                 sp.asid,
@@ -346,7 +346,7 @@ impl Mmu {
 /// Logs what a check counted.
 fn report(e: &TlbEntry, v: Verdict) {
     if v.unflushed {
-        log::error!(
+        crate::error_limited!(
             "audit: unflushed TLB entry: asid {} page {:#x} -> {:#x} has been ahead of its \
              page table for longer than the grace period and no invalidation covers it",
             e.asid,
@@ -355,7 +355,7 @@ fn report(e: &TlbEntry, v: Verdict) {
         );
     }
     if v.narrow {
-        log::error!(
+        crate::error_limited!(
             "audit: narrow flush: asid {} page {:#x} -> {:#x} was ahead of its page table when \
              invalidation #{} of its ASID was accepted, which did not cover it and completed",
             e.asid,
