@@ -122,6 +122,8 @@ pub(crate) struct State {
     active: bool,
     /// A device-initiated reset is in progress until then (DEVICE_RESET is queued then).
     resetting_until: Option<Instant>,
+    /// The VMM stopped the rings (a pause, spec 15.2): engines run nothing.
+    paused: bool,
 }
 
 /// Why the device refused a command: the status the driver gets, and what was wrong (for
@@ -258,6 +260,7 @@ impl Device {
                 reset_count: 0,
                 active: false,
                 resetting_until: None,
+                paused: false,
             }),
             work: Condvar::new(),
             timer: Condvar::new(),
@@ -736,6 +739,9 @@ impl Device {
 
     /// Takes the next runnable context for engine `e`.
     pub fn pick(&self, st: &mut State, e: usize) -> Option<Pick> {
+        if st.paused {
+            return None;
+        }
         while let Some(id) = st.runq.pop_front() {
             let generation = st.generation;
             let Some(c) = st.contexts.get_mut(&id) else {
@@ -1531,6 +1537,10 @@ impl Device {
             }
         }
         st = self.stop_all(st, reason.is_none());
+        if reason.is_none() {
+            // The rings are reset too: nothing is left to resume.
+            st.paused = false;
+        }
         st.reset_count += 1;
         self.stats.inc(Counter::Resets);
         match reason {
@@ -1550,6 +1560,55 @@ impl Device {
         info!("svmgpu{}: reset ({reason:?})", self.index);
         drop(st);
         self.flush();
+    }
+
+    /// The VMM stopped the rings (spec 15.2): the engines stop at an instruction boundary
+    /// and start nothing until [`Device::resume`]; every state is kept. When this returns,
+    /// no engine accesses guest memory (a snapshot or a migration sees it all). Timers keep
+    /// running: what completes meanwhile is held for the rings.
+    pub fn pause(&self) {
+        let mut st = self.lock();
+        if st.paused {
+            return;
+        }
+        st.paused = true;
+        for c in st.contexts.values().filter(|c| c.running.is_some()) {
+            c.interrupt();
+        }
+        for e in 0..st.engines.len() {
+            let (guard, stopped) = self.wait_engine_off(st, e, None);
+            st = guard;
+            if !stopped {
+                log::error!(
+                    "svmgpu{}: engine {e} did not stop for the pause within {} ms",
+                    self.index,
+                    self.stop_timeout.as_millis()
+                );
+            }
+        }
+        info!("svmgpu{}: paused (rings stopped)", self.index);
+    }
+
+    /// The rings run again after a pause: contexts continue where they stopped.
+    pub fn resume(&self) {
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.paused = false;
+        let ids: Vec<u32> = st.contexts.keys().copied().collect();
+        for id in ids {
+            self.make_runnable(&mut st, id);
+        }
+        self.work.notify_all();
+        info!("svmgpu{}: resumed", self.index);
+        drop(st);
+        self.flush();
+    }
+
+    /// True while paused.
+    pub fn paused(&self) -> bool {
+        self.lock().paused
     }
 
     /// Starts a device-initiated reset (`device-reset` injection): everything is stopped and

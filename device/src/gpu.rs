@@ -149,6 +149,21 @@ impl Gpu {
         self.shared.reset(None);
     }
 
+    /// The VMM stopped the rings: pause, keeping every state (spec section 15.2).
+    pub fn pause(&self) {
+        self.shared.pause();
+    }
+
+    /// The rings run again: continue after a pause.
+    pub fn resume(&self) {
+        self.shared.resume();
+    }
+
+    /// True while paused.
+    pub fn paused(&self) -> bool {
+        self.shared.paused()
+    }
+
     /// Records held for the driver (events, completions).
     pub fn held_records(&self) -> (usize, usize) {
         self.shared.outbox().held()

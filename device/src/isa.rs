@@ -12,7 +12,9 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 use svmgpu_spec::isa::{fnv1a64_update, insn_qwords, Insn, FNV1A64_OFFSET};
 use svmgpu_spec::{AccessKind, FaultReason, Status, LOOP_MAX_DEPTH};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileMemory};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileMemory,
+};
 
 use crate::context::ExecState;
 use crate::mmu::{Fault, Mmu, Space};
@@ -75,6 +77,16 @@ struct Seg {
     len: u64,
 }
 
+/// Checks that every segment is a slice of guest RAM, before anything is written, so that
+/// an instruction that faults has no effect (spec 14.3).
+fn validate(mem: &GuestMemoryMmap<()>, segs: &[Seg], access: AccessKind) -> Result<(), Fault> {
+    for s in segs {
+        mem.get_slice(GuestAddress(s.pa), s.len as usize)
+            .map_err(|_| bad_page(s.va, access))?;
+    }
+    Ok(())
+}
+
 /// Bytes moved through a bounce buffer at a time (FILL pattern, CHECKSUM input).
 const CHUNK: usize = 4096;
 
@@ -129,7 +141,15 @@ impl Executor {
             Err(step) => return step,
         };
         let next = st.pc + 8 * len as u64;
-        match self.execute(mmu, sp, st, insn, fence_room) {
+        let done = self.execute(mmu, sp, st, insn, fence_room);
+        if let Err(f) = done {
+            if f.reason == FaultReason::BadPageAddress {
+                // The page stopped being guest RAM under a cached translation: the retry
+                // after RESUME walks afresh (spec 13.3).
+                mmu.forget(sp.asid, f.va);
+            }
+        }
+        match done {
             Ok(Flow::Advance) => {
                 st.pc = next;
                 st.partial_ns = 0;
@@ -207,6 +227,7 @@ impl Executor {
             }
             Insn::Fill { va, len, pattern } => {
                 translate_range(mmu, sp, va, len, AccessKind::Write, &mut self.dst)?;
+                validate(mem, &self.dst, AccessKind::Write)?;
                 let pat = pattern.to_le_bytes();
                 for (i, b) in self.buf.iter_mut().enumerate() {
                     *b = pat[i % 4];
@@ -230,6 +251,8 @@ impl Executor {
             Insn::Copy { dst, src, len } => {
                 translate_range(mmu, sp, src, len, AccessKind::Read, &mut self.src)?;
                 translate_range(mmu, sp, dst, len, AccessKind::Write, &mut self.dst)?;
+                validate(mem, &self.src, AccessKind::Read)?;
+                validate(mem, &self.dst, AccessKind::Write)?;
                 copy_segments(mem, &self.src, &self.dst)?;
                 Ok(Flow::Advance)
             }
@@ -359,8 +382,11 @@ impl Executor {
     }
 }
 
-/// Translates every page of `[va, va + len)` for `access` into physically contiguous
-/// segments (merged when adjacent pages are adjacent in guest RAM).
+/// Translates every page of `[va, va + len)` for `access` into segments of guest RAM, each
+/// inside one memory region: pages adjacent in guest-physical addresses are merged only
+/// within a region, and a page that spans two regions is split where the first ends
+/// (guest RAM may be several regions that meet, e.g. one per NUMA node, and a slice of
+/// guest memory cannot cross from one to the next).
 fn translate_range(
     mmu: &mut Mmu,
     sp: &Space<'_>,
@@ -379,9 +405,17 @@ fn translate_range(
             level: 3,
         })?;
         let t = mmu.translate(sp, cur, access)?;
-        let n = t.page_left.min(len - off);
+        let region = sp
+            .mem
+            .find_region(GuestAddress(t.pa))
+            .ok_or(bad_page(cur, access))?;
+        let region_start = region.start_addr().0;
+        // The region holds `t.pa`: its end is beyond it.
+        let region_left = region_start + region.len() - t.pa;
+        let n = t.page_left.min(len - off).min(region_left);
+        let same_region = |last: &Seg| last.pa >= region_start;
         match out.last_mut() {
-            Some(last) if last.pa + last.len == t.pa => last.len += n,
+            Some(last) if last.pa + last.len == t.pa && same_region(last) => last.len += n,
             _ => out.push(Seg {
                 va: cur,
                 pa: t.pa,
@@ -427,7 +461,7 @@ mod tests {
     use crate::context::Job;
     use crate::mmu::audit::InvalLog;
     use crate::mmu::walker::tests::{ram, Pt};
-    use svmgpu_spec::isa::{header, CompareOp, OP_STORE};
+    use svmgpu_spec::isa::{fnv1a64, header, CompareOp, OP_STORE};
     use svmgpu_spec::pte::Perms;
 
     const RWX: Perms = Perms {
@@ -439,6 +473,7 @@ mod tests {
 
     struct T {
         mem: GuestMemoryMmap<()>,
+        pt: Pt,
         root: u64,
         log: InvalLog,
         mmu: Mmu,
@@ -447,7 +482,11 @@ mod tests {
 
     impl T {
         fn new() -> Self {
-            let mem = ram();
+            Self::with_memory(ram())
+        }
+
+        /// Batch pages at GPA 0x20_0000.., data pages at 0x30_0000.. (every page 4 KiB).
+        fn with_memory(mem: GuestMemoryMmap<()>) -> Self {
             let mut pt = Pt::new();
             for i in 0..16 {
                 pt.map_4k(&mem, BATCH + i * 0x1000, 0x20_0000 + i * 0x1000, RWX);
@@ -456,6 +495,7 @@ mod tests {
             Self {
                 mem,
                 root: pt.root,
+                pt,
                 log: InvalLog::new(),
                 mmu: Mmu::new(16, 4).unwrap(),
                 exec: Executor::new(),
@@ -611,5 +651,107 @@ mod tests {
         let (e, _, _) = t.run(&w, true);
         assert_eq!(e, Step::End);
         assert_eq!(t.read(DATA), FNV1A64_OFFSET);
+    }
+
+    #[test]
+    fn bulk_instructions_across_ram_regions() {
+        // Guest RAM in three regions (memory backends, e.g. NUMA nodes) meeting at B1, B2.
+        const B1: u64 = 0x50_0000;
+        const B2: u64 = 0x70_0000;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), B1 as usize),
+            (GuestAddress(B1), (B2 - B1) as usize),
+            (GuestAddress(B2), 0x10_0000),
+        ])
+        .unwrap();
+        assert_eq!(mem.num_regions(), 3);
+        let mut t = T::with_memory(mem);
+        // Two consecutive data pages, physically adjacent, on both sides of B2; and a 2 MiB
+        // page at 0x40_0000 whose bytes lie on both sides of B1.
+        t.pt.map_4k(&t.mem, DATA, B2 - 0x1000, RWX);
+        t.pt.map_4k(&t.mem, DATA + 0x1000, B2, RWX);
+        t.pt.map_2m(&t.mem, 0x40_0000, 0x40_0000, RWX);
+        for i in 0..0x200u64 {
+            t.mem
+                .write_obj(0xa5a5_0000_0000_0000 | i, GuestAddress(B1 - 0x800 + 8 * i))
+                .unwrap();
+        }
+        let insns = [
+            // FILL across B2.
+            Insn::Fill {
+                va: DATA + 0x800,
+                len: 0x1000,
+                pattern: 0x1234_5678,
+            },
+            // COPY from across B1 (inside one 2 MiB page) to across B2.
+            Insn::Copy {
+                dst: DATA + 0x400,
+                src: 0x40_0000 + (B1 - 0x40_0000) - 0x800,
+                len: 0x1000,
+            },
+            Insn::Checksum {
+                src: DATA,
+                len: 0x1ff8,
+                dst: DATA + 0x1ff8,
+            },
+            Insn::End,
+        ];
+        let (end, _, _) = t.run(&T::words(&insns), true);
+        assert_eq!(end, Step::End, "no BAD_PAGE_ADDRESS on valid memory");
+        let rd = |a: u64| -> u64 { t.mem.read_obj(GuestAddress(a)).unwrap() };
+        assert_eq!(rd(B2 - 0x1000 + 0x400), 0xa5a5_0000_0000_0000);
+        assert_eq!(
+            rd(B2 + 0x3f8),
+            0xa5a5_0000_0000_0000 | 0x1ff,
+            "copied across both"
+        );
+        let filled: u32 = t.mem.read_obj(GuestAddress(B2 + 0x7fc)).unwrap();
+        assert_eq!(
+            filled, 0x1234_5678,
+            "the fill's last word, in the third region"
+        );
+        let mut bytes = vec![0u8; 0x1ff8];
+        t.mem
+            .read_slice(&mut bytes[..0x1000], GuestAddress(B2 - 0x1000))
+            .unwrap();
+        t.mem
+            .read_slice(&mut bytes[0x1000..], GuestAddress(B2))
+            .unwrap();
+        assert_eq!(rd(B2 + 0xff8), fnv1a64(&bytes), "checksum across B2");
+    }
+
+    #[test]
+    fn a_page_that_is_not_ram_any_more_faults_without_effect_and_is_walked_again() {
+        // A FILL over two data pages caches both translations.
+        let mut t = T::new();
+        let fill = |pattern| {
+            T::words(&[
+                Insn::Fill {
+                    va: DATA + 0x800,
+                    len: 0x1000,
+                    pattern,
+                },
+                Insn::End,
+            ])
+        };
+        assert_eq!(t.run(&fill(0xaaaa_aaaa), true).0, Step::End);
+        // The VMM changes the memory map: the second page (GPA 0x30_1000) is not RAM any
+        // more, but the TLB still translates to it.
+        let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x30_1000)]).unwrap();
+        let mut bytes = vec![0u8; 0x30_1000];
+        t.mem.read_slice(&mut bytes, GuestAddress(0)).unwrap();
+        small.write_slice(&bytes, GuestAddress(0)).unwrap();
+        t.mem = small;
+        let (end, _, _) = t.run(&fill(0x5555_5555), true);
+        assert!(
+            matches!(end, Step::Fault(f) if f.reason == FaultReason::BadPageAddress),
+            "{end:?}"
+        );
+        let first: u32 = t.mem.read_obj(GuestAddress(0x30_0800)).unwrap();
+        assert_eq!(first, 0xaaaa_aaaa, "a faulting instruction has no effect");
+        assert!(
+            t.mmu.tlb_mut().lookup(0, DATA + 0x1000).is_none(),
+            "the retry walks afresh"
+        );
     }
 }

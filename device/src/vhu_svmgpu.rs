@@ -4,10 +4,21 @@
 //! [`VhostUserSvmgpuBackend`] lives for one frontend connection and borrows the long-lived
 //! [`Gpu`]. It implements `VhostUserBackend` (interior locking, served as `Arc<T>`), so the
 //! vring worker threads never serialise on one big lock.
+//!
+//! Pause is not reset (spec/svmgpu.md section 15.2): `GET_VRING_BASE` (the VMM stopping the
+//! rings: a VM stop, a snapshot, a migration, or the first half of a virtio reset) pauses
+//! the device and keeps its state; `RESET_DEVICE` (offered as a protocol feature) resets
+//! it. A frontend that resets without `RESET_DEVICE` is recognised when the rings run
+//! again: a ring that restarts elsewhere than where it stopped (another available index or
+//! address) belongs to a reinitialised driver, and the device is reset before it resumes.
+//!
+//! The `STATUS` protocol feature is not offered: vhost 0.18's request handler has no
+//! `SET_STATUS`/`GET_STATUS`, and a frontend that negotiated it would send them and have
+//! its connection ended.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use log::{debug, error, info};
 use svmgpu_spec::{
@@ -18,7 +29,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -47,13 +58,44 @@ impl From<Error> for io::Error {
     }
 }
 
+/// Where a ring stood when the VMM stopped it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingMark {
+    next_avail: u16,
+    desc_table: u64,
+}
+
+impl RingMark {
+    fn of(vring: &VringRwLock) -> Self {
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        Self {
+            next_avail: q.next_avail(),
+            desc_table: q.desc_table(),
+        }
+    }
+}
+
 /// The vhost-user backend of one device for one connection.
-#[derive(Debug)]
 pub struct VhostUserSvmgpuBackend {
     gpu: Arc<Gpu>,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemory>>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
+    /// The connection's rings (known from the first event on them).
+    vrings: OnceLock<Vec<VringRwLock>>,
+    /// Set while the VMM has stopped the rings: where each stood when it was stopped.
+    stopped: Mutex<Option<[Option<RingMark>; NUM_QUEUES as usize]>>,
+}
+
+impl std::fmt::Debug for VhostUserSvmgpuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserSvmgpuBackend")
+            .field("gpu", &self.gpu)
+            .field("acked_features", &self.acked_features)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
 }
 
 impl VhostUserSvmgpuBackend {
@@ -71,7 +113,36 @@ impl VhostUserSvmgpuBackend {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
+            vrings: OnceLock::new(),
+            stopped: Mutex::new(None),
         }
+    }
+
+    /// The rings run again after a stop: resume, unless they restarted elsewhere (a reset
+    /// the frontend did not announce with RESET_DEVICE): then reset first.
+    fn restart(&self, vrings: &[VringRwLock]) {
+        let Some(marks) = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let now: Vec<Option<RingMark>> = vrings.iter().map(|v| Some(RingMark::of(v))).collect();
+        let moved = marks
+            .iter()
+            .zip(&now)
+            .any(|(stopped, now)| stopped.is_some() && stopped != now);
+        if moved {
+            info!(
+                "svmgpu{}: the rings restarted elsewhere ({now:?}, stopped at {marks:?}): \
+                 the driver reset the device",
+                self.gpu.index()
+            );
+            self.gpu.virtio_reset();
+        }
+        self.gpu.resume();
     }
 
     /// The device.
@@ -188,19 +259,41 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
     }
 
     fn reset_device(&self) {
         info!("svmgpu{}: device reset by the frontend", self.gpu.index());
+        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.gpu.virtio_reset();
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The frontend stops the rings on a virtio reset (GET_VRING_BASE): from the control
-        // queue's stop on, the device is reset (spec section 15.2).
-        if queue_index == u32::from(QUEUE_CONTROL) {
-            self.gpu.virtio_reset();
+        // GET_VRING_BASE: a pause, not a reset (spec section 15.2). The first ring stopped
+        // pauses the device, so no engine touches guest memory after the VMM has read where
+        // any ring stands.
+        // Each ring is marked where it stands when it is stopped (the others may still
+        // move until their own stop).
+        let mark = self
+            .vrings
+            .get()
+            .and_then(|v| v.get(queue_index as usize))
+            .map(RingMark::of);
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let first = stopped.is_none();
+        let marks = stopped.get_or_insert([None; NUM_QUEUES as usize]);
+        if let Some(m) = marks.get_mut(queue_index as usize) {
+            *m = mark;
+        }
+        drop(stopped);
+        if first {
+            debug!(
+                "svmgpu{}: ring {queue_index} stopped: pausing",
+                self.gpu.index()
+            );
+            self.gpu.pause();
         }
         Ok(())
     }
@@ -260,6 +353,8 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
             );
             return Ok(());
         };
+        let _ = self.vrings.set(vrings.to_vec());
+        self.restart(vrings);
         if let (Some(eventq), Some(complq)) = (
             vrings.get(usize::from(QUEUE_EVENT)),
             vrings.get(usize::from(QUEUE_COMPLETION)),
@@ -307,7 +402,9 @@ mod tests {
         assert_eq!(b.features(), (1 << 32) | (1 << 30) | 0b11);
         assert_eq!(
             b.protocol_features(),
-            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::RESET_DEVICE
         );
         assert_eq!(b.get_config(0, 64), b.gpu().config_bytes().to_vec());
         assert_eq!(b.get_config(0, 4), b"SVMG".to_vec());

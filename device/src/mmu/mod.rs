@@ -185,6 +185,14 @@ impl Mmu {
         std::mem::take(&mut self.counters)
     }
 
+    /// Drops the cached translation of `va` in `asid`, if any (its page stopped being
+    /// guest RAM: the next access walks afresh).
+    pub fn forget(&mut self, asid: u32, va: u64) {
+        if let Some(slot) = self.tlb.lookup_slot(asid, va) {
+            self.tlb.remove_slot(slot);
+        }
+    }
+
     fn fault(va: u64, access: AccessKind, f: WalkFault) -> Fault {
         Fault {
             va,

@@ -330,6 +330,8 @@ pub struct TestFrontend {
     pub offered_features: u64,
     /// Protocol features offered by the backend.
     pub offered_protocol_features: VhostUserProtocolFeatures,
+    /// Virtio features accepted.
+    pub acked_features: u64,
     scratch: u64,
     next_seqno: u64,
 }
@@ -372,6 +374,7 @@ impl TestFrontend {
             queues: Vec::new(),
             offered_features,
             offered_protocol_features,
+            acked_features: wanted,
             scratch,
             next_seqno: 1,
         }
@@ -433,6 +436,93 @@ impl TestFrontend {
                 .expect("SET_VRING_ENABLE");
             self.queues.push(q);
         }
+    }
+
+    /// Stops the rings as QEMU does when the VM stops (or before a virtio reset):
+    /// SET_VRING_ENABLE 0 then GET_VRING_BASE on each; returns where each stopped.
+    pub fn stop_rings(&mut self) -> Vec<u32> {
+        for i in 0..self.queues.len() {
+            self.frontend
+                .set_vring_enable(i, false)
+                .expect("SET_VRING_ENABLE");
+        }
+        (0..self.queues.len())
+            .map(|i| self.frontend.get_vring_base(i).expect("GET_VRING_BASE"))
+            .collect()
+    }
+
+    /// Starts the rings again as QEMU does when the VM continues: SET_MEM_TABLE, then each
+    /// ring at `bases` with the same addresses, a kick eventfd that is already signalled
+    /// (QEMU creates it so), and SET_VRING_ENABLE 1.
+    pub fn restart_rings(&mut self, bases: &[u32]) {
+        self.frontend
+            .set_features(self.acked_features)
+            .expect("SET_FEATURES");
+        self.frontend
+            .set_mem_table(&[self.ram.region()])
+            .expect("SET_MEM_TABLE");
+        for (i, &base) in bases.iter().enumerate() {
+            let (size, desc, used, avail) = {
+                let q = &self.queues[i];
+                (q.size, q.desc, q.used, q.avail)
+            };
+            self.frontend.set_vring_num(i, size).expect("SET_VRING_NUM");
+            self.frontend
+                .set_vring_base(i, u16::try_from(base).expect("base"))
+                .expect("SET_VRING_BASE");
+            let cfg = VringConfigData {
+                queue_max_size: size,
+                queue_size: size,
+                flags: 0,
+                desc_table_addr: self.ram.host_addr(desc),
+                used_ring_addr: self.ram.host_addr(used),
+                avail_ring_addr: self.ram.host_addr(avail),
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_addr(i, &cfg)
+                .expect("SET_VRING_ADDR");
+            self.queues[i].kick();
+            self.frontend
+                .set_vring_kick(i, &self.queues[i].kick)
+                .expect("SET_VRING_KICK");
+            self.frontend
+                .set_vring_call(i, &self.queues[i].call)
+                .expect("SET_VRING_CALL");
+            self.frontend
+                .set_vring_enable(i, true)
+                .expect("SET_VRING_ENABLE");
+        }
+    }
+
+    /// Starts fresh rings (new addresses, index 0), as a driver that reset the device and
+    /// initialised it again; kicks each (QEMU's new kick eventfds start signalled).
+    pub fn restart_fresh(&mut self, queue_size: u16) {
+        self.frontend
+            .set_features(self.acked_features)
+            .expect("SET_FEATURES");
+        self.queues.clear();
+        self.start(queue_size);
+        for q in &self.queues {
+            q.kick();
+        }
+    }
+
+    /// RESET_DEVICE (the backend must offer, and the frontend have accepted, the protocol
+    /// feature).
+    pub fn reset_device(&mut self) {
+        self.frontend.reset_device().expect("RESET_DEVICE");
+    }
+
+    /// Accepts the RESET_DEVICE protocol feature too (before `start`).
+    pub fn accept_reset_device(&mut self) {
+        let pf = self.offered_protocol_features
+            & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::RESET_DEVICE);
+        self.frontend
+            .set_protocol_features(pf)
+            .expect("SET_PROTOCOL_FEATURES");
     }
 
     /// Posts a chain on queue `q`, kicks, and waits for it to be used.
