@@ -3,7 +3,7 @@
 # svm_mode, GPU fault service time against a bare command round trip, and fault throughput
 # with many contexts. Prints a table and writes an SVG plot of invalidation time against N.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/common.sh"
 
 usage() {
     cat <<EOF

@@ -5,7 +5,7 @@
 # what ran, what was injected (per kind, from the device's statistics) and what was
 # verified; exits 1 on any violation.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/common.sh"
 
 usage() {
     cat <<EOF

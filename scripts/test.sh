@@ -1,30 +1,16 @@
 #!/usr/bin/env bash
-# Run every svmgpu test: set-up if needed, the host suite (cargo test for the workspace),
-# the guest KTAP suite with 1, 2 and 4 vGPUs, then the fault-injection suite (one guest per
-# injected fault kind, started with run-vm.sh --inject SPEC). Each guest run's console must
-# be free of kernel warnings, BUGs, lockdep and DMA-API reports, and the device's audit must
-# count no stale access. Prints a summary; exits 1 on failure.
+# Run every svmgpu test: set-up if needed, a self-test of the host-side checkers, the host
+# suite (cargo test for the workspace), the guest KTAP suite with 1, 2 and 4 vGPUs, the C
+# client run (from a temporary folder, through a symlink, with --share and --add), the
+# fault-injection suite (one guest per injected fault kind, started with run-vm.sh --inject
+# SPEC), then the 2-vGPU guest suite and four injection kinds on the debug kernel (KASAN,
+# KFENCE, kmemleak, ...). Every guest run is checked the same way: its KTAP, its console
+# (no kernel warning, BUG, lockdep, DMA-API, KASAN, RCU stall, OOM or kmemleak report), the
+# device's statistics file (present, no stale access), the device log (no panic) and the
+# KUnit results on the console (no failure; every suite the module declares ran).
+# Prints a summary; exits 1 on failure.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-
-usage() {
-    cat <<EOF
-Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
-                       [--no-inject] [--inject "NAME..."] [--out DIR]
-
-  --host-only     only cargo test
-  --guest-only    only the guest suites (KTAP suite and fault-injection suite)
-  --inject-only   only the fault-injection suite
-  --no-inject     skip the fault-injection suite
-  --inject LIST   only these entries of the fault-injection suite (names below)
-  --gpus LIST     vGPU counts to run the guest suite with (default "1 2 4")
-  --out DIR       keep the logs of every guest run in DIR (default: a temp folder, kept on failure)
-
-Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
-entry's spec, running the guest test inject_NAME (tests/guest/src/inject.rs):
-$(printf '  %s\n' "${INJECT_SUITE[@]}" | sed 's/|/  /')
-EOF
-}
+source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/common.sh"
 
 # NAME|SPEC: the guest test inject_NAME runs against a device started with --inject SPEC.
 # The tests rely on the filters (device, asid, ctx, after): keep both sides in step.
@@ -47,29 +33,126 @@ INJECT_SUITE=(
     "reset_timeout|device-reset:after=3,count=1,delay_us=8000000,device=1"
     "walk_read_error|walk-read-error:p=0.05,count=60"
 )
+# The injection kinds the default run also runs on the debug kernel (one per family:
+# TLB invalidation, preemption, hang, reset).
+DEBUG_INJECT="tlb_inval_drop preempt_delay engine_hang device_reset"
 
-HOST=1 GUEST=1 INJECT=1 GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY=""
+usage() {
+    cat <<EOF
+Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
+                       [--no-inject] [--inject "NAME..."] [--debug-kernel | --debug-subset | --no-debug]
+                       [--no-client] [--out DIR]
+
+  --host-only     only the checker self-test and cargo test
+  --guest-only    only the guest runs (KTAP suites, C client, fault injection, debug kernel)
+  --inject-only   only the fault-injection suite
+  --no-inject     skip the fault-injection suite
+  --inject LIST   only these entries of the fault-injection suite (names below; an unknown
+                  name is an error)
+  --gpus LIST     vGPU counts to run the guest suite with (default "1 2 4")
+  --debug-kernel  run every guest suite (KTAP suites, C client, fault injection) on the debug
+                  kernel instead of the default one (KASAN, KFENCE, DEBUG_VM, DEBUG_LIST,
+                  DEBUG_OBJECTS, hung task, soft lockup, kmemleak; built on first use, ~15 min)
+  --debug-subset  also run the 2-vGPU suite and the injections $DEBUG_INJECT
+                  on the debug kernel
+  --no-debug      skip the debug-kernel runs
+  --no-client     skip the C client run (tests/c/svmgpu-client.c on 2 vGPUs, started from a
+                  temporary folder through a symlink, the client run from a --share folder)
+  --out DIR       keep the logs of every guest run in DIR (default: a temp folder)
+
+Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
+entry's spec, running the guest test inject_NAME (tests/guest/src/inject.rs):
+$(printf '  %s\n' "${INJECT_SUITE[@]}" | sed 's/|/  /')
+EOF
+}
+
+HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=none GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY=""
+need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --host-only) GUEST=0; INJECT=0; shift ;;
+        --host-only) GUEST=0; INJECT=0; CLIENT=0; shift ;;
         --guest-only) HOST=0; shift ;;
-        --inject-only) HOST=0; GUEST=0; INJECT=1; shift ;;
+        --inject-only) HOST=0; GUEST=0; CLIENT=0; INJECT=1; shift ;;
         --no-inject) INJECT=0; shift ;;
-        --inject) INJECT_ONLY=$2; shift 2 ;;
-        --gpus) GPU_COUNTS=$2; shift 2 ;;
-        --out) OUT=$2; shift 2 ;;
+        --inject) need "$@"; INJECT_ONLY=$2; shift 2 ;;
+        --gpus) need "$@"; GPU_COUNTS=$2; shift 2 ;;
+        --debug-kernel) DEBUG=all; shift ;;
+        --no-debug) DEBUG=none; shift ;;
+        --debug-subset) DEBUG=subset; shift ;;
+        --no-client) CLIENT=0; shift ;;
+        --out) need "$@"; OUT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
 done
+# Selections that name nothing must fail, not run nothing.
+known=" $(for e in "${INJECT_SUITE[@]}"; do printf '%s ' "${e%%|*}"; done)"
+for k in $INJECT_ONLY; do
+    [[ $known == *" $k "* ]] || die "--inject: no fault-injection entry '$k' (scripts/test.sh --help lists them)"
+done
+[[ -z $INJECT_ONLY || -n ${INJECT_ONLY// /} ]] || die "--inject: empty list"
+for n in $GPU_COUNTS; do
+    [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "--gpus: '$n' is not a vGPU count from 1 to 64"
+done
+[[ $GUEST -eq 0 || -n ${GPU_COUNTS// /} ]] || die "--gpus: empty list"
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/svmgpu-test.XXXXXX")}
 mkdir -p "$OUT"
+OUT=$(readlink -f "$OUT")
 
-step "set-up (cached after the first run)" "$SVMGPU_ROOT/scripts/setup.sh" --quiet
+# Which kernels the guest runs use: "default" and/or "debug".
+if [[ $DEBUG == all ]]; then MAIN_KERNEL=debug; else MAIN_KERNEL=default; fi
+DEBUG_SUBSET=0
+[[ $DEBUG == subset && ( $GUEST -eq 1 || $INJECT -eq 1 ) ]] && DEBUG_SUBSET=1
+setup_args=(--quiet)
+[[ $MAIN_KERNEL == debug || $DEBUG_SUBSET -eq 1 ]] && setup_args+=(--debug-kernel)
+[[ $GUEST -eq 1 || $INJECT -eq 1 || $CLIENT -eq 1 ]] \
+    || setup_args=()   # host only: nothing to build beyond what cargo does
+if [[ ${#setup_args[@]} -gt 0 ]]; then
+    step "set-up (cached after the first run)" "$SVMGPU_ROOT/scripts/setup.sh" "${setup_args[@]}"
+fi
 
 results=()
 failed=0
 total_p=0 total_f=0 total_s=0
+count() {   # count SUMMARY_LINE: add "LABEL: N passed, N failed, N skipped" to the totals
+    local p f s
+    read -r p f s < <(awk '{print $2, $4, $6}' <<<"$1")
+    total_p=$((total_p + ${p:-0})); total_f=$((total_f + ${f:-0})); total_s=$((total_s + ${s:-0}))
+}
+
+# check_run LABEL DIR GPUS KERNEL KTAP_FILE RUNVM_OUTPUT: every check of one guest run.
+# Prints the KTAP summary; returns 1 if any check failed.
+check_run() {
+    local label=$1 dir=$2 gpus=$3 kernel=$4 ktap=$5 runout=$6 rc=0 summary accel cc=()
+    summary=$("$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$ktap" "$label" 2>&1) || rc=1
+    accel=$(sed -n 's/.*booting guest: \([a-z]*\) .*/\1/p' "$runout" 2>/dev/null | tail -n1)
+    cc=(--accel "${accel:-tcg}")
+    [[ $kernel == debug ]] && cc+=(--debug-kernel)
+    if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "${cc[@]}" "$dir/console.log" 2>>"$runout"; then
+        rc=1; summary+=$'\n'"$label: the kernel console shows a report (see $runout)"
+    fi
+    if ! "$SVMGPU_ROOT/scripts/lib/kunit-check.sh" "$dir/console.log" 2>>"$runout"; then
+        rc=1; summary+=$'\n'"$label: KUnit: a failure, or a suite of the module that did not run (see $runout)"
+    fi
+    if ! "$SVMGPU_ROOT/scripts/lib/device-check.sh" "$dir" "$gpus" 2>>"$runout"; then
+        rc=1; summary+=$'\n'"$label: device statistics missing, stale accesses or a device panic (see $runout)"
+    fi
+    local first
+    first=$(sed -n 's/^# guest uptime at first test: //p' "$ktap" 2>/dev/null | head -n1)
+    [[ -n $first ]] && log "$label: boot to first test: $first of guest uptime (${accel:-?})"
+    echo "$summary"
+    return "$rc"
+}
+
+selftest() { "$SVMGPU_ROOT/scripts/lib/selftest-checks.sh"; }
+if step "self-test of the host-side checkers (each must fail on a broken input)" selftest \
+        >"$OUT/selftest.log" 2>&1; then
+    results+=("checkers: self-test passed")
+else
+    failed=1; results+=("checkers: self-test FAILED (see $OUT/selftest.log)")
+    tail -n 20 "$OUT/selftest.log" >&2
+fi
+
 if [[ $HOST -eq 1 ]]; then
     host_suite() {
         (cd "$SVMGPU_ROOT" && cargo test --workspace 2>&1 | tee "$OUT/cargo-test.log")
@@ -83,62 +166,156 @@ if [[ $HOST -eq 1 ]]; then
     fi
 fi
 
-if [[ $GUEST -eq 1 ]]; then
-    for n in $GPU_COUNTS; do
-        dir="$OUT/guest-$n"
-        guest_suite() {
-            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout 600 \
-                -- /bin/svmgpu-ktap --out /dev/ttyS1 >"$OUT/guest-$n.out" 2>&1
-        }
-        rc=0
-        step "guest suite, $n vGPU(s)" guest_suite || rc=$?
-        summary=$("$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$dir/channel.log" "guest-$n" 2>&1) || rc=1
-        echo "$summary"
-        if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$dir/console.log" 2>>"$OUT/guest-$n.out"; then
-            rc=1; summary+=$'\n'"guest-$n: kernel console shows a warning/BUG/lockdep/DMA-API report"
-        fi
-        first=$(sed -n 's/^# guest uptime at first test: //p' "$dir/channel.log" 2>/dev/null | head -n1)
-        [[ -n $first ]] && log "guest-$n: boot to first test: $first of guest uptime"
-        if [[ $rc -ne 0 ]]; then
-            failed=1
-            tail -n 40 "$OUT/guest-$n.out" >&2 || true
-        fi
-        results+=("$(echo "$summary" | tail -n1)")
-        read -r p f s < <(echo "$summary" | tail -n1 | awk '{print $2, $4, $6}')
-        total_p=$((total_p + ${p:-0})); total_f=$((total_f + ${f:-0})); total_s=$((total_s + ${s:-0}))
-    done
-fi
+kargs() { [[ $1 == debug ]] && echo --debug-kernel || true; }
 
-if [[ $INJECT -eq 1 ]]; then
-    ip=0 if=0
+# guest_suite N KERNEL [TIMEOUT]: the whole KTAP suite on N vGPUs.
+guest_suite() {
+    local n=$1 kernel=$2 timeout=${3:-600} label="guest-$n" rc=0 summary
+    [[ $kernel == debug ]] && label="debug-guest-$n"
+    local dir="$OUT/$label"
+    run() {
+        # shellcheck disable=SC2046
+        "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout "$timeout" $(kargs "$kernel") \
+            -- /bin/svmgpu-ktap --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+    }
+    step "guest suite, $n vGPU(s), $kernel kernel" run || rc=$?
+    summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+    echo "$summary"
+    if [[ $rc -ne 0 ]]; then
+        failed=1
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+    local line
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary}")
+    count "$line"
+    [[ $rc -eq 0 ]] || results+=("$label: FAILED (see $OUT/$label.out)")
+}
+
+# inject_suite KERNEL TIMEOUT NAME...: one 2-vGPU guest per injection entry.
+inject_suite() {
+    local kernel=$1 timeout=$2; shift 2
+    local ip=0 if=0 entry kind spec prefix=inject
+    [[ $kernel == debug ]] && prefix=debug-inject
     for entry in "${INJECT_SUITE[@]}"; do
         kind=${entry%%|*} spec=${entry#*|}
-        if [[ -n $INJECT_ONLY && " $INJECT_ONLY " != *" $kind "* ]]; then continue; fi
-        dir="$OUT/inject-$kind"
-        inject_run() {
-            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout 300 --inject "$spec" \
-                -- /bin/svmgpu-ktap --only "inject_$kind" --out /dev/ttyS1 >"$OUT/inject-$kind.out" 2>&1
+        [[ " $* " == *" $kind "* ]] || continue
+        local label="$prefix-$kind" dir="$OUT/$prefix-$kind" rc=0
+        run() {
+            # shellcheck disable=SC2046
+            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" --inject "$spec" \
+                $(kargs "$kernel") -- /bin/svmgpu-ktap --only "inject_$kind" --out /dev/ttyS1 \
+                >"$OUT/$label.out" 2>&1
         }
-        rc=0
-        step "fault injection: $kind ($spec)" inject_run || rc=$?
-        summary=$("$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$dir/channel.log" "inject-$kind" 2>&1) || rc=1
-        echo "$summary"
-        if ! "$SVMGPU_ROOT/scripts/lib/console-check.sh" "$dir/console.log" 2>>"$OUT/inject-$kind.out"; then
-            rc=1; echo "inject-$kind: kernel console shows a warning/BUG/lockdep/DMA-API report"
-        fi
-        # The device's own view (its statistics, written when it exits): no stale access.
-        if grep -q '"stale_accesses":[1-9]' "$dir/device-stats.json" 2>/dev/null; then
-            rc=1; echo "inject-$kind: the device's audit counted stale accesses"
-        fi
+        step "fault injection, $kernel kernel: $kind ($spec)" run || rc=$?
+        check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out" || rc=1
         if [[ $rc -eq 0 ]]; then
             ip=$((ip + 1))
         else
             if=$((if + 1)); failed=1
-            tail -n 40 "$OUT/inject-$kind.out" >&2 || true
+            results+=("$label: FAILED (see $OUT/$label.out)")
+            tail -n 40 "$OUT/$label.out" >&2 || true
         fi
     done
-    results+=("inject: $ip passed, $if failed, 0 skipped (one guest per fault kind)")
+    results+=("$prefix: $ip passed, $if failed, 0 skipped (one guest per fault kind)")
     total_p=$((total_p + ip)); total_f=$((total_f + if))
+}
+
+# The C client, and the usability path: run-vm.sh called through a symlink from a temporary
+# folder (not the checkout), that folder shared read-write with the guest (--share .), the
+# client copied there (a host-built static program) and run from it, a file added with
+# --add; the results are written into the shared folder and checked here.
+client_run() {
+    local kernel=$1 label=client rc=0 tmp token
+    [[ $kernel == debug ]] && label=debug-client
+    local dir="$OUT/$label"
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/svmgpu-client.XXXXXX")
+    cp "$(readlink -f "$SVMGPU_CACHE/current/svmgpu-client")" "$tmp/svmgpu-client"
+    ln -s "$SVMGPU_ROOT/scripts/run-vm.sh" "$tmp/run-vm"
+    token="added-$RANDOM$RANDOM"
+    echo "$token" >"$OUT/$label-added.txt"
+    run() {
+        # shellcheck disable=SC2046
+        (cd "$tmp" && ./run-vm --gpus 2 --share . --add "$OUT/$label-added.txt" --out "$dir" \
+            --timeout 300 $(kargs "$kernel") -- sh -c \
+            "pwd >pwd.txt; cp /root/$label-added.txt added.txt; ./svmgpu-client --gpus 2 --out client.ktap") \
+            >"$OUT/$label.out" 2>&1
+    }
+    step "C client on 2 vGPUs ($kernel kernel), run-vm.sh via a symlink from $tmp, --share, --add" run || rc=$?
+    local summary
+    summary=$(check_run "$label" "$dir" 2 "$kernel" "$tmp/client.ktap" "$OUT/$label.out") || rc=1
+    if [[ $(cat "$tmp/pwd.txt" 2>/dev/null) != "$tmp" ]]; then
+        rc=1; summary+=$'\n'"$label: the command did not run in the shared folder (pwd: '$(cat "$tmp/pwd.txt" 2>/dev/null)')"
+    fi
+    if [[ $(cat "$tmp/added.txt" 2>/dev/null) != "$token" ]]; then
+        rc=1; summary+=$'\n'"$label: the --add file did not reach /root in the guest"
+    fi
+    echo "$summary"
+    cp "$tmp"/*.ktap "$tmp"/*.txt "$dir"/ 2>/dev/null || true
+    rm -rf "$tmp"
+    local line
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    count "$line"
+    results+=("${line:-$label: no KTAP summary} (C client, run from a --share folder)")
+    if [[ $rc -ne 0 ]]; then
+        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+}
+
+# Guest tests that need large device latencies, as the runner lists them (svmgpu-ktap
+# --help, section "tests needing large device latencies"): each runs in a 2-vGPU guest of
+# its own whose device is started with --tlb-inval-latency-ns 20000000.
+LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000"
+latency_tests() {
+    local bin="$SVMGPU_ROOT/target/guest-static/x86_64-unknown-linux-gnu/release/svmgpu-ktap"
+    [[ -x $bin ]] || return 0
+    "$bin" --help 2>/dev/null | awk '/^tests needing large device latencies/ {on = 1; next}
+        on && /^  [a-z0-9_]+$/ {print $1; next} on {on = 0}'
+}
+latency_suite() {
+    local kernel=$1 timeout=$2 t lp=0 lf=0 prefix=latency
+    [[ $kernel == debug ]] && prefix=debug-latency
+    for t in $(latency_tests); do
+        local label="$prefix-$t" dir="$OUT/$prefix-$t" rc=0
+        run() {
+            # shellcheck disable=SC2046
+            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" \
+                --device-args "$LATENCY_DEVICE_ARGS" $(kargs "$kernel") \
+                -- /bin/svmgpu-ktap --only "$t" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+        }
+        step "large-latency test, $kernel kernel: $t ($LATENCY_DEVICE_ARGS)" run || rc=$?
+        check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out" || rc=1
+        if [[ $rc -eq 0 ]]; then lp=$((lp + 1)); else
+            lf=$((lf + 1)); failed=1
+            results+=("$label: FAILED (see $OUT/$label.out)")
+            tail -n 40 "$OUT/$label.out" >&2 || true
+        fi
+    done
+    if [[ $((lp + lf)) -gt 0 ]]; then
+        results+=("$prefix: $lp passed, $lf failed, 0 skipped (one guest per test)")
+        total_p=$((total_p + lp)); total_f=$((total_f + lf))
+    fi
+}
+
+all_kinds() { for e in "${INJECT_SUITE[@]}"; do printf '%s ' "${e%%|*}"; done; }
+INJECT_KINDS=${INJECT_ONLY:-$(all_kinds)}
+# Debug-kernel guests are ~8x slower to boot and slower to run: longer timeouts.
+if [[ $MAIN_KERNEL == debug ]]; then T_SUITE=1500 T_INJECT=600; else T_SUITE=600 T_INJECT=300; fi
+
+if [[ $GUEST -eq 1 ]]; then
+    for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done
+    latency_suite "$MAIN_KERNEL" "$T_INJECT"
+fi
+[[ $CLIENT -eq 1 ]] && client_run "$MAIN_KERNEL"
+[[ $INJECT -eq 1 ]] && inject_suite "$MAIN_KERNEL" "$T_INJECT" $INJECT_KINDS
+if [[ $DEBUG_SUBSET -eq 1 ]]; then
+    [[ $GUEST -eq 1 ]] && guest_suite 2 debug 1500
+    if [[ $INJECT -eq 1 ]]; then
+        kinds=""
+        for k in $DEBUG_INJECT; do [[ " $INJECT_KINDS " == *" $k "* ]] && kinds+="$k "; done
+        [[ -n $kinds ]] && inject_suite debug 600 $kinds
+    fi
 fi
 
 echo

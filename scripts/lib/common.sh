@@ -7,7 +7,7 @@
 # Errors inside $(...) must stop the script too.
 shopt -s inherit_errexit
 
-SVMGPU_ROOT="${SVMGPU_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
+SVMGPU_ROOT="${SVMGPU_ROOT:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)}"
 SVMGPU_CACHE="${SVMGPU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/svmgpu}"
 SVMGPU_JOBS="${SVMGPU_JOBS:-$(nproc)}"
 export SVMGPU_ROOT SVMGPU_CACHE SVMGPU_JOBS
@@ -20,6 +20,9 @@ QEMU_SRC_VER="1:10.0.2+ds-2+deb13u1~bpo12+1"
 QEMU_TARBALL="qemu_10.0.2+ds.orig.tar.xz"
 BINDGEN_VER="0.72.1"
 LLVM_SUFFIX="-19"
+# virtiofsd (run-vm.sh --share): Debian has it only in trixie, built against glibc 2.39
+# (bookworm has 2.36), so it is built from its crate with cargo, once, into the cache.
+VIRTIOFSD_VER="1.13.2"
 
 _svmgpu_t0=$(date +%s)
 
@@ -165,4 +168,19 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
             | as_root tee "$pin" >/dev/null
         as_root apt-get update -qq
     fi
+}
+
+# ensure_virtiofsd: build virtiofsd $VIRTIOFSD_VER into the cache (once, ~2 min) and print
+# its path.
+ensure_virtiofsd() {
+    local root="$SVMGPU_CACHE/toolchain/virtiofsd-$VIRTIOFSD_VER"
+    if [[ ! -x $root/bin/virtiofsd ]]; then
+        ensure_packages libseccomp-dev libcap-ng-dev pkg-config
+        log "cargo install virtiofsd $VIRTIOFSD_VER (once, ~2 min; log: $SVMGPU_CACHE/logs/virtiofsd.log)"
+        rm -rf "$root.tmp"
+        run_logged "$SVMGPU_CACHE/logs/virtiofsd.log" \
+            cargo install virtiofsd --version "$VIRTIOFSD_VER" --locked --root "$root.tmp"
+        rm -rf "$root"; mv "$root.tmp" "$root"
+    fi
+    echo "$root/bin/virtiofsd"
 }

@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# console-check.sh LOG: fail (exit 1) if a guest console log shows a kernel warning,
-# BUG, oops, panic, lockdep report, sleeping-in-atomic report or DMA-API debug report;
-# print each offending line with a little context.
+# console-check.sh [--accel tcg|kvm] [--debug-kernel] LOG: fail (exit 1) if a guest console
+# log shows a kernel warning, BUG, oops, panic, lockdep report, sleeping-in-atomic report,
+# DMA-API debug report, KASAN/KFENCE/UBSAN report, list or object debugging report, RCU
+# stall, soft lockup, hung task, OOM or kmemleak report; print each offending line.
+#
+# One report is tolerated, and only in one place: a KASAN report whose first line names
+# handle_edge_irq and whose trace shows identify_cpu, printed under TCG *before* the guest
+# init loads svmgpu.ko (before its "svmgpu-guest: booted" line). That is a known report of
+# the kernel itself under QEMU's TCG (an interrupt during CPU identification at boot; seen
+# in 1 of 18 debug-kernel boots), not of the driver. The same report after the module is
+# loaded, under KVM, or naming another function fails the check as any other.
+#
+# --debug-kernel: the log must also show the init's kmemleak scan ("svmgpu-kmemleak: scan
+# done"): a debug-kernel run without it did not check for leaks.
 set -euo pipefail
-[[ ${1:-} == -h || ${1:-} == --help || $# -ne 1 ]] && {
-    echo "Usage: console-check.sh CONSOLE_LOG"; [[ $# -eq 1 ]] && exit 0; exit 2; }
+usage() { echo "Usage: console-check.sh [--accel tcg|kvm] [--debug-kernel] CONSOLE_LOG"; }
+accel=tcg debug=0
+while [[ $# -gt 1 ]]; do
+    case $1 in
+        --accel) accel=$2; shift 2 ;;
+        --debug-kernel) debug=1; shift ;;
+        *) usage >&2; exit 2 ;;
+    esac
+done
+[[ ${1:-} == -h || ${1:-} == --help ]] && { usage; exit 0; }
+[[ $# -eq 1 ]] || { usage >&2; exit 2; }
 log=$1
 [[ -f $log ]] || { echo "console-check: $log missing (the guest did not run)" >&2; exit 1; }
 patterns=(
     'WARNING: '                               # WARN_ON and friends
-    'BUG: '                                   # BUG(), sleeping in atomic, bad page state
+    'BUG: '                                   # BUG(), sleeping in atomic, bad page state,
+                                              # KASAN, KFENCE, soft lockup, scheduling while atomic
     'kernel BUG at'
     'Oops: '
     'Kernel panic'
@@ -26,18 +47,61 @@ patterns=(
     'UBSAN: '
     'rust_panic'
     'hung_task'
+    'blocked for more than'                   # hung task detector
+    'rcu_sched detected stall'                # RCU stalls
+    'rcu_preempt detected stall'
+    'self-detected stall on CPU'
+    'rcu: INFO: '
+    'Out of memory'                           # OOM killer
+    'invoked oom-killer'
+    'unreferenced object 0x'                  # kmemleak report
+    'new suspected memory leaks'
+    'Kernel memory leak detector disabled'    # kmemleak gave up: no leak check
+    'ODEBUG: '                                # DEBUG_OBJECTS
+    'list_add corruption'                     # DEBUG_LIST
+    'list_del corruption'
+    'page dumped because'                     # DEBUG_VM
 )
 # Informational lines that contain a pattern but report nothing wrong.
 benign='DMA-API: (preallocated [0-9]+ debug entries|debugging enabled by kernel config)'
+
+# The known pre-driver KASAN report (see the header): its lines are dropped before matching.
+scan=$log
+boundary=$(grep -n -m1 'svmgpu-guest: booted' "$log" | cut -d: -f1 || true)
+if [[ $accel == tcg && -n $boundary ]]; then
+    scan=$(mktemp); trap 'rm -f "$scan"' EXIT
+    awk -v stop="$boundary" '
+        # A KASAN report runs from its "BUG: KASAN:" line to the closing "=====" line.
+        function flush(   i) { for (i = 1; i <= n; i++) print buf[i]; n = 0 }
+        NR >= stop { if (inrep) { flush(); inrep = 0 } print; next }
+        !inrep && /BUG: KASAN: .* in handle_edge_irq/ { inrep = 1; n = 0; ident = 0 }
+        inrep {
+            buf[++n] = $0
+            if ($0 ~ /identify_cpu/) ident = 1
+            if ($0 ~ /==================/ && n > 1) {
+                if (ident) { tolerated++; n = 0 } else flush()
+                inrep = 0
+            }
+            next
+        }
+        { print }
+        END { if (inrep) flush(); if (tolerated) printf "console-check: tolerated %d known pre-driver KASAN report(s) in handle_edge_irq during identify_cpu (TCG)\n", tolerated > "/dev/stderr" }
+    ' "$log" >"$scan"
+fi
+
 found=0
 for p in "${patterns[@]}"; do
-    hits=$(grep -n -F -- "$p" "$log" | grep -v -E -- "$benign" || true)
+    hits=$(grep -n -F -- "$p" "$scan" | grep -v -E -- "$benign" || true)
     if [[ -n $hits ]]; then
         found=1
         echo "console-check: '$p' in $log:" >&2
         head -n 3 <<<"$hits" >&2
     fi
 done
+if [[ $debug -eq 1 ]] && ! grep -q 'svmgpu-kmemleak: scan done' "$log"; then
+    found=1
+    echo "console-check: $log: debug kernel, but no kmemleak scan at the end of the run" >&2
+fi
 if [[ $found -eq 1 ]]; then
     exit 1
 fi

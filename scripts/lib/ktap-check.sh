@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ktap-check.sh FILE [LABEL]: parse a KTAP v1 document (lines that are not KTAP are
 # ignored), print each top-level result and a summary line "N passed, N failed, N skipped",
-# and exit 1 on any `not ok`, a missing version line or plan, or a count that does not
-# match the plan (a guest that died half-way).
+# and exit 1 on any `not ok` (top-level or nested: a nested failure under an `ok` parent
+# still fails), a missing version line or plan, a plan of 0 tests (`1..0`: nothing ran), or
+# a count that does not match the plan (a guest that died half-way).
 set -euo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help || $# -lt 1 ]]; then
     echo "Usage: ktap-check.sh KTAP_FILE [LABEL]"
@@ -24,7 +25,8 @@ function indent_of(s) { match(s, /^ */); return RLENGTH }
     if (body ~ /^(not )?ok [0-9]+ /) {
         if (ind == 0) {
             ran++
-            if (body ~ /^not ok/) { failed++; status = "FAIL" }
+            # An `ok` parent over a nested `not ok` counts as a failure too.
+            if (body ~ /^not ok/ || ndiag > 0) { failed++; status = "FAIL" }
             else if (body ~ /# SKIP/) { skipped++; status = "SKIP" }
             else { passed++; status = "PASS" }
             name = body; sub(/^(not )?ok [0-9]+ /, "", name)
@@ -35,6 +37,7 @@ function indent_of(s) { match(s, /^ */); return RLENGTH }
             sub_failed++
             name = body; sub(/^not ok [0-9]+ /, "", name)
             diag[++ndiag] = "case " name ": " lastdiag
+            subfail[sub_failed] = name
         }
         next
     }
@@ -44,7 +47,14 @@ END {
     bad = 0
     if (!version) { print "ktap-check: " label ": no \"KTAP version 1\" line"; bad = 1 }
     if (plan == "") { print "ktap-check: " label ": no plan"; bad = 1 }
+    else if (plan == 0) { print "ktap-check: " label ": plan 1..0: no test ran"; bad = 1 }
     else if (ran != plan) { printf "ktap-check: %s: plan says %d tests, %d reported\n", label, plan, ran; bad = 1 }
+    if (sub_failed > 0) {
+        printf "ktap-check: %s: %d nested test(s) not ok:", label, sub_failed
+        for (i = 1; i <= sub_failed && i <= 10; i++) printf " %s;", subfail[i]
+        printf "\n"
+        bad = 1
+    }
     printf "%s: %d passed, %d failed, %d skipped\n", label, passed, failed, skipped
     exit (bad || failed > 0) ? 1 : 0
 }' "$file"

@@ -15,17 +15,96 @@
 //!                                   bare command round trip, and fault throughput with
 //!                                   C contexts
 //! ```
+//!
+//! Parsed with clap: `svmgpu COMMAND --help` shows a command's options; a bad value (e.g.
+//! `svmgpu run --size abc`) is an error (exit status 2), never a silent default.
 
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use svmgpu::{spec::isa::Insn, Batch, Device, Mapping};
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: svmgpu list | query [--stats] [N] | run [N] [--size BYTES] | \
-         bench-invalidate [--iters N] [--size BYTES] [--long-running] | \
-         bench-svm-invalidate [--iters N] [--size BYTES] | bench-fault [--iters N] [--contexts C]"
-    );
-    ExitCode::from(2)
+/// A small CLI for the svmgpu DRM uAPI (guest-driver/uapi/svmgpu_drm.h), for the guest.
+#[derive(Parser)]
+#[command(name = "svmgpu", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the devices' render nodes.
+    List,
+    /// DEVICE_QUERY of device N (default: every device).
+    Query {
+        /// Also fetch the device's GET_STATS counters.
+        #[arg(long)]
+        stats: bool,
+        /// Device index (0-based, in render-node order).
+        n: Option<usize>,
+    },
+    /// Run a FILL + CHECKSUM job on device N (default: every device) and verify it on the
+    /// CPU.
+    Run {
+        /// Device index (0-based, in render-node order).
+        n: Option<usize>,
+        /// Bytes to fill and checksum, 4..=1048576, a multiple of 4.
+        #[arg(long, default_value_t = 64 * 1024, value_parser = parse_job_size)]
+        size: usize,
+    },
+    /// Time CPU invalidations (mprotect) of one buffer bound on every device.
+    BenchInvalidate {
+        /// Invalidations to time.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        iters: u32,
+        /// Buffer size in bytes (a multiple of 4096).
+        #[arg(long, default_value_t = 64 * 1024, value_parser = parse_buffer_size)]
+        size: usize,
+        /// Long-running exec queues (preempted instead of waited for).
+        #[arg(long)]
+        long_running: bool,
+    },
+    /// Time CPU invalidations (mprotect) of one SVM range mirrored on every device
+    /// (fault-mode VMs, no bind).
+    BenchSvmInvalidate {
+        /// Invalidations to time.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        iters: u32,
+        /// Range size in bytes (a multiple of 4096).
+        #[arg(long, default_value_t = 64 * 1024, value_parser = parse_buffer_size)]
+        size: usize,
+    },
+    /// GPU fault service time (event to reply) against a bare command round trip, and fault
+    /// throughput with C contexts.
+    BenchFault {
+        /// Faults to time.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        iters: u32,
+        /// Contexts (threads) for the throughput part.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+        contexts: u32,
+    },
+}
+
+fn parse_bytes(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .map_err(|e| format!("'{v}' is not a number of bytes ({e})"))
+}
+
+fn parse_job_size(v: &str) -> Result<usize, String> {
+    let n = parse_bytes(v)?;
+    if n == 0 || n % 4 != 0 || n > 1 << 20 {
+        return Err(format!("{n} is not a multiple of 4 from 4 to 1048576"));
+    }
+    Ok(n)
+}
+
+fn parse_buffer_size(v: &str) -> Result<usize, String> {
+    let n = parse_bytes(v)?;
+    if n == 0 || n % 4096 != 0 || n > 1 << 30 {
+        return Err(format!("{n} is not a nonzero multiple of 4096 up to 1 GiB"));
+    }
+    Ok(n)
 }
 
 fn pick(devs: &[Device], n: Option<usize>) -> Vec<(usize, &Device)> {
@@ -36,30 +115,7 @@ fn pick(devs: &[Device], n: Option<usize>) -> Vec<(usize, &Device)> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = args.first() else {
-        return usage();
-    };
-    let mut n = None;
-    let mut stats = false;
-    let mut size = 64 * 1024usize;
-    let mut iters = 200usize;
-    let mut long_running = false;
-    let mut contexts = 8usize;
-    let mut it = args[1..].iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--stats" => stats = true,
-            "--long-running" => long_running = true,
-            "--size" => size = it.next().and_then(|v| v.parse().ok()).unwrap_or(size),
-            "--iters" => iters = it.next().and_then(|v| v.parse().ok()).unwrap_or(iters),
-            "--contexts" => contexts = it.next().and_then(|v| v.parse().ok()).unwrap_or(contexts),
-            v => match v.parse() {
-                Ok(v) => n = Some(v),
-                Err(_) => return usage(),
-            },
-        }
-    }
+    let cli = Cli::parse();
     let devs = match Device::enumerate() {
         Ok(d) => d,
         Err(e) => {
@@ -67,8 +123,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cmd.as_str() {
-        "list" => {
+    if let Cmd::Query { n: Some(n), .. } | Cmd::Run { n: Some(n), .. } = cli.cmd {
+        if n >= devs.len() {
+            eprintln!("svmgpu: no device {n} ({} device(s))", devs.len());
+            return ExitCode::from(2);
+        }
+    }
+    match cli.cmd {
+        Cmd::List => {
             for (i, d) in devs.iter().enumerate() {
                 match d.query(false) {
                     Ok(q) => println!(
@@ -85,7 +147,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        "query" => {
+        Cmd::Query { stats, n } => {
             let mut rc = ExitCode::SUCCESS;
             for (i, d) in pick(&devs, n) {
                 match d.query(stats) {
@@ -100,15 +162,10 @@ fn main() -> ExitCode {
             }
             rc
         }
-        "run" => {
+        Cmd::Run { n, size } => {
             let mut rc = ExitCode::SUCCESS;
             for (i, d) in pick(&devs, n) {
-                match svmgpu::fill_and_checksum(
-                    d,
-                    size.min(1 << 20),
-                    0x5a5a_0000 | i as u32,
-                    0x10_0000,
-                ) {
+                match svmgpu::fill_and_checksum(d, size, 0x5a5a_0000 | i as u32, 0x10_0000) {
                     Ok(r) if r.outcome.error == 0 && r.gpu_sum == r.cpu_sum && r.pattern_ok => {
                         println!(
                             "{i}: job ok (fence {}, checksum {:#018x})",
@@ -127,7 +184,11 @@ fn main() -> ExitCode {
             }
             rc
         }
-        "bench-invalidate" => match bench_invalidate(&devs, iters, size, long_running) {
+        Cmd::BenchInvalidate {
+            iters,
+            size,
+            long_running,
+        } => match bench_invalidate(&devs, iters as usize, size, long_running) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
@@ -137,27 +198,30 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        "bench-svm-invalidate" => match bench_svm_invalidate(&devs, iters, size) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
+        Cmd::BenchSvmInvalidate { iters, size } => {
+            match bench_svm_invalidate(&devs, iters as usize, size) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("svmgpu: bench-svm-invalidate: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("svmgpu: bench-svm-invalidate: {e}");
-                ExitCode::FAILURE
+        }
+        Cmd::BenchFault { iters, contexts } => {
+            match bench_fault(&devs, iters as usize, contexts as usize) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("svmgpu: bench-fault: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
-        "bench-fault" => match bench_fault(&devs, iters, contexts) {
-            Ok(line) => {
-                println!("{line}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("svmgpu: bench-fault: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        _ => usage(),
+        }
     }
 }
 
@@ -577,4 +641,69 @@ pub fn bench_fault(devs: &[Device], iters: usize, contexts: usize) -> std::io::R
         dt,
         (f1 - f0) as f64 * 1e9 / dt.max(1) as f64
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("svmgpu").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            &["run", "--size", "abc"][..],
+            &["run", "--size", "6"],
+            &["run", "--size", "2097152"],
+            &["run", "x"],
+            &["bench-invalidate", "--iters", "0"],
+            &["bench-invalidate", "--size", "100"],
+            &["bench-fault", "--contexts", "65"],
+            &["query", "--stat"],
+            &["frobnicate"],
+            &[],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn parses_good_values() {
+        let Cli {
+            cmd: Cmd::Run { n, size },
+        } = parse(&["run", "1", "--size", "4096"]).unwrap()
+        else {
+            panic!("not run");
+        };
+        assert_eq!((n, size), (Some(1), 4096));
+        let Cli {
+            cmd:
+                Cmd::BenchInvalidate {
+                    iters,
+                    size,
+                    long_running,
+                },
+        } = parse(&[
+            "bench-invalidate",
+            "--iters",
+            "100",
+            "--size",
+            "65536",
+            "--long-running",
+        ])
+        .unwrap()
+        else {
+            panic!("not bench-invalidate");
+        };
+        assert_eq!((iters, size, long_running), (100, 65536, true));
+        assert!(matches!(
+            parse(&["query", "--stats"]).unwrap().cmd,
+            Cmd::Query {
+                stats: true,
+                n: None
+            }
+        ));
+    }
 }
