@@ -18,7 +18,7 @@ INJECT_SUITE=(
     "tlb_inval_delay|tlb-inval-delay:delay_us=3000"
     "tlb_inval_drop|tlb-inval-drop:count=1,device=0"
     "tlb_inval_error|tlb-inval-error:count=1,device=0,status=internal"
-    "preempt_delay|preempt-delay:delay_us=3000"
+    "preempt_delay|preempt-delay:delay_us=100000"
     "preempt_drop|preempt-drop:count=1,device=0"
     "preempt_error|preempt-error:count=1,device=0"
     "engine_hang|engine-hang:asid=1,count=3,device=0"

@@ -42,6 +42,8 @@ struct FaultRec {
     asid: u32,
     access: u32,
     ctx_id: u32,
+    /// `wire::FaultReason`.
+    reason: u32,
     /// When the event arrived, for `Stats::fault_service_ns`.
     t0: Option<Instant<Monotonic>>,
 }
@@ -77,6 +79,13 @@ pub(crate) struct Stats {
     pub(crate) svm_faults: Atomic<u64>,
     /// SVM pages objects of this device's VMs.
     pub(crate) svm_pages: Atomic<u64>,
+    /// Invalidations that stopped this device in the core's two passes, and in one
+    /// (`notifier_mode=single`, `svm_mode=single`, or an empty finish pool).
+    pub(crate) invalidations_two_pass: Atomic<u64>,
+    pub(crate) invalidations_single_pass: Atomic<u64>,
+    /// Commands a first pass could not start without sleeping (back-pressure), started
+    /// by the second pass instead.
+    pub(crate) commands_deferred: Atomic<u64>,
 }
 
 /// Recovery counters, per kind (debugfs `svmgpu/virtioN/recovery`, spec 16.3.3).
@@ -118,6 +127,12 @@ pub(crate) struct Recovery {
     pub(crate) virtio_resets: Atomic<u64>,
     /// `ASID_BIND`s that failed while restoring VMs after a reset.
     pub(crate) rebind_failures: Atomic<u64>,
+    /// GPU faults at an address whose mapping was already valid for the access (the
+    /// device raised them although nothing was missing: injected spurious faults, walks
+    /// that failed to read the page table), and faults reported as a page-table read
+    /// error (`BAD_TABLE_ADDRESS`).
+    pub(crate) faults_on_valid_mappings: Atomic<u64>,
+    pub(crate) faults_bad_table: Atomic<u64>,
 }
 
 impl Recovery {
@@ -143,6 +158,8 @@ impl Recovery {
             resets_superseded: Atomic::new(0),
             virtio_resets: Atomic::new(0),
             rebind_failures: Atomic::new(0),
+            faults_on_valid_mappings: Atomic::new(0),
+            faults_bad_table: Atomic::new(0),
         }
     }
 }
@@ -475,6 +492,7 @@ impl Gpu {
                         asid: f.asid,
                         access: f.access,
                         ctx_id: f.ctx_id,
+                        reason: f.reason,
                         t0: Some(Instant::<Monotonic>::now()),
                     };
                     ring.len += 1;
@@ -545,10 +563,17 @@ impl Gpu {
                 .vms
                 .get(f.asid as usize)
                 .and_then(|v| v.clone());
+            if f.reason == wire::FaultReason::BadTableAddress.as_u32() {
+                inc(&self.recovery.faults_bad_table);
+            }
             let res = match vm {
                 Some(vm) => vm.handle_fault(f.va, f.access),
                 None => Err(EFAULT),
             };
+            if res == Ok(true) {
+                inc(&self.recovery.faults_on_valid_mappings);
+            }
+            let res = res.map(|_| ());
             // EAGAIN: CPU invalidations kept racing with the resolution; the access is
             // retried and faults again (the device never caches a failed walk).
             let ok = res.is_ok() || res == Err(EAGAIN);
@@ -857,6 +882,27 @@ impl Gpu {
         writeln!(f, "virtio_resets {}", l(&r.virtio_resets))?;
         writeln!(f, "invalidation_failures {}", l(&r.invalidation_failures))?;
         writeln!(f, "rebind_failures {}", l(&r.rebind_failures))?;
+        writeln!(
+            f,
+            "faults_on_valid_mappings {}",
+            l(&r.faults_on_valid_mappings)
+        )?;
+        writeln!(f, "faults_bad_table {}", l(&r.faults_bad_table))?;
+        writeln!(
+            f,
+            "invalidations_two_pass {}",
+            l(&self.stats.invalidations_two_pass)
+        )?;
+        writeln!(
+            f,
+            "invalidations_single_pass {}",
+            l(&self.stats.invalidations_single_pass)
+        )?;
+        writeln!(
+            f,
+            "invalidation_commands_deferred {}",
+            l(&self.stats.commands_deferred)
+        )?;
         writeln!(f, "hang_events {}", l(&r.hang_events))?;
         writeln!(f, "hang_events_bogus {}", l(&r.hang_events_bogus))?;
         writeln!(f, "job_timeouts {}", l(&r.job_timeouts))?;
@@ -1231,6 +1277,9 @@ impl GpuDriver {
                     fault_service_ns: Atomic::new(0),
                     svm_faults: Atomic::new(0),
                     svm_pages: Atomic::new(0),
+                    invalidations_two_pass: Atomic::new(0),
+                    invalidations_single_pass: Atomic::new(0),
+                    commands_deferred: Atomic::new(0),
                 },
             }),
             GFP_KERNEL,

@@ -505,6 +505,18 @@ impl Svm {
         }
     }
 
+    /// Whether `vm`'s PTEs map `addr` now, writable if `write` (a snapshot, for
+    /// statistics).
+    pub(crate) fn is_mapped(&self, vm: &Vm, addr: usize, write: bool) -> bool {
+        let mut ns = self.nlock.lock();
+        let i = first_ending_after(&ns.ranges, addr);
+        ns.ranges
+            .get_mut(i)
+            .filter(|r| r.start <= addr)
+            .and_then(|r| r.pages_of(vm))
+            .is_some_and(|p| p.valid && (p.writable || !write))
+    }
+
     /// Resolves a GPU fault (or a prefetch) of `vm` at `addr`: makes the VM's PTEs map the
     /// CPU pages of the range containing it. The caller holds the VM lock (the VM is
     /// alive and uses this object) and `acc`. `in_binding` tells whether a VA range
@@ -979,6 +991,7 @@ impl SvmNotifierData {
     fn complete(this: &SvmNotifier, mut p: Pending) {
         let svm = this.data().svm();
         for t in p.targets.iter_mut().flatten().filter(|t| t.deferred) {
+            t.vm.gpu.stats.commands_deferred.add(1, Relaxed);
             match start_tlb_invalidate(&t.vm, t.start, t.end, true) {
                 Ok(tk) => t.ticket = Some(tk),
                 Err(_) => t.failed = true,
@@ -1038,6 +1051,20 @@ impl SvmNotifierData {
     }
 }
 
+impl Pending {
+    /// Counts the invalidation on every device it stops, as one of `two` passes or one.
+    fn count(&self, two: bool) {
+        for t in self.targets.iter().flatten() {
+            let s = &t.vm.gpu.stats;
+            if two {
+                s.invalidations_two_pass.add(1, Relaxed);
+            } else {
+                s.invalidations_single_pass.add(1, Relaxed);
+            }
+        }
+    }
+}
+
 impl IntervalOps for SvmNotifierData {
     type Finish = FinishRef;
 
@@ -1046,6 +1073,7 @@ impl IntervalOps for SvmNotifierData {
             Begin::Retry => false,
             Begin::Nothing => true,
             Begin::Started(p) => {
+                p.count(false);
                 Self::complete(this, p);
                 true
             }
@@ -1060,6 +1088,7 @@ impl IntervalOps for SvmNotifierData {
                 Ok(f) => Start::Finish(f),
                 // No finish item free: fall back to single pass.
                 Err(p) => {
+                    p.count(false);
                     Self::complete(this, p);
                     Start::Done
                 }
@@ -1070,6 +1099,7 @@ impl IntervalOps for SvmNotifierData {
     fn invalidate_finish(this: &SvmNotifier, finish: FinishRef) {
         let p = this.data().svm().pool.put(finish);
         if let Some(p) = p {
+            p.count(true);
             Self::complete(this, p);
         }
     }

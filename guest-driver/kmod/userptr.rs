@@ -318,6 +318,8 @@ impl UserptrData {
         let gpu = &vm.gpu;
         let ctrl = &gpu.ctrl;
         let deferred = p.deferred_preempts;
+        let n_deferred = deferred.iter().flatten().count() + usize::from(p.deferred_tlb);
+        gpu.stats.commands_deferred.add(n_deferred as u64, Relaxed);
         for ctx_id in deferred.iter().flatten() {
             let body = wire::CtxReq {
                 ctx_id: *ctx_id,
@@ -373,6 +375,12 @@ impl IntervalOps for UserptrData {
             Begin::Retry => false,
             Begin::Nothing => true,
             Begin::Started(p) => {
+                this.data()
+                    .vm
+                    .gpu
+                    .stats
+                    .invalidations_single_pass
+                    .add(1, Relaxed);
                 Self::complete(this, p);
                 true
             }
@@ -383,14 +391,21 @@ impl IntervalOps for UserptrData {
         match Self::begin(this, inv) {
             Begin::Retry => Start::Retry,
             Begin::Nothing => Start::Done,
-            Begin::Started(p) => match this.data().vm.gpu.finish_pool.get(p) {
-                Ok(f) => Start::Finish(f),
-                // No finish item free: fall back to single pass.
-                Err(p) => {
-                    Self::complete(this, p);
-                    Start::Done
+            Begin::Started(p) => {
+                let gpu = &this.data().vm.gpu;
+                match gpu.finish_pool.get(p) {
+                    Ok(f) => {
+                        gpu.stats.invalidations_two_pass.add(1, Relaxed);
+                        Start::Finish(f)
+                    }
+                    // No finish item free: fall back to single pass.
+                    Err(p) => {
+                        gpu.stats.invalidations_single_pass.add(1, Relaxed);
+                        Self::complete(this, p);
+                        Start::Done
+                    }
                 }
-            },
+            }
         }
     }
 

@@ -406,8 +406,10 @@ impl Vm {
 
     /// Resolves a GPU page fault at `va`: revalidates the binding that contains it, or
     /// (fault mode, no binding) mirrors the CPU memory at `va` through SVM. `EACCES`: a
-    /// write to memory the CPU maps read-only (SVM).
-    pub(crate) fn handle_fault(self: &Arc<Self>, va: u64, access: u32) -> Result {
+    /// write to memory the CPU maps read-only (SVM). `Ok(true)` when the mapping was
+    /// already valid for the access (a fault the device raised although nothing was
+    /// missing: injected, or a walk that failed to read the page table).
+    pub(crate) fn handle_fault(self: &Arc<Self>, va: u64, access: u32) -> Result<bool> {
         let acc = self.gpu.enter()?;
         let mut vs = self.lock.lock();
         if vs.dead {
@@ -426,9 +428,12 @@ impl Vm {
             if write && entry.data().readonly {
                 return Err(EFAULT);
             }
-            return userptr::revalidate(entry, &acc);
+            let was_valid = entry.data().n.access(&self.nlock.lock()).valid;
+            userptr::revalidate(entry, &acc)?;
+            return Ok(was_valid);
         }
         let svm = svm.as_ref().ok_or(EFAULT)?;
+        let was_valid = svm.is_mapped(self, va as usize, write);
         let entries = &*entries;
         svm.fault(self, &acc, va as usize, write, |s, l| {
             entries.iter().any(|e| e.overlaps(s, l))
@@ -437,7 +442,7 @@ impl Vm {
             .stats
             .svm_faults
             .add(1, kernel::sync::atomic::Relaxed);
-        Ok(())
+        Ok(was_valid)
     }
 
     /// VM_PREFETCH: populates the SVM ranges covering `[start, start + size)` (skipping

@@ -2,6 +2,7 @@
 //! initramfs), prints KTAP v1 to stdout or to the file given with `--out`, and exits 1
 //! when any test failed.
 
+mod audit;
 mod coherence;
 mod expect;
 mod gpu;
@@ -75,15 +76,33 @@ fn main() {
             .collect(),
     };
     let out: Box<dyn Write> = out;
-    let mut k = ktap::Ktap::new(out, selected.len());
+    // One more result at the end: the devices' audit around every test (audit.rs).
+    let mut k = ktap::Ktap::new(out, selected.len() + 1);
     if let Ok(uptime) = std::fs::read_to_string("/proc/uptime") {
         k.diag(&format!(
             "guest uptime at first test: {} s",
             uptime.split_whitespace().next().unwrap_or("?")
         ));
     }
+    let mut dirty = Vec::new();
+    let mut snap = audit::snapshot();
     for (name, test) in selected {
         test(&env, name, &mut k);
+        let now = audit::snapshot();
+        let v = audit::violations(&snap, &now);
+        if !v.is_empty() {
+            dirty.push(format!("during {name}: {v}"));
+        }
+        // Devices that went away (unbind) keep their last counters.
+        snap.extend(now);
     }
+    let outcome = if !dirty.is_empty() {
+        ktap::Outcome::Fail(dirty.join(" | "))
+    } else if audit::checks(&snap) == 0 {
+        ktap::Outcome::Fail("no device audited any access (audit off?)".into())
+    } else {
+        ktap::Outcome::Pass
+    };
+    k.result("device_audit_clean", &outcome);
     std::process::exit(i32::from(k.failed() > 0));
 }
