@@ -47,6 +47,9 @@ Options:
   --check-console     fail if the console log shows a kernel warning, BUG, lockdep, DMA-API,
                       KASAN/KFENCE, RCU stall, OOM or kmemleak report (scripts/lib/console-check.sh)
   --memory SIZE       guest memory (default 1G)
+  --config FILE       use this QEMU -readconfig file instead of a generated one (e.g.
+                      qemu-configs/svmgpu-2-numa.cfg); --gpus is taken from its number of
+                      vhost-user-svmgpu-pci devices, --memory from the file
   -h, --help          this text
 
 Examples:
@@ -57,7 +60,7 @@ EOF
 }
 
 GPUS=2 DEVICE_ARGS="" TIMEOUT="" OUT="" CHECK_CONSOLE=0 ACCEL_REQ=auto MEMORY=1G
-SHARE="" GDB=0 GDB_PORT=1234 CONSOLE=0 VARIANT=default
+SHARE="" GDB=0 GDB_PORT=1234 CONSOLE=0 VARIANT=default CONFIG=""
 CMD=() INJECT=() ADD=()
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
@@ -71,6 +74,7 @@ while [[ $# -gt 0 ]]; do
         --accel) need "$@"; ACCEL_REQ=$2; shift 2 ;;
         --kvm) ACCEL_REQ=auto; shift ;;
         --memory) need "$@"; MEMORY=$2; shift 2 ;;
+        --config) need "$@"; CONFIG=$2; shift 2 ;;
         --share) need "$@"; SHARE=$2; shift 2 ;;
         --add)
             shift
@@ -85,6 +89,11 @@ while [[ $# -gt 0 ]]; do
         *) usage >&2; die "unknown option $1" ;;
     esac
 done
+if [[ -n $CONFIG ]]; then
+    [[ -f $CONFIG ]] || die "--config $CONFIG: no such file"
+    CONFIG=$(readlink -f "$CONFIG")
+    GPUS=$(grep -c '^ *driver *= *"vhost-user-svmgpu-pci"' "$CONFIG" || true)
+fi
 [[ $GPUS =~ ^[0-9]+$ && $GPUS -ge 1 && $GPUS -le 64 ]] \
     || die "--gpus must be a number from 1 to 64 (the device's socket limit), not '$GPUS'"
 case $ACCEL_REQ in kvm|tcg|auto) ;; *) die "--accel must be kvm, tcg or auto, not '$ACCEL_REQ'" ;; esac
@@ -97,10 +106,14 @@ fi
 for f in ${ADD[@]+"${ADD[@]}"}; do [[ -e $f ]] || die "--add $f: no such file"; done
 if [[ ${#CMD[@]} -gt 0 && -z $TIMEOUT && $GDB -eq 0 ]]; then TIMEOUT=900; fi
 
-"$SVMGPU_ROOT/scripts/setup.sh" --quiet
-if [[ $VARIANT == debug ]]; then
-    step "debug guest kernel" "$SVMGPU_ROOT/scripts/build-kernel.sh" --variant debug
-    "$SVMGPU_ROOT/scripts/build-guest.sh" --variant debug
+# SVMGPU_SETUP_DONE=1: the caller (scripts/test.sh, after its own set-up) vouches that
+# everything is built; saves the ~3-6 s of checking it again for every guest.
+if [[ ${SVMGPU_SETUP_DONE:-0} != 1 ]]; then
+    "$SVMGPU_ROOT/scripts/setup.sh" --quiet
+    if [[ $VARIANT == debug ]]; then
+        step "debug guest kernel" "$SVMGPU_ROOT/scripts/build-kernel.sh" --variant debug
+        "$SVMGPU_ROOT/scripts/build-guest.sh" --variant debug
+    fi
 fi
 
 QEMU_DIR=$(readlink -f "$SVMGPU_CACHE/current/qemu")
@@ -175,7 +188,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$SVMGPU_ROOT/qemu-configs/generate.sh" --gpus "$GPUS" --ram "$MEMORY" >"$RUN/svmgpu.cfg"
+if [[ -n $CONFIG ]]; then
+    cp "$CONFIG" "$RUN/svmgpu.cfg"
+else
+    "$SVMGPU_ROOT/qemu-configs/generate.sh" --gpus "$GPUS" --ram "$MEMORY" >"$RUN/svmgpu.cfg"
+fi
 
 # The device: one process, one socket per vGPU (svmgpu.sock0 ...). The expected config
 # values are derived from its own --help defaults plus DEVICE_ARGS, and handed to the

@@ -109,6 +109,8 @@ setup_args=(--quiet)
     || setup_args=()   # host only: nothing to build beyond what cargo does
 if [[ ${#setup_args[@]} -gt 0 ]]; then
     step "set-up (cached after the first run)" "$SVMGPU_ROOT/scripts/setup.sh" "${setup_args[@]}"
+    # Every guest below uses what this set-up built: run-vm.sh need not check it again.
+    export SVMGPU_SETUP_DONE=1
 fi
 
 results=()
