@@ -47,6 +47,10 @@ Options:
   --check-console     fail if the console log shows a kernel warning, BUG, lockdep, DMA-API,
                       KASAN/KFENCE, RCU stall, OOM or kmemleak report (scripts/lib/console-check.sh)
   --memory SIZE       guest memory (default 1G)
+  --module FILE       load this svmgpu.ko instead of the one built from the checkout (it
+                      replaces /lib/modules/svmgpu.ko in the per-run initramfs; it must be
+                      built against the same kernel: scripts/mutants.sh does that)
+  --kernel-args ARGS  more guest kernel command-line arguments (e.g. "swiotlb=force")
   --config FILE       use this QEMU -readconfig file instead of a generated one (e.g.
                       qemu-configs/svmgpu-2-numa.cfg); --gpus is taken from its number of
                       vhost-user-svmgpu-pci devices, --memory from the file
@@ -61,7 +65,7 @@ EOF
 
 GPUS=2 DEVICE_ARGS="" TIMEOUT="" OUT="" CHECK_CONSOLE=0 ACCEL_REQ=auto MEMORY=1G
 SHARE="" GDB=0 GDB_PORT=1234 CONSOLE=0 VARIANT=default CONFIG=""
-CMD=() INJECT=() ADD=()
+CMD=() INJECT=() ADD=() MODULE_OVERRIDE="" KERNEL_ARGS=""
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -75,6 +79,8 @@ while [[ $# -gt 0 ]]; do
         --kvm) ACCEL_REQ=auto; shift ;;
         --memory) need "$@"; MEMORY=$2; shift 2 ;;
         --config) need "$@"; CONFIG=$2; shift 2 ;;
+        --module) need "$@"; MODULE_OVERRIDE=$(readlink -f "$2"); shift 2 ;;
+        --kernel-args) need "$@"; KERNEL_ARGS=$2; shift 2 ;;
         --share) need "$@"; SHARE=$2; shift 2 ;;
         --add)
             shift
@@ -125,6 +131,10 @@ CUR="$SVMGPU_CACHE/current"
 [[ $VARIANT == default ]] || CUR+="/$VARIANT"
 INITRD_BASE=$(readlink -f "$CUR/initramfs.cpio.gz")
 MODULE=$(readlink -f "$CUR/svmgpu.ko")
+if [[ -n $MODULE_OVERRIDE ]]; then
+    [[ -f $MODULE_OVERRIDE ]] || die "--module: no file $MODULE_OVERRIDE"
+    MODULE=$MODULE_OVERRIDE
+fi
 DEVICE="$SVMGPU_ROOT/target/release/svmgpu-device"
 for f in "$QEMU" "$KERNEL" "$INITRD_BASE" "$DEVICE"; do [[ -e $f ]] || die "missing $f"; done
 VIRTIOFSD=""
@@ -247,6 +257,12 @@ mkdir -p "$RUN/extra/etc" "$RUN/extra/root"
     fi
 } >"$RUN/extra/etc/svmgpu-pre"
 for f in ${ADD[@]+"${ADD[@]}"}; do cp -a "$f" "$RUN/extra/root/"; done
+if [[ -n $MODULE_OVERRIDE ]]; then
+    # Later cpio members replace earlier ones: this module is the one init loads.
+    mkdir -p "$RUN/extra/lib/modules"
+    cp "$MODULE_OVERRIDE" "$RUN/extra/lib/modules/svmgpu.ko"
+    log "module: $MODULE_OVERRIDE"
+fi
 if [[ ${#CMD[@]} -gt 0 ]]; then
     printf '%q ' "${CMD[@]}" >"$RUN/extra/etc/svmgpu-cmd"
     echo >>"$RUN/extra/etc/svmgpu-cmd"
@@ -255,6 +271,7 @@ fi
 cat "$INITRD_BASE" "$RUN/extra.cpio.gz" >"$RUN/initrd.cpio.gz"
 
 APPEND="console=ttyS0 panic=-1 oops=panic loglevel=7 printk.time=1"
+[[ -n $KERNEL_ARGS ]] && APPEND+=" $KERNEL_ARGS"
 GDB_ARGS=()
 if [[ $GDB -eq 1 ]]; then
     APPEND+=" nokaslr"

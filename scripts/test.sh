@@ -41,7 +41,7 @@ usage() {
     cat <<EOF
 Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
                        [--no-inject] [--inject "NAME..."] [--debug-kernel | --debug-subset | --no-debug]
-                       [--no-client] [--out DIR]
+                       [--no-client] [--mutants quick|all|none] [--out DIR]
 
   --host-only     only the checker self-test and cargo test
   --guest-only    only the guest runs (KTAP suites, C client, fault injection, debug kernel)
@@ -58,7 +58,14 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --no-debug      skip the debug-kernel runs
   --no-client     skip the C client run (tests/c/svmgpu-client.c on 2 vGPUs, started from a
                   temporary folder through a symlink, the client run from a --share folder)
+  --mutants M     mutation testing after the guest suites (scripts/mutants.sh): quick (the
+                  default: three seeded driver bugs), all (every patch of tests/mutants/,
+                  ~40 min) or none
   --out DIR       keep the logs of every guest run in DIR (default: a temp folder)
+
+Besides the KTAP suite per vGPU count, every guest run of --gpus also runs the tests that
+need large device latencies (one guest per count, device latencies 20 ms) and one 2-vGPU
+guest booted with swiotlb=force (the address model).
 
 Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
 entry's spec, running the guest test inject_NAME (tests/guest/src/inject.rs):
@@ -66,7 +73,7 @@ $(printf '  %s\n' "${INJECT_SUITE[@]}" | sed 's/|/  /')
 EOF
 }
 
-HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=none GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY=""
+HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=none GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY="" MUTANTS=quick
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -80,6 +87,7 @@ while [[ $# -gt 0 ]]; do
         --no-debug) DEBUG=none; shift ;;
         --debug-subset) DEBUG=subset; shift ;;
         --no-client) CLIENT=0; shift ;;
+        --mutants) need "$@"; MUTANTS=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -95,6 +103,12 @@ for n in $GPU_COUNTS; do
     [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "--gpus: '$n' is not a vGPU count from 1 to 64"
 done
 [[ $GUEST -eq 0 || -n ${GPU_COUNTS// /} ]] || die "--gpus: empty list"
+case $MUTANTS in
+    quick) MUTANTS_ARGS=--quick ;;
+    all) MUTANTS_ARGS=--all ;;
+    none) MUTANTS_ARGS="" ;;
+    *) die "--mutants: '$MUTANTS' is not quick, all or none" ;;
+esac
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/svmgpu-test.XXXXXX")}
 mkdir -p "$OUT"
 OUT=$(readlink -f "$OUT")
@@ -266,9 +280,11 @@ client_run() {
 }
 
 # Guest tests that need large device latencies, as the runner lists them (svmgpu-ktap
-# --help, section "tests needing large device latencies"): each runs in a 2-vGPU guest of
-# its own whose device is started with --tlb-inval-latency-ns 20000000.
-LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000"
+# --help, section "tests needing large device latencies": the end-to-end coherence
+# observations and the unbind window): all of them in one guest per vGPU count, whose
+# device is started with 20 ms TLB invalidations and preemptions, so that a driver that
+# returns from a notifier early is caught every time.
+LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000 --preempt-latency-ns 20000000"
 latency_tests() {
     local bin="$SVMGPU_ROOT/target/guest-static/x86_64-unknown-linux-gnu/release/svmgpu-ktap"
     [[ -x $bin ]] || return 0
@@ -276,27 +292,75 @@ latency_tests() {
         on && /^  [a-z0-9_]+$/ {print $1; next} on {on = 0}'
 }
 latency_suite() {
-    local kernel=$1 timeout=$2 t lp=0 lf=0 prefix=latency
+    local kernel=$1 timeout=$2 n list prefix=latency
     [[ $kernel == debug ]] && prefix=debug-latency
-    for t in $(latency_tests); do
-        local label="$prefix-$t" dir="$OUT/$prefix-$t" rc=0
+    list=$(latency_tests | paste -sd, -)
+    [[ -n $list ]] || { failed=1; results+=("$prefix: the runner lists no large-latency test"); return; }
+    for n in $GPU_COUNTS; do
+        local label="$prefix-$n" dir="$OUT/$prefix-$n" rc=0
         run() {
             # shellcheck disable=SC2046
-            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" \
+            "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout "$timeout" \
                 --device-args "$LATENCY_DEVICE_ARGS" $(kargs "$kernel") \
-                -- /bin/svmgpu-ktap --only "$t" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+                -- /bin/svmgpu-ktap --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
         }
-        step "large-latency test, $kernel kernel: $t ($LATENCY_DEVICE_ARGS)" run || rc=$?
-        check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out" || rc=1
-        if [[ $rc -eq 0 ]]; then lp=$((lp + 1)); else
-            lf=$((lf + 1)); failed=1
-            results+=("$label: FAILED (see $OUT/$label.out)")
+        step "large-latency tests, $n vGPU(s), $kernel kernel ($LATENCY_DEVICE_ARGS)" run || rc=$?
+        local summary line
+        summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+        echo "$summary"
+        line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+        results+=("${line:-$label: no KTAP summary}")
+        count "$line"
+        if [[ $rc -ne 0 ]]; then
+            failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
             tail -n 40 "$OUT/$label.out" >&2 || true
         fi
     done
-    if [[ $((lp + lf)) -gt 0 ]]; then
-        results+=("$prefix: $lp passed, $lf failed, 0 skipped (one guest per test)")
-        total_p=$((total_p + lp)); total_f=$((total_f + lf))
+}
+
+# The address model (spec, "Addresses"): with bounce buffering forced (swiotlb=force), the
+# device must still see the CPU's pages, so the driver must give it guest-physical
+# addresses, not streaming DMA addresses (which would name bounce buffers).
+SWIOTLB_TESTS="exec_fill_checksum,devices_share_one_buffer,userptr_invalidate_fork_cow,svm_mode_shared"
+swiotlb_run() {
+    local kernel=$1 timeout=$2 label=swiotlb rc=0
+    [[ $kernel == debug ]] && label=debug-swiotlb
+    local dir="$OUT/$label"
+    run() {
+        # shellcheck disable=SC2046
+        "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" \
+            --kernel-args swiotlb=force $(kargs "$kernel") \
+            -- /bin/svmgpu-ktap --only "$SWIOTLB_TESTS" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+    }
+    step "address model: 2 vGPUs, swiotlb=force, $kernel kernel" run || rc=$?
+    local summary line
+    summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+    if ! grep -q 'swiotlb=force' "$dir/console.log" 2>/dev/null; then
+        rc=1; summary+=$'\n'"$label: the guest did not boot with swiotlb=force"
+    fi
+    echo "$summary"
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary} (swiotlb=force)")
+    count "$line"
+    if [[ $rc -ne 0 ]]; then
+        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+}
+
+# Mutation testing (scripts/mutants.sh): --quick kills three seeded driver bugs.
+mutants_run() {
+    local rc=0
+    step "mutation testing: scripts/mutants.sh ${MUTANTS_ARGS}" \
+        "$SVMGPU_ROOT/scripts/mutants.sh" $MUTANTS_ARGS --out "$OUT/mutants" >"$OUT/mutants.out" 2>&1 || rc=$?
+    local line
+    line=$(grep -E '^killed [0-9]+ of [0-9]+' "$OUT/mutants.out" | tail -n1 || true)
+    sed -n '/^| mutant/,/^killed/p' "$OUT/mutants.out"
+    if [[ $rc -eq 0 && -n $line ]]; then
+        results+=("mutants: $line")
+    else
+        failed=1; results+=("mutants: FAILED: ${line:-no result} (see $OUT/mutants.out)")
+        tail -n 40 "$OUT/mutants.out" >&2 || true
     fi
 }
 
@@ -307,7 +371,9 @@ if [[ $MAIN_KERNEL == debug ]]; then T_SUITE=1500 T_INJECT=600; else T_SUITE=600
 
 if [[ $GUEST -eq 1 ]]; then
     for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done
-    latency_suite "$MAIN_KERNEL" "$T_INJECT"
+    latency_suite "$MAIN_KERNEL" "$T_SUITE"
+    swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
+    [[ -n $MUTANTS_ARGS ]] && mutants_run
 fi
 [[ $CLIENT -eq 1 ]] && client_run "$MAIN_KERNEL"
 [[ $INJECT -eq 1 ]] && inject_suite "$MAIN_KERNEL" "$T_INJECT" $INJECT_KINDS

@@ -38,11 +38,17 @@ fn main() {
                     }
                 }
             }
-            "--only" => only = args.next(),
+            "--only" => match args.next() {
+                Some(names) => only = Some(names),
+                None => {
+                    eprintln!("svmgpu-ktap: --only needs test names");
+                    std::process::exit(2);
+                }
+            },
             "--soak" => soak = args.next().and_then(|v| v.parse().ok()),
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "-h" | "--help" => {
-                println!("usage: svmgpu-ktap [--out FILE] [--only TEST]\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\ntests:");
+                println!("usage: svmgpu-ktap [--out FILE] [--only TEST[,TEST...]]\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\ntests:");
                 for t in tests::ALL {
                     println!("  {}", t.0);
                 }
@@ -68,12 +74,27 @@ fn main() {
     let env = tests::Env::new();
     let selected: Vec<_> = match only.as_deref() {
         None => tests::ALL.iter().collect(),
-        Some(o) => tests::ALL
-            .iter()
-            .chain(tests::INJECT.iter())
-            .chain(tests::LATENCY.iter())
-            .filter(|t| t.0 == o)
-            .collect(),
+        Some(list) => {
+            let mut sel = Vec::new();
+            for o in list.split(',') {
+                match tests::ALL
+                    .iter()
+                    .chain(tests::INJECT.iter())
+                    .chain(tests::LATENCY.iter())
+                    .find(|t| t.0 == o)
+                {
+                    Some(t) => sel.push(t),
+                    None => {
+                        // An unknown name must fail the run, not pass a plan of 0 tests.
+                        eprintln!(
+                            "svmgpu-ktap: no test named {o:?} (svmgpu-ktap --help lists them)"
+                        );
+                        std::process::exit(2);
+                    }
+                }
+            }
+            sel
+        }
     };
     let out: Box<dyn Write> = out;
     // One more result at the end: the devices' audit around every test (audit.rs).
