@@ -47,6 +47,10 @@ Options:
   --check-console     fail if the console log shows a kernel warning, BUG, lockdep, DMA-API,
                       KASAN/KFENCE, RCU stall, OOM or kmemleak report (scripts/lib/console-check.sh)
   --memory SIZE       guest memory (default 1G)
+  --qmp-hook CMD      run CMD (bash -c) on the host while the guest runs, once QEMU has
+                      started, with SVMGPU_QMP set to QEMU's QMP socket (every run has one:
+                      qmp.sock in the run directory); its output goes to qmp-hook.log, and
+                      it is stopped when the guest ends. E.g. scripts/lib/qmp-pause.sh
   --module FILE       load this svmgpu.ko instead of the one built from the checkout (it
                       replaces /lib/modules/svmgpu.ko in the per-run initramfs; it must be
                       built against the same kernel: scripts/mutants.sh does that)
@@ -65,7 +69,7 @@ EOF
 
 GPUS=2 DEVICE_ARGS="" TIMEOUT="" OUT="" CHECK_CONSOLE=0 ACCEL_REQ=auto MEMORY=1G
 SHARE="" GDB=0 GDB_PORT=1234 CONSOLE=0 VARIANT=default CONFIG=""
-CMD=() INJECT=() ADD=() MODULE_OVERRIDE="" KERNEL_ARGS=""
+CMD=() INJECT=() ADD=() MODULE_OVERRIDE="" KERNEL_ARGS="" QMP_HOOK="" HOOK_PID=""
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -90,6 +94,7 @@ while [[ $# -gt 0 ]]; do
         --gdb) GDB=1; shift ;;
         --gdb-port) need "$@"; GDB_PORT=$2; GDB=1; shift 2 ;;
         --console) CONSOLE=1; shift ;;
+        --qmp-hook) need "$@"; QMP_HOOK=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; CMD=("$@"); break ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -184,6 +189,7 @@ stop_pid() {    # stop_pid PID: TERM, up to 5 s, then KILL
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [[ -n $HOOK_PID ]]; then kill "$HOOK_PID" 2>/dev/null || true; fi
     [[ -n $QEMU_PID ]] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [[ -n $TAIL_PID ]] && kill "$TAIL_PID" 2>/dev/null
     [[ -n $DEV_PID ]] && stop_pid "$DEV_PID"
@@ -279,7 +285,8 @@ if [[ $GDB -eq 1 ]]; then
 fi
 QEMU_ARGS=(-readconfig "$RUN/svmgpu.cfg" -L "$QEMU_DIR/share" "${ACCEL_ARGS[@]}" -smp 2 -no-reboot
            -nodefaults -kernel "$KERNEL" -initrd "$RUN/initrd.cpio.gz" -append "$APPEND"
-           ${SHARE_ARGS[@]+"${SHARE_ARGS[@]}"} ${GDB_ARGS[@]+"${GDB_ARGS[@]}"})
+           ${SHARE_ARGS[@]+"${SHARE_ARGS[@]}"} ${GDB_ARGS[@]+"${GDB_ARGS[@]}"}
+           -qmp "unix:$RUN/qmp.sock,server=on,wait=off")
 
 INTERACTIVE=0
 [[ ${#CMD[@]} -eq 0 || $CONSOLE -eq 1 ]] && INTERACTIVE=1
@@ -307,7 +314,11 @@ if [[ $GDB -eq 1 ]]; then
     log "  (gdb) hbreak start_kernel / continue; once svmgpu.ko is loaded: lx-symbols $(dirname "$MODULE")"
 fi
 T0=$(date +%s)
-log "booting guest: $ACCEL ($ACCEL_WHY), $GPUS vGPU(s), $VARIANT kernel"
+log "booting guest: $ACCEL ($ACCEL_WHY), $GPUS vGPU(s), $VARIANT kernel; QMP socket $RUN/qmp.sock"
+if [[ -n $QMP_HOOK ]]; then
+    (SVMGPU_QMP="$RUN/qmp.sock" exec bash -c "$QMP_HOOK" >"$RUN/qmp-hook.log" 2>&1) &
+    HOOK_PID=$!
+fi
 start_qemu
 if [[ $INTERACTIVE -eq 0 ]]; then
     booted=0
