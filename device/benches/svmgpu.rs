@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! `cargo bench -p svmgpu-device --bench svmgpu`: prints the device's speed figures (see
-//! device/README.md, "Benchmarks"):
-//! - TLB-hit translations per second on one core;
-//! - page-walk cost per TLB miss;
-//! - FILL/COPY bandwidth through the MMU (2 MiB and 4 KiB pages) against plain host
-//!   `memcpy`/`fill` on the same machine in the same run;
-//! - control-command round trip (GET_INFO through the device) against a bare virtqueue
-//!   round trip (a backend that only returns the buffer), both through the same vhost-user
-//!   frontend harness, in the same run.
+//! `cargo bench -p svmgpu-device --bench svmgpu` (criterion): the device's speed figures
+//! (see device/README.md, "Benchmarks"):
+//! - `mmu/tlb_hit`: translations that hit the TLB (per element: one translation);
+//! - `mmu/page_walk`: translations that miss (a 4-level walk and a TLB fill each);
+//! - `bulk_1MiB/*`: COPY and FILL of 1 MiB through the MMU (2 MiB pages, and 4 KiB pages
+//!   scattered so that each is its own segment) next to plain host `memcpy`/`fill` of the
+//!   same size, in the same run (throughput in bytes);
+//! - `round_trip/*`: a GET_INFO through the device against a bare virtqueue round trip (a
+//!   backend that only returns the buffer), both through the same vhost-user frontend
+//!   harness spinning on the used index.
 //!
 //! All modelled latencies are zero here: these are the host costs of the emulation.
 
@@ -20,7 +21,8 @@ use std::hint::black_box;
 use std::io;
 use std::sync::{Arc, RwLock};
 use std::thread;
-use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use harness::{Buf, InProcessBackend, TestFrontend};
 use svmgpu_device::config::DeviceOptions;
@@ -97,127 +99,97 @@ impl Ram {
     }
 }
 
-fn rate(n: u64, d: Duration) -> f64 {
-    n as f64 / d.as_secs_f64()
-}
-
-fn tlb_hits(ram: &mut Ram) {
-    let log = InvalLog::new();
-    let base = 0x10_0000_0000u64;
-    for i in 0..32 {
-        let pa = ram.alloc(4096, 4096);
-        ram.map_4k(base + i * 4096, pa);
-    }
-    let sp = Space {
+fn space<'a>(ram: &'a Ram, log: &'a InvalLog) -> Space<'a> {
+    Space {
         mem: &ram.mem,
         asid: 1,
         root: ram.root,
-        log: &log,
+        log,
         audit: false,
         audit_grace: std::time::Duration::ZERO,
         hook: None,
-    };
-    let mut mmu = Mmu::new(64, 4).unwrap();
-    let vas: Vec<u64> = (0..1024u64)
-        .map(|i| base + ((i * 7) % 32) * 4096 + (i * 8) % 4096)
-        .collect();
-    for &va in &vas {
-        mmu.translate(&sp, va, AccessKind::Read).unwrap();
     }
-    let rounds = 50_000u64;
-    let t = Instant::now();
-    let mut acc = 0u64;
-    for _ in 0..rounds {
-        for &va in &vas {
-            acc ^= mmu
-                .translate(&sp, black_box(va), AccessKind::Read)
-                .map_or(0, |t| t.pa);
-        }
-    }
-    let d = t.elapsed();
-    black_box(acc);
-    let n = rounds * vas.len() as u64;
-    assert_eq!(mmu.counters.misses, 32);
-    println!(
-        "tlb_hit_translations_per_sec_per_core {:.1} M/s ({:.1} ns each; 64-entry 4-way TLB, 32 pages resident)",
-        rate(n, d) / 1e6,
-        d.as_nanos() as f64 / n as f64
-    );
 }
 
-fn page_walks(ram: &mut Ram) {
+fn mmu(c: &mut Criterion) {
+    let mut ram = Ram::new(64 * MIB);
     let log = InvalLog::new();
-    let base = 0x20_0000_0000u64;
+    // 32 pages resident in a 64-entry 4-way TLB.
+    let hits = 0x10_0000_0000u64;
+    for i in 0..32 {
+        let pa = ram.alloc(4096, 4096);
+        ram.map_4k(hits + i * 4096, pa);
+    }
+    // 8192 pages: every access misses.
+    let misses = 0x20_0000_0000u64;
     let pages = 8192u64;
     for i in 0..pages {
         let pa = ram.alloc(4096, 4096);
-        ram.map_4k(base + i * 4096, pa);
+        ram.map_4k(misses + i * 4096, pa);
     }
-    let sp = Space {
-        mem: &ram.mem,
-        asid: 1,
-        root: ram.root,
-        log: &log,
-        audit: false,
-        audit_grace: std::time::Duration::ZERO,
-        hook: None,
-    };
-    let mut mmu = Mmu::new(64, 4).unwrap();
-    let rounds = 100u64;
-    let t = Instant::now();
-    for _ in 0..rounds {
-        for i in 0..pages {
-            black_box(
-                mmu.translate(&sp, base + i * 4096, AccessKind::Read)
-                    .unwrap(),
-            );
-        }
+    let sp = space(&ram, &log);
+    let mut g = c.benchmark_group("mmu");
+    let vas: Vec<u64> = (0..1024u64)
+        .map(|i| hits + ((i * 7) % 32) * 4096 + (i * 8) % 4096)
+        .collect();
+    let mut m = Mmu::new(64, 4).unwrap();
+    for &va in &vas {
+        m.translate(&sp, va, AccessKind::Read).unwrap();
     }
-    let d = t.elapsed();
-    let n = rounds * pages;
-    assert!(mmu.counters.misses >= n - 64);
-    println!(
-        "page_walk_ns_per_miss {:.1} ns (4-level walk + TLB fill, every access a miss)",
-        d.as_nanos() as f64 / n as f64
-    );
+    g.throughput(Throughput::Elements(vas.len() as u64));
+    g.bench_function("tlb_hit", |b| {
+        b.iter(|| {
+            for &va in &vas {
+                black_box(m.translate(&sp, black_box(va), AccessKind::Read).unwrap());
+            }
+        })
+    });
+    assert_eq!(m.counters.misses, 32, "every access of the loop hit");
+    let mut m = Mmu::new(64, 4).unwrap();
+    g.throughput(Throughput::Elements(pages));
+    g.bench_function("page_walk", |b| {
+        b.iter(|| {
+            for i in 0..pages {
+                black_box(
+                    m.translate(&sp, misses + i * 4096, AccessKind::Read)
+                        .unwrap(),
+                );
+            }
+        })
+    });
+    g.finish();
 }
 
-/// Runs one instruction through the executor `reps` times; returns bytes per second.
-fn through_mmu(ram: &Ram, insn: Insn, bytes: u64, reps: u32) -> f64 {
-    let log = InvalLog::new();
-    let sp = Space {
-        mem: &ram.mem,
-        asid: 1,
-        root: ram.root,
-        log: &log,
-        audit: false,
-        audit_grace: std::time::Duration::ZERO,
-        hook: None,
-    };
-    let mut mmu = Mmu::new(1024, 8).unwrap();
-    let mut exec = Executor::new();
-    // The batch: the instruction, written at a mapped VA.
-    let batch_va = 0x30_0000_0000u64;
+/// Runs `insn`, written at the batch page, through the executor once per iteration.
+fn through_mmu(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    ram: &Ram,
+    bpa: u64,
+    insn: Insn,
+) {
     let mut b = [0u8; 32];
     let n = insn.encode_bytes(&mut b).unwrap();
+    ram.mem.write_slice(&b[..n], GuestAddress(bpa)).unwrap();
+    let log = InvalLog::new();
+    let sp = space(ram, &log);
+    let mut mmu = Mmu::new(1024, 8).unwrap();
+    let mut exec = Executor::new();
     let job = Job {
         seqno: 1,
-        batch_va,
+        batch_va: 0x30_0000_0000,
         batch_len: n as u32,
     };
-    let run = |mmu: &mut Mmu, exec: &mut Executor| {
-        let mut st = ExecState::start(job);
-        assert_eq!(exec.step(mmu, &sp, &mut st, true), Step::Next);
-    };
-    run(&mut mmu, &mut exec); // warm the TLB
-    let t = Instant::now();
-    for _ in 0..reps {
-        run(&mut mmu, &mut exec);
-    }
-    rate(bytes * u64::from(reps), t.elapsed())
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            let mut st = ExecState::start(job);
+            assert_eq!(exec.step(&mut mmu, &sp, &mut st, true), Step::Next);
+        })
+    });
 }
 
-fn bandwidth(ram: &mut Ram) {
+fn bulk(c: &mut Criterion) {
+    let mut ram = Ram::new(64 * MIB);
     let len = MIB;
     // The batch page.
     let bpa = ram.alloc(4096, 4096);
@@ -238,81 +210,61 @@ fn bandwidth(ram: &mut Ram) {
         ram.map_4k(s4 + i * 4096, pool + 2 * j * 4096);
         ram.map_4k(d4 + i * 4096, pool + (2 * j + 1) * 4096);
     }
-    let reps = 300;
-    let write = |insn: &Insn| {
-        let mut b = [0u8; 32];
-        let n = insn.encode_bytes(&mut b).unwrap();
-        ram.mem.write_slice(&b[..n], GuestAddress(bpa)).unwrap();
-    };
-    let copy2 = Insn::Copy {
-        dst: d2,
-        src: s2,
-        len,
-    };
-    write(&copy2);
-    let c2 = through_mmu(ram, copy2, len, reps);
-    let copy4 = Insn::Copy {
-        dst: d4,
-        src: s4,
-        len,
-    };
-    write(&copy4);
-    let c4 = through_mmu(ram, copy4, len, reps);
-    let fill2 = Insn::Fill {
-        va: d2,
-        len,
-        pattern: 0x1234_5678,
-    };
-    write(&fill2);
-    let f2 = through_mmu(ram, fill2, len, reps);
-    let fill4 = Insn::Fill {
-        va: d4,
-        len,
-        pattern: 0x1234_5678,
-    };
-    write(&fill4);
-    let f4 = through_mmu(ram, fill4, len, reps);
-
+    let mut g = c.benchmark_group("bulk_1MiB");
+    g.throughput(Throughput::Bytes(len));
+    through_mmu(
+        &mut g,
+        "copy_2MiB_pages",
+        &ram,
+        bpa,
+        Insn::Copy {
+            dst: d2,
+            src: s2,
+            len,
+        },
+    );
+    through_mmu(
+        &mut g,
+        "copy_4KiB_pages",
+        &ram,
+        bpa,
+        Insn::Copy {
+            dst: d4,
+            src: s4,
+            len,
+        },
+    );
+    let pattern = 0x1234_5678;
+    through_mmu(
+        &mut g,
+        "fill_2MiB_pages",
+        &ram,
+        bpa,
+        Insn::Fill {
+            va: d2,
+            len,
+            pattern,
+        },
+    );
+    through_mmu(
+        &mut g,
+        "fill_4KiB_pages",
+        &ram,
+        bpa,
+        Insn::Fill {
+            va: d4,
+            len,
+            pattern,
+        },
+    );
     // Plain host copies of the same size, same run.
     let src = vec![1u8; len as usize];
     let mut dst = vec![0u8; len as usize];
-    let t = Instant::now();
-    for i in 0..reps {
-        dst.copy_from_slice(black_box(&src));
-        black_box(&mut dst)[0] = i as u8;
-    }
-    let memcpy = rate(len * u64::from(reps), t.elapsed());
-    let t = Instant::now();
-    for i in 0..reps {
-        black_box(&mut dst).fill(i as u8);
-    }
-    let memset = rate(len * u64::from(reps), t.elapsed());
-    let gb = |x: f64| x / 1e9;
-    println!(
-        "host_memcpy_1MiB {:.2} GB/s; host_fill_1MiB {:.2} GB/s",
-        gb(memcpy),
-        gb(memset)
-    );
-    println!(
-        "copy_through_mmu_2MiB_pages {:.2} GB/s ({:.0} % of memcpy)",
-        gb(c2),
-        100.0 * c2 / memcpy
-    );
-    println!(
-        "copy_through_mmu_4KiB_pages {:.2} GB/s ({:.0} % of memcpy)",
-        gb(c4),
-        100.0 * c4 / memcpy
-    );
-    println!(
-        "fill_through_mmu_2MiB_pages {:.2} GB/s ({:.0} % of host fill)",
-        gb(f2),
-        100.0 * f2 / memset
-    );
-    println!(
-        "fill_through_mmu_4KiB_pages {:.2} GB/s ({:.0} % of host fill)",
-        gb(f4),
-        100.0 * f4 / memset
-    );
+    g.bench_function("host_memcpy", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&src)))
+    });
+    g.bench_function("host_fill", |b| b.iter(|| black_box(&mut dst).fill(0x78)));
+    g.finish();
 }
 
 /// A backend that returns every controlq buffer at once: the bare virtqueue round trip.
@@ -368,26 +320,16 @@ impl VhostUserBackend for Echo {
     }
 }
 
-fn spin_round_trip(fe: &mut TestFrontend, bufs: &[Buf]) -> Duration {
+fn spin_round_trip(fe: &mut TestFrontend, bufs: &[Buf]) {
     let q = usize::from(QUEUE_CONTROL);
-    let t = Instant::now();
     fe.queues[q].add_chain(&fe.ram, bufs);
     fe.queues[q].kick();
-    loop {
-        if fe.queues[q].poll_used(&fe.ram).is_some() {
-            return t.elapsed();
-        }
+    while fe.queues[q].poll_used(&fe.ram).is_none() {
         std::hint::spin_loop();
     }
 }
 
-fn median_and_p99(mut v: Vec<Duration>) -> (Duration, Duration) {
-    v.sort();
-    (v[v.len() / 2], v[v.len() * 99 / 100])
-}
-
-fn round_trips() {
-    let n = 20_000;
+fn round_trips(c: &mut Criterion) {
     // The device: GET_INFO.
     let be = InProcessBackend::start(0, &DeviceOptions::default());
     let mut fe = TestFrontend::connect(&be.path, 16 * MIB);
@@ -404,7 +346,6 @@ fn round_trips() {
         .to_bytes(),
     );
     let bufs = [Buf::r(req, 16), Buf::w(resp, 64)];
-    let dev: Vec<Duration> = (0..n).map(|_| spin_round_trip(&mut fe, &bufs)).collect();
 
     // The bare virtqueue.
     let dir = tempfile::tempdir().unwrap();
@@ -425,39 +366,19 @@ fn round_trips() {
     });
     let mut fe2 = TestFrontend::connect(&path, 16 * MIB);
     fe2.start(256);
-    let req = fe2.ram.alloc(16, 16);
-    let resp = fe2.ram.alloc(64, 64);
-    let bufs = [Buf::r(req, 16), Buf::w(resp, 64)];
-    let bare: Vec<Duration> = (0..n).map(|_| spin_round_trip(&mut fe2, &bufs)).collect();
+    let req2 = fe2.ram.alloc(16, 16);
+    let resp2 = fe2.ram.alloc(64, 64);
+    let bufs2 = [Buf::r(req2, 16), Buf::w(resp2, 64)];
 
-    let (dm, dp) = median_and_p99(dev);
-    let (bm, bp) = median_and_p99(bare);
-    println!(
-        "control_round_trip_get_info median {:.1} us p99 {:.1} us",
-        dm.as_secs_f64() * 1e6,
-        dp.as_secs_f64() * 1e6
-    );
-    println!(
-        "bare_virtqueue_round_trip median {:.1} us p99 {:.1} us",
-        bm.as_secs_f64() * 1e6,
-        bp.as_secs_f64() * 1e6
-    );
-    println!(
-        "control_round_trip_ratio {:.2} x bare (median)",
-        dm.as_secs_f64() / bm.as_secs_f64()
-    );
+    let mut g = c.benchmark_group("round_trip");
+    g.bench_function("get_info_through_the_device", |b| {
+        b.iter(|| spin_round_trip(&mut fe, &bufs))
+    });
+    g.bench_function("bare_virtqueue", |b| {
+        b.iter(|| spin_round_trip(&mut fe2, &bufs2))
+    });
+    g.finish();
 }
 
-fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run quickly
-    // only when benchmarking.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("svmgpu bench: run with `cargo bench -p svmgpu-device --bench svmgpu`");
-        return;
-    }
-    let mut ram = Ram::new(256 * MIB);
-    tlb_hits(&mut ram);
-    page_walks(&mut ram);
-    bandwidth(&mut ram);
-    round_trips();
-}
+criterion_group!(benches, mmu, bulk, round_trips);
+criterion_main!(benches);

@@ -11,7 +11,6 @@
 //! error response and the connection keeps being served; lines are bounded
 //! ([`MAX_LINE`]), and so are the clients served at once ([`MAX_CLIENTS`]).
 
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
@@ -23,10 +22,11 @@ use std::thread;
 use std::time::Duration;
 
 use log::{debug, info, warn};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use crate::gpu::Gpu;
 use crate::inject::{InjectError, InjectSpec};
-use crate::json;
 
 /// Longest request line, in bytes (without the newline).
 pub const MAX_LINE: usize = 8192;
@@ -201,35 +201,20 @@ pub fn serve_client(stream: UnixStream, gpus: &[Arc<Gpu>]) -> io::Result<()> {
 }
 
 /// A parsed request.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Request {
     cmd: String,
+    #[serde(default)]
     spec: Option<String>,
+    #[serde(default)]
     device: Option<u64>,
 }
 
 fn parse_request(line: &str) -> Result<Request, String> {
     let line = line.trim();
     if line.starts_with('{') {
-        let v = json::parse(line).map_err(|e| format!("malformed JSON: {e}"))?;
-        let members = v.as_object().ok_or("a request is a JSON object")?;
-        let mut r = Request {
-            cmd: String::new(),
-            spec: None,
-            device: None,
-        };
-        for (k, v) in members {
-            match k.as_str() {
-                "cmd" => r.cmd = v.as_str().ok_or("\"cmd\" must be a string")?.into(),
-                "spec" => r.spec = Some(v.as_str().ok_or("\"spec\" must be a string")?.into()),
-                "device" => r.device = Some(v.as_u64().ok_or("\"device\" must be a device index")?),
-                other => return Err(format!("unknown member \"{other}\"")),
-            }
-        }
-        if r.cmd.is_empty() {
-            return Err("missing \"cmd\"".into());
-        }
-        return Ok(r);
+        return serde_json::from_str(line).map_err(|e| format!("malformed request: {e}"));
     }
     // The word form: CMD [SPEC...] [device=N].
     let mut words: Vec<&str> = line.split_whitespace().collect();
@@ -249,14 +234,16 @@ fn parse_request(line: &str) -> Result<Request, String> {
     })
 }
 
+/// An error response line.
 fn error(msg: &str) -> String {
-    format!("{{\"ok\":false,\"error\":{}}}", json::string(msg))
+    json!({ "ok": false, "error": msg }).to_string()
 }
 
-/// Answers one request line (JSON or words) with one JSON line.
+/// Answers one request line (JSON or words) with one JSON line: `{"ok":true,"devices":[...]}`
+/// or `{"ok":false,"error":"..."}`.
 pub fn handle_line(gpus: &[Arc<Gpu>], line: &str) -> String {
     match execute(gpus, line) {
-        Ok(body) => format!("{{\"ok\":true{body}}}"),
+        Ok(devices) => json!({ "ok": true, "devices": devices }).to_string(),
         Err(e) => {
             debug!("control socket: {e}");
             error(&e)
@@ -264,7 +251,17 @@ pub fn handle_line(gpus: &[Arc<Gpu>], line: &str) -> String {
     }
 }
 
-fn execute(gpus: &[Arc<Gpu>], line: &str) -> Result<String, String> {
+/// One device's answer to `list`.
+#[derive(Serialize)]
+struct RuleListing {
+    id: u64,
+    spec: String,
+    matches: u64,
+    fired: u64,
+    exhausted: bool,
+}
+
+fn execute(gpus: &[Arc<Gpu>], line: &str) -> Result<Vec<Value>, String> {
     let r = parse_request(line)?;
     let selected: Vec<&Arc<Gpu>> = match r.device {
         Some(d) => vec![gpus
@@ -275,14 +272,12 @@ fn execute(gpus: &[Arc<Gpu>], line: &str) -> Result<String, String> {
     if r.spec.is_some() && r.cmd != "inject" {
         return Err(format!("'{}' takes no spec", r.cmd));
     }
-    let mut out = String::from(",\"devices\":[");
-    let mut sep = "";
     match r.cmd.as_str() {
         "inject" => {
             let text = r.spec.ok_or("inject needs a spec")?;
             let spec = InjectSpec::parse(&text).map_err(|e| e.to_string())?;
             // u32 device indices: `gpus` has at most 64 entries.
-            spec.check_devices(gpus.len() as u32)
+            spec.check_devices(u32::try_from(gpus.len()).unwrap_or(u32::MAX))
                 .map_err(|e| e.to_string())?;
             if let Some(d) = r.device {
                 if let Some(x) = spec
@@ -298,85 +293,57 @@ fn execute(gpus: &[Arc<Gpu>], line: &str) -> Result<String, String> {
                 inj.check_room(inj.applicable(&spec))
                     .map_err(|e: InjectError| e.to_string())?;
             }
-            for g in &selected {
-                let ids = g.injector().add(&spec).map_err(|e| e.to_string())?;
-                let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
-                let _ = write!(
-                    out,
-                    "{sep}{{\"device\":{},\"seed\":{},\"rules\":[{}]}}",
-                    g.index(),
-                    g.injector().seed(),
-                    ids.join(",")
-                );
-                sep = ",";
-            }
+            selected
+                .iter()
+                .map(|g| {
+                    let ids = g.injector().add(&spec).map_err(|e| e.to_string())?;
+                    Ok(json!({ "device": g.index(), "seed": g.injector().seed(), "rules": ids }))
+                })
+                .collect()
         }
-        "clear" => {
-            for g in &selected {
-                let n = g.injector().clear();
-                let _ = write!(out, "{sep}{{\"device\":{},\"cleared\":{n}}}", g.index());
-                sep = ",";
-            }
-        }
-        "list" => {
-            for g in &selected {
+        "clear" => Ok(selected
+            .iter()
+            .map(|g| json!({ "device": g.index(), "cleared": g.injector().clear() }))
+            .collect()),
+        "list" => Ok(selected
+            .iter()
+            .map(|g| {
                 let inj = g.injector();
-                let _ = write!(
-                    out,
-                    "{sep}{{\"device\":{},\"seed\":{},\"injections\":{},\"rules\":[",
-                    g.index(),
-                    inj.seed(),
-                    inj.injections()
-                );
-                for (i, r) in inj.rules().iter().enumerate() {
-                    let _ = write!(
-                        out,
-                        "{}{{\"id\":{},\"spec\":{},\"matches\":{},\"fired\":{},\"exhausted\":{}}}",
-                        if i == 0 { "" } else { "," },
-                        r.id,
-                        json::string(&r.spec.to_string()),
-                        r.matches,
-                        r.fired,
-                        r.exhausted
-                    );
-                }
-                out.push_str("]}");
-                sep = ",";
-            }
-        }
-        "stats" => {
-            for g in &selected {
-                let _ = write!(out, "{sep}{}", g.stats_json());
-                sep = ",";
-            }
-        }
-        "seed" => {
-            for g in &selected {
-                let _ = write!(
-                    out,
-                    "{sep}{{\"device\":{},\"seed\":{}}}",
-                    g.index(),
-                    g.injector().seed()
-                );
-                sep = ",";
-            }
-        }
-        "" => return Err("empty request".into()),
-        other => {
-            return Err(format!(
-                "unknown command '{other}' (commands: inject, clear, list, stats, seed)"
-            ))
-        }
+                let rules: Vec<RuleListing> = inj
+                    .rules()
+                    .iter()
+                    .map(|r| RuleListing {
+                        id: r.id,
+                        spec: r.spec.to_string(),
+                        matches: r.matches,
+                        fired: r.fired,
+                        exhausted: r.exhausted,
+                    })
+                    .collect();
+                json!({
+                    "device": g.index(),
+                    "seed": inj.seed(),
+                    "injections": inj.injections(),
+                    "rules": rules,
+                })
+            })
+            .collect()),
+        "stats" => Ok(selected.iter().map(|g| g.stats_value()).collect()),
+        "seed" => Ok(selected
+            .iter()
+            .map(|g| json!({ "device": g.index(), "seed": g.injector().seed() }))
+            .collect()),
+        "" => Err("empty request".into()),
+        other => Err(format!(
+            "unknown command '{other}' (commands: inject, clear, list, stats, seed)"
+        )),
     }
-    out.push(']');
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::DeviceOptions;
-    use crate::json::Value;
 
     fn gpus(n: u32) -> Vec<Arc<Gpu>> {
         (0..n)
@@ -386,14 +353,14 @@ mod tests {
 
     fn ok(gpus: &[Arc<Gpu>], line: &str) -> Value {
         let r = handle_line(gpus, line);
-        let v = json::parse(&r).unwrap_or_else(|e| panic!("{r}: {e}"));
+        let v: Value = serde_json::from_str(&r).unwrap_or_else(|e| panic!("{r}: {e}"));
         assert_eq!(v.get("ok"), Some(&Value::Bool(true)), "{line} -> {r}");
         v
     }
 
     fn err(gpus: &[Arc<Gpu>], line: &str) -> String {
         let r = handle_line(gpus, line);
-        let v = json::parse(&r).unwrap();
+        let v: Value = serde_json::from_str(&r).unwrap();
         assert_eq!(v.get("ok"), Some(&Value::Bool(false)), "{line} -> {r}");
         v.get("error").and_then(Value::as_str).unwrap().to_string()
     }
@@ -429,8 +396,8 @@ mod tests {
         );
         let d = v.get("devices").and_then(Value::as_array).unwrap();
         assert_eq!(d.len(), 2);
-        assert_eq!(d[0].get("rules").unwrap(), &json::parse("[1]").unwrap());
-        assert_eq!(d[1].get("rules").unwrap(), &json::parse("[1,2]").unwrap());
+        assert_eq!(d[0].get("rules").unwrap(), &json!([1]));
+        assert_eq!(d[1].get("rules").unwrap(), &json!([1, 2]));
         assert_eq!(d[1].get("seed").and_then(Value::as_u64), Some(5));
         ok(&g, "inject device-reset:p=0.5 device=0");
         let v = ok(&g, r#"{"cmd":"list","device":0}"#);
@@ -478,12 +445,12 @@ mod tests {
     #[test]
     fn errors_keep_the_protocol_going() {
         let g = gpus(1);
-        assert!(err(&g, "{").starts_with("malformed JSON"));
+        assert!(err(&g, "{").starts_with("malformed request"));
         assert!(err(&g, "[1]").contains("unknown command"));
-        assert!(err(&g, "{}").contains("missing \"cmd\""));
-        assert!(err(&g, r#"{"cmd":1}"#).contains("\"cmd\" must be a string"));
-        assert!(err(&g, r#"{"spec":"x"}"#).contains("missing \"cmd\""));
-        assert!(err(&g, r#"{"cmd":"list","bogus":1}"#).contains("unknown member \"bogus\""));
+        assert!(err(&g, "{}").contains("missing field `cmd`"));
+        assert!(err(&g, r#"{"cmd":1}"#).contains("invalid type: integer `1`, expected a string"));
+        assert!(err(&g, r#"{"spec":"x"}"#).contains("missing field `cmd`"));
+        assert!(err(&g, r#"{"cmd":"list","bogus":1}"#).contains("unknown field `bogus`"));
         assert!(err(&g, "frobnicate").contains("unknown command 'frobnicate'"));
         assert!(err(&g, "inject").contains("inject needs a spec"));
         assert!(err(&g, "inject engine-hung").contains("unknown injection kind"));

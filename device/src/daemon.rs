@@ -5,20 +5,19 @@
 //! connection is accepted. SIGTERM/SIGINT end the process cleanly (sockets removed,
 //! statistics logged).
 
-use std::ffi::c_void;
-use std::os::raw::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use log::{error, info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag, EventNotifier};
-use vmm_sys_util::signal::register_signal_handler;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
 use crate::config::DeviceOptions;
 use crate::ctl::ControlServer;
@@ -199,31 +198,30 @@ impl DeviceServer {
     }
 }
 
-static SHUTDOWN: OnceLock<EventNotifier> = OnceLock::new();
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_num: c_int, _info: *mut libc::siginfo_t, _ctx: *mut c_void) {
-    // Async-signal-safe: an atomic store, an atomic load (OnceLock::get) and write(2).
-    SIGNALLED.store(true, Ordering::SeqCst);
-    if let Some(n) = SHUTDOWN.get() {
-        let _ = n.notify();
-    }
-}
-
 /// Serves every configured device until SIGTERM/SIGINT (then returns `Ok`) or until a
 /// device's socket fails (then returns that error).
 pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
     config.validate()?;
 
+    // The main thread sleeps on an eventfd that a signal, or a failing device, wakes.
     let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::empty())
         .map_err(|e| DaemonError::Signal(e.to_string()))?;
-    let thread_notifier = notifier
-        .try_clone()
-        .map_err(|e| DaemonError::Signal(e.to_string()))?;
-    // A second run() in one process keeps the first notifier; only main() calls run().
-    let _ = SHUTDOWN.set(notifier);
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        register_signal_handler(sig, on_signal).map_err(|e| DaemonError::Signal(e.to_string()))?;
+    let thread_notifier = Arc::new(notifier);
+    let signalled = Arc::new(AtomicBool::new(false));
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| DaemonError::Signal(e.to_string()))?;
+    let signal_handle = signals.handle();
+    {
+        let (signalled, wake) = (signalled.clone(), thread_notifier.clone());
+        thread::Builder::new()
+            .name("svmgpu-signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    signalled.store(true, Ordering::SeqCst);
+                    let _ = wake.notify();
+                }
+            })
+            .map_err(DaemonError::Thread)?;
     }
 
     let mut servers = Vec::new();
@@ -254,7 +252,6 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
     );
 
     let (err_tx, err_rx) = mpsc::channel::<DaemonError>();
-    let thread_notifier = Arc::new(thread_notifier);
     for server in servers {
         let err_tx = err_tx.clone();
         let wake = thread_notifier.clone();
@@ -276,7 +273,7 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
                 break Err(DaemonError::Signal(e.to_string()));
             }
         }
-        if SIGNALLED.load(Ordering::SeqCst) {
+        if signalled.load(Ordering::SeqCst) {
             info!("signal received, exiting");
             break Ok(());
         }
@@ -303,6 +300,7 @@ pub fn run(config: &DaemonConfig) -> Result<(), DaemonError> {
     if let Some(c) = &control {
         c.remove();
     }
+    signal_handle.close();
     result
 }
 

@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
+use serde::Serialize;
 use svmgpu_spec::{Config, CONFIG_SIZE};
 use thiserror::Error;
 
@@ -14,7 +15,7 @@ use crate::config::{read_config, DeviceOptions, OptionsError};
 use crate::control::{handle_request, reject, ControlError, Response};
 use crate::device::Device;
 pub use crate::device::{Deferred, Memory};
-use crate::inject::Injector;
+use crate::inject::{InjectedByKind, Injector};
 use crate::stats::Stats;
 
 /// Errors creating a GPU.
@@ -169,9 +170,28 @@ impl Gpu {
         self.shared.outbox().held()
     }
 
-    /// Per-device statistics as JSON, with the device-only counters.
+    /// The device's statistics as JSON: `{"device_index":N, <every counter>, "engines":[...],
+    /// "injected":{<kind>:N,...}}` (device/README.md, "Statistics").
+    pub fn stats_value(&self) -> serde_json::Value {
+        #[derive(Serialize)]
+        struct Report<'a> {
+            device_index: u32,
+            #[serde(flatten)]
+            stats: &'a Stats,
+            injected: InjectedByKind<'a>,
+        }
+        let r = Report {
+            device_index: self.index(),
+            stats: self.stats(),
+            injected: self.injector().injected_by_kind(),
+        };
+        // Maps of strings to numbers always serialise.
+        serde_json::to_value(r).unwrap_or_default()
+    }
+
+    /// [`Gpu::stats_value`] as one line of JSON.
     pub fn stats_json(&self) -> String {
-        self.shared.stats().to_json(self.shared.index())
+        self.stats_value().to_string()
     }
 }
 

@@ -21,8 +21,7 @@
 //! - [`outbox`]: events and completions, and their delivery;
 //! - [`timing`]: the timing model;
 //! - [`inject`]: fault injection (rules, matcher, seeded RNG);
-//! - [`ctl`], [`json`]: the runtime control socket and its line-oriented JSON protocol;
-//! - [`fuzz`]: entry points shared by the fuzzers and the tests that replay their inputs.
+//! - [`ctl`]: the runtime control socket and its line-oriented JSON protocol;
 
 pub mod budget;
 pub mod chain;
@@ -35,11 +34,9 @@ pub mod daemon;
 mod device;
 mod engine;
 pub mod fault;
-pub mod fuzz;
 pub mod gpu;
 pub mod inject;
 pub mod isa;
-pub mod json;
 pub mod mmu;
 pub mod outbox;
 pub mod ratelimit;

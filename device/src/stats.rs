@@ -1,14 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Per-device statistics: lock-free counters in the order of the spec's GET_STATS body
-//! (spec/svmgpu.md section 18), readable as the wire struct and as JSON.
+//! (spec/svmgpu.md section 18), readable as the wire struct and, through serde, as JSON
+//! (counters in wire order, then the device-only ones, then per engine).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
 use svmgpu_spec::StatsResp;
-
-use crate::inject::kind::{Kind, KIND_COUNT};
 
 /// Defines the counter enum, its names and the mapping onto [`StatsResp`] in one place, so
 /// that the three can never disagree.
@@ -113,7 +113,7 @@ impl Extra {
 }
 
 /// One engine's counters (JSON only): how busy it is and how well its TLB does.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 pub struct EngineStats {
     /// Time slices run.
     pub slices: AtomicU64,
@@ -133,8 +133,33 @@ pub struct Stats {
     counters: [AtomicU64; NUM_COUNTERS],
     extra: [AtomicU64; Extra::ALL.len()],
     engines: Vec<EngineStats>,
-    /// Injections per kind (their sum is `injected_faults`).
-    injected: [AtomicU64; KIND_COUNT],
+}
+
+/// `{"commands_completed":N,...,"audit_mismatches":N,...,"engines":[{...}]}`.
+impl Serialize for Stats {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        for &c in Counter::ALL {
+            m.serialize_entry(c.name(), &self.get(c))?;
+        }
+        for &c in Extra::ALL {
+            m.serialize_entry(c.name(), &self.get_extra(c))?;
+        }
+        #[derive(Serialize)]
+        struct Engine<'a> {
+            engine: usize,
+            #[serde(flatten)]
+            counters: &'a EngineStats,
+        }
+        let engines: Vec<Engine<'_>> = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(engine, counters)| Engine { engine, counters })
+            .collect();
+        m.serialize_entry("engines", &engines)?;
+        m.end()
+    }
 }
 
 impl Stats {
@@ -190,49 +215,6 @@ impl Stats {
     pub fn get_extra(&self, c: Extra) -> u64 {
         self.extra[c as usize].load(Ordering::Relaxed)
     }
-
-    /// Counts one injection of `kind` (the caller counts `injected_faults`).
-    pub fn inc_injected(&self, kind: Kind) {
-        self.injected[kind as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Injections of `kind` so far.
-    pub fn get_injected(&self, kind: Kind) -> u64 {
-        self.injected[kind as usize].load(Ordering::Relaxed)
-    }
-
-    /// A one-line JSON object `{"device_index":N,"commands_completed":N,...}`.
-    pub fn to_json(&self, device_index: u32) -> String {
-        let mut s = format!("{{\"device_index\":{device_index}");
-        for &c in Counter::ALL {
-            // Writing to a String cannot fail.
-            let _ = write!(s, ",\"{}\":{}", c.name(), self.get(c));
-        }
-        for &c in Extra::ALL {
-            let _ = write!(s, ",\"{}\":{}", c.name(), self.get_extra(c));
-        }
-        s.push_str(",\"engines\":[");
-        for (i, e) in self.engines.iter().enumerate() {
-            let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            let _ = write!(
-                s,
-                "{}{{\"engine\":{i},\"slices\":{},\"busy_ns\":{},\"instructions\":{},\"tlb_hits\":{},\"tlb_misses\":{}}}",
-                if i == 0 { "" } else { "," },
-                ld(&e.slices),
-                ld(&e.busy_ns),
-                ld(&e.instructions),
-                ld(&e.tlb_hits),
-                ld(&e.tlb_misses)
-            );
-        }
-        s.push_str("],\"injected\":{");
-        for (i, &k) in Kind::ALL.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let _ = write!(s, "{sep}\"{}\":{}", k.name(), self.get_injected(k));
-        }
-        s.push_str("}}");
-        s
-    }
 }
 
 #[cfg(test)]
@@ -276,27 +258,27 @@ mod tests {
     fn json() {
         let s = Stats::new();
         s.inc(Counter::MalformedChains);
-        let j = s.to_json(3);
-        assert!(j.starts_with("{\"device_index\":3,\"commands_completed\":0,"));
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(j.starts_with("{\"commands_completed\":0,"), "{j}");
         assert!(j.contains("\"malformed_chains\":1"));
-        assert!(j.contains("\"audit_checks\":0,"));
+        assert!(j.contains("\"audit_checks\":0,\"unflushed_entries\":0,"));
         s.inc_extra(Extra::FaultsCoalesced);
-        assert!(s
-            .to_json(3)
-            .contains("\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\"engines\":[],"));
-        s.inc_injected(Kind::EventOverflow);
-        let j = s.to_json(3);
-        assert!(j.contains(",\"injected\":{\"tlb-inval-delay\":0,"), "{j}");
-        assert!(j.ends_with(",\"event-overflow\":1}}"), "{j}");
+        let j = serde_json::to_string(&s).unwrap();
+        assert!(
+            j.ends_with(
+                "\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\"engines\":[]}"
+            ),
+            "{j}"
+        );
         let e = Stats::with_engines(2);
         e.engine(1).unwrap().slices.fetch_add(3, Ordering::Relaxed);
         assert!(e.engine(2).is_none());
-        let j = e.to_json(0);
+        let j = serde_json::to_string(&e).unwrap();
         assert!(
             j.contains(
                 "\"engines\":[{\"engine\":0,\"slices\":0,\"busy_ns\":0,\"instructions\":0,\
                  \"tlb_hits\":0,\"tlb_misses\":0},{\"engine\":1,\"slices\":3,\"busy_ns\":0,\
-                 \"instructions\":0,\"tlb_hits\":0,\"tlb_misses\":0}],\"injected\":{"
+                 \"instructions\":0,\"tlb_hits\":0,\"tlb_misses\":0}]"
             ),
             "{j}"
         );

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use harness::driver::Driver;
 use harness::{DaemonProcess, TestFrontend};
-use svmgpu_device::json::{self, Value};
+use serde_json::Value;
 use svmgpu_spec::*;
 
 fn ctl(sock: &Path, args: &[&str]) -> Output {
@@ -111,11 +111,14 @@ fn control_socket_and_svmgpu_ctl() {
             "completion-duplicate:count=1,rec=command",
         ],
     );
-    let v = json::parse(out.trim()).unwrap();
+    let v = serde_json::from_str::<Value>(out.trim()).unwrap();
     assert_eq!(v.get("ok"), Some(&Value::Bool(true)));
     let devs = v.get("devices").and_then(Value::as_array).unwrap();
     assert_eq!(devs.len(), 1);
-    assert_eq!(devs[0].get("rules").unwrap(), &json::parse("[2]").unwrap());
+    assert_eq!(
+        devs[0].get("rules").unwrap(),
+        &serde_json::from_str::<Value>("[2]").unwrap()
+    );
     let s = drv.invalidate(1, 0, 4096);
     drv.wait_done(s);
     drv.wait_done(s);
@@ -135,7 +138,7 @@ fn control_socket_and_svmgpu_ctl() {
         human.contains("    completion-duplicate     1\n"),
         "{human}"
     );
-    let v = json::parse(ok(&sock, &["--json", "stats"]).trim()).unwrap();
+    let v = serde_json::from_str::<Value>(ok(&sock, &["--json", "stats"]).trim()).unwrap();
     let devs = v.get("devices").and_then(Value::as_array).unwrap();
     assert_eq!(devs.len(), 2);
     assert_eq!(

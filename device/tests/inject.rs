@@ -42,7 +42,7 @@ impl Rig {
     }
 
     fn injected(&self, k: Kind) -> u64 {
-        self.be.gpu.stats().get_injected(k)
+        self.be.gpu.injector().injected(k)
     }
 
     /// Asserts that no completion matching `pred` arrives for [`QUIET`].
@@ -761,6 +761,6 @@ fn a_storm_with_every_kind_injected_stays_safe_and_a_reset_recovers() {
     assert_eq!(st.stale_accesses, 0, "safety holds under injection");
     assert!(st.audit_checks > 0);
     assert!(!panicked.load(Ordering::SeqCst), "a device thread panicked");
-    let per_kind: u64 = Kind::ALL.iter().map(|&k| gpu.stats().get_injected(k)).sum();
+    let per_kind: u64 = Kind::ALL.iter().map(|&k| gpu.injector().injected(k)).sum();
     assert_eq!(per_kind, st.injected_faults);
 }

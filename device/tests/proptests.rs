@@ -1,18 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Property tests (proptest) of the command decoder, the page walker, the ISA decoder and
-//! executor, the fault-injection grammar and the control-socket protocol, through the same entry points as the cargo-fuzz targets (`svmgpu_device::fuzz`),
+//! executor, the fault-injection grammar and the control-socket protocol, through the same entry points as the cargo-fuzz targets (`tests/fuzzing/mod.rs`),
 //! plus a replay of every input the fuzzers found (`tests/fuzz_regressions/<target>/`).
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+#[allow(dead_code)]
+mod fuzzing;
+
+use fuzzing as fuzz;
 use proptest::prelude::*;
 use svmgpu_device::config::DeviceOptions;
-use svmgpu_device::fuzz;
+use svmgpu_device::ctl;
 use svmgpu_device::gpu::Gpu;
 use svmgpu_device::inject::{InjectSpec, Kind};
-use svmgpu_device::{ctl, json};
 use svmgpu_spec::isa::{header, insn_qwords};
 use svmgpu_spec::pte;
 use svmgpu_spec::{CtrlHeader, Opcode};
@@ -238,7 +241,8 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 fn fuzz_regressions_replay() {
     let n = replay("control", fuzz::control)
         + replay("walker", fuzz::walker)
-        + replay("isa", fuzz::isa);
+        + replay("isa", fuzz::isa)
+        + replay("sequence", fuzz::sequence);
     // Inputs are kept only when a fuzzer found something; none is also fine.
     println!("replayed {n} fuzzer-found inputs");
 }
@@ -315,14 +319,15 @@ proptest! {
     ) {
         let line = match form {
             0 => format!("inject {text}"),
-            1 => format!("{{\"cmd\":\"inject\",\"spec\":{}}}", json::string(&text)),
+            1 => format!("{{\"cmd\":\"inject\",\"spec\":{}}}", serde_json::to_string(&text).unwrap()),
             2 => raw,
-            _ => format!("{{\"cmd\":{}}}", json::string(&text)),
+            _ => format!("{{\"cmd\":{}}}", serde_json::to_string(&text).unwrap()),
         };
         let out = ctl::handle_line(ctl_gpus(), &line);
         prop_assert!(!out.contains('\n'));
-        let v = json::parse(&out).map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
-        prop_assert!(v.get("ok").and_then(json::Value::as_bool).is_some(), "{}", out);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .map_err(|e| TestCaseError::fail(format!("{out}: {e}")))?;
+        prop_assert!(v.get("ok").and_then(serde_json::Value::as_bool).is_some(), "{}", out);
         // Keep room for more rules.
         if ctl_gpus()[0].injector().rules().len() > 48 {
             for g in ctl_gpus() {

@@ -1523,7 +1523,8 @@ pub mod isa {
                     }
                 }
                 OP_LOOP => {
-                    let offset = a as i64;
+                    // The operand is a two's-complement i64: reinterpret its bits.
+                    let offset = i64::from_le_bytes(a.to_le_bytes());
                     if imm == 0 || offset > 0 || offset & 7 != 0 {
                         return Err(IsaError::BadOperand);
                     }
@@ -1617,7 +1618,7 @@ pub mod isa {
     /// Continues an FNV-1a-64 hash `h` over `bytes` (start with [`FNV1A64_OFFSET`]).
     pub fn fnv1a64_update(mut h: u64, bytes: &[u8]) -> u64 {
         for b in bytes {
-            h ^= *b as u64;
+            h ^= u64::from(*b);
             h = h.wrapping_mul(FNV1A64_PRIME);
         }
         h

@@ -1,9 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! cargo-fuzz target: `svmgpu_device::fuzz::walker`.
+//! cargo-fuzz target: `walker` of `device/tests/fuzzing/mod.rs` (shared with the property
+//! tests, which replay what this target finds).
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| svmgpu_device::fuzz::walker(data));
+#[allow(dead_code)]
+#[path = "../../tests/fuzzing/mod.rs"]
+mod fuzzing;
+
+fuzz_target!(|data: &[u8]| fuzzing::walker(data));

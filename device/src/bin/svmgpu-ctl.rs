@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use svmgpu_device::json::{self, Value};
+use serde_json::{json, Value};
 
 /// Drive a running svmgpu-device through its control socket.
 #[derive(Parser, Debug)]
@@ -57,29 +57,34 @@ fn request(args: &Args) -> String {
         Cmd::Stats => ("stats", None),
         Cmd::Seed => ("seed", None),
     };
-    let mut r = format!("{{\"cmd\":{}", json::string(cmd));
+    let mut r = json!({ "cmd": cmd });
     if let Some(s) = spec {
-        r.push_str(&format!(",\"spec\":{}", json::string(s)));
+        r["spec"] = json!(s);
     }
     if let Some(d) = args.device {
-        r.push_str(&format!(",\"device\":{d}"));
+        r["device"] = json!(d);
     }
-    r.push('}');
-    r
+    r.to_string()
 }
 
 fn num(v: &Value, key: &str) -> String {
     match v.get(key) {
-        Some(Value::Number(n)) => n.clone(),
+        Some(Value::Number(n)) => n.to_string(),
         Some(Value::Bool(b)) => b.to_string(),
         _ => "?".into(),
     }
 }
 
+fn array<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
 /// The human-readable form of a successful response.
 fn human(cmd: &Cmd, v: &Value) -> String {
     let mut out = String::new();
-    let devices = v.get("devices").and_then(Value::as_array).unwrap_or(&[]);
+    let devices = array(v, "devices");
     for d in devices {
         let dev = num(
             d,
@@ -91,10 +96,7 @@ fn human(cmd: &Cmd, v: &Value) -> String {
         );
         match cmd {
             Cmd::Inject { .. } => {
-                let ids: Vec<String> = d
-                    .get("rules")
-                    .and_then(Value::as_array)
-                    .unwrap_or(&[])
+                let ids: Vec<String> = array(d, "rules")
                     .iter()
                     .filter_map(Value::as_u64)
                     .map(|i| format!("#{i}"))
@@ -125,7 +127,7 @@ fn human(cmd: &Cmd, v: &Value) -> String {
                     num(d, "seed"),
                     num(d, "injections")
                 ));
-                let rules = d.get("rules").and_then(Value::as_array).unwrap_or(&[]);
+                let rules = array(d, "rules");
                 if rules.is_empty() {
                     out.push_str("  (no rules)\n");
                 }
@@ -146,7 +148,7 @@ fn human(cmd: &Cmd, v: &Value) -> String {
             }
             Cmd::Stats => {
                 out.push_str(&format!("device {dev}:\n"));
-                for (k, val) in d.as_object().unwrap_or(&[]) {
+                for (k, val) in d.as_object().into_iter().flatten() {
                     if let Value::Number(n) = val {
                         if k != "device_index" {
                             out.push_str(&format!("  {k:<26} {n}\n"));
@@ -156,8 +158,8 @@ fn human(cmd: &Cmd, v: &Value) -> String {
                 let injected: Vec<String> = d
                     .get("injected")
                     .and_then(Value::as_object)
-                    .unwrap_or(&[])
-                    .iter()
+                    .into_iter()
+                    .flatten()
                     .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
                     .map(|(k, n)| format!("    {k:<24} {}", n.as_u64().unwrap_or(0)))
                     .collect();
@@ -193,7 +195,8 @@ fn run(args: &Args) -> Result<String, String> {
         .read_line(&mut line)
         .map_err(|e| format!("no response: {e}"))?;
     let line = line.trim_end().to_string();
-    let v = json::parse(&line).map_err(|e| format!("bad response ({e}): {line}"))?;
+    let v: Value =
+        serde_json::from_str(&line).map_err(|e| format!("bad response ({e}): {line}"))?;
     if v.get("ok").and_then(Value::as_bool) != Some(true) {
         let e = v
             .get("error")

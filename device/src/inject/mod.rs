@@ -21,7 +21,7 @@ pub use kind::{Kind, KIND_COUNT};
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -875,12 +875,29 @@ struct Inner {
     history: VecDeque<Record>,
 }
 
+/// The injections of an [`Injector`] per kind, serialised as a map in kind order.
+#[derive(Debug, Clone, Copy)]
+pub struct InjectedByKind<'a>(&'a Injector);
+
+impl serde::Serialize for InjectedByKind<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(Kind::ALL.len()))?;
+        for &k in Kind::ALL {
+            m.serialize_entry(k.name(), &self.0.injected(k))?;
+        }
+        m.end()
+    }
+}
+
 /// The injection rules of one device and their state.
 #[derive(Debug)]
 pub struct Injector {
     device: u32,
     /// Kinds with a live (not exhausted) rule.
     active: AtomicU32,
+    /// Injections per kind (their sum is the `injected_faults` counter).
+    injected: [AtomicU64; KIND_COUNT],
     /// Configured at start: the device offers `SVMGPU_F_FAULT_INJECT`.
     advertised: AtomicBool,
     inner: Mutex<Inner>,
@@ -892,6 +909,7 @@ impl Injector {
         Self {
             device,
             active: AtomicU32::new(0),
+            injected: Default::default(),
             advertised: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 seed: 0,
@@ -1028,7 +1046,17 @@ impl Injector {
         self.lock().history.iter().copied().collect()
     }
 
-    /// Injections so far.
+    /// Injections of `kind` so far.
+    pub fn injected(&self, kind: Kind) -> u64 {
+        self.injected[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Injections per kind, as a JSON-able map `{"tlb-inval-delay":N,...}`.
+    pub fn injected_by_kind(&self) -> InjectedByKind<'_> {
+        InjectedByKind(self)
+    }
+
+    /// Injections so far (every kind).
     pub fn injections(&self) -> u64 {
         self.lock().seq
     }
@@ -1092,7 +1120,7 @@ impl Injector {
             subject: *subject,
         });
         stats.inc(Counter::InjectedFaults);
-        stats.inc_injected(kind);
+        self.injected[kind as usize].fetch_add(1, Ordering::Relaxed);
         info!(
             "svmgpu{}: inject #{} {kind} (rule {}): {subject}",
             self.device, hit.seq, hit.rule
@@ -1278,7 +1306,7 @@ mod tests {
         let (i, s) = inj("engine-hang");
         assert_eq!(fires(&i, &s, Kind::EngineHang, &ANY, 3), [true; 3]);
         assert_eq!(s.get(Counter::InjectedFaults), 3);
-        assert_eq!(s.get_injected(Kind::EngineHang), 3);
+        assert_eq!(i.injected(Kind::EngineHang), 3);
         let (i, s) = inj("engine-hang:p=0");
         assert_eq!(fires(&i, &s, Kind::EngineHang, &ANY, 50), [false; 50]);
         assert_eq!(i.rules()[0].matches, 50);
@@ -1296,7 +1324,7 @@ mod tests {
             .filter(|&&f| f)
             .count();
         assert!((2_200..2_800).contains(&n), "{n}");
-        assert_eq!(s.get_injected(Kind::FaultSpurious), n as u64);
+        assert_eq!(i.injected(Kind::FaultSpurious), n as u64);
         assert_eq!(i.history().len(), HISTORY_LEN);
         assert_eq!(i.history().last().unwrap().seq, n as u64);
     }

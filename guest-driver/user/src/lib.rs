@@ -136,7 +136,7 @@ impl Device {
     pub unsafe fn raw_ioctl(&self, cmd: u64, arg: *mut u8) -> io::Result<()> {
         loop {
             // SAFETY: The fd is open; the argument's validity is the caller's promise.
-            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), cmd as _, arg) };
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), cmd as libc::Ioctl, arg) };
             if rc == 0 {
                 return Ok(());
             }

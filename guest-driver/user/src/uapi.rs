@@ -241,15 +241,21 @@ mod tests {
     fn header_defines_the_same_numbers() {
         let h = include_str!("../../uapi/svmgpu_drm.h");
         for (name, v) in [
-            ("SVMGPU_NOTIFIER_TWOPASS", SVMGPU_NOTIFIER_TWOPASS as u64),
+            (
+                "SVMGPU_NOTIFIER_TWOPASS",
+                u64::from(SVMGPU_NOTIFIER_TWOPASS),
+            ),
             ("DRM_SVMGPU_WAIT", 7),
             ("DRM_SVMGPU_VM_PREFETCH", 8),
-            ("SVMGPU_SVM_SHARED", SVMGPU_SVM_SHARED as u64),
-            ("SVMGPU_SVM_PER_DEVICE", SVMGPU_SVM_PER_DEVICE as u64),
-            ("SVMGPU_VM_BIND_OP_UNMAP", SVMGPU_VM_BIND_OP_UNMAP as u64),
+            ("SVMGPU_SVM_SHARED", u64::from(SVMGPU_SVM_SHARED)),
+            ("SVMGPU_SVM_PER_DEVICE", u64::from(SVMGPU_SVM_PER_DEVICE)),
+            (
+                "SVMGPU_VM_BIND_OP_UNMAP",
+                u64::from(SVMGPU_VM_BIND_OP_UNMAP),
+            ),
             (
                 "SVMGPU_VM_BIND_OP_MAP_USERPTR",
-                SVMGPU_VM_BIND_OP_MAP_USERPTR as u64,
+                u64::from(SVMGPU_VM_BIND_OP_MAP_USERPTR),
             ),
         ] {
             let line = h

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Entry points for the fuzzers (`device/fuzz`, cargo-fuzz) and for the regression and
-//! property tests that replay their inputs (`tests/fuzz_regressions.rs`, `tests/proptests.rs`).
-//! Each takes arbitrary bytes and panics only if the device misbehaves: a panic inside the
-//! device, or a result that contradicts the spec's reference semantics.
+//! Entry points of the fuzzers (`device/fuzz`, cargo-fuzz) and of the property tests that
+//! also replay what they found (`tests/proptests.rs`, `tests/fuzz_regressions/`). Not part of
+//! the library: both include this file (`#[path]`) and reach the device through its public
+//! API only. Each takes arbitrary bytes and panics only if the device misbehaves: a panic
+//! inside the device, or a result that contradicts the spec's reference semantics. The
+//! `sequence` target decodes its bytes with `arbitrary` into device operations; the others
+//! feed the bytes to the decoders under test (control requests, page tables, batches).
 
 use std::sync::OnceLock;
 
@@ -12,13 +15,13 @@ use svmgpu_spec::pte::{self, PteKind};
 use svmgpu_spec::{FaultReason, RespHeader, Status, PAGE_SIZE_2M, PAGE_SIZE_4K, VA_BITS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::DeviceOptions;
-use crate::context::{ExecState, Job};
-use crate::gpu::Gpu;
-use crate::isa::{Executor, Step};
-use crate::mmu::audit::InvalLog;
-use crate::mmu::walker::{walk, Leaf};
-use crate::mmu::{AuditFindings, Mmu, Scope, Space, Tables};
+use svmgpu_device::config::DeviceOptions;
+use svmgpu_device::context::{ExecState, Job};
+use svmgpu_device::gpu::Gpu;
+use svmgpu_device::isa::{Executor, Step};
+use svmgpu_device::mmu::audit::InvalLog;
+use svmgpu_device::mmu::walker::{walk, Leaf};
+use svmgpu_device::mmu::{AuditFindings, Mmu, Scope, Space, Tables};
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
@@ -319,12 +322,71 @@ pub fn isa(data: &[u8]) {
     }
 }
 
-/// The whole device, driven by a command sequence: `data` is read as 16-byte operations
-/// (create, destroy, submit a batch taken from the input, preempt, resume, invalidate,
-/// write a PTE, reply to a fault) against a device with guest RAM, two engines and no
-/// modelled latency. Every input starts and ends with RESET; the device must answer every
-/// request and stay exact (no stale access in audit mode).
+/// One operation of the `sequence` target, decoded from the fuzzer's bytes by `arbitrary`.
+/// Context ids, ASIDs and pages are taken modulo small ranges so that operations meet.
+#[derive(Debug, arbitrary::Arbitrary)]
+pub enum Op {
+    /// CTX_CREATE of context `ctx % 5` on ASID `asid % 2` (ASID 1 is never bound).
+    Create {
+        /// Context.
+        ctx: u8,
+        /// ASID.
+        asid: u8,
+    },
+    /// CTX_DESTROY.
+    Destroy {
+        /// Context.
+        ctx: u8,
+    },
+    /// JOB_SUBMIT of `batch` (at most 256 bytes, padded to qwords) written into the batch
+    /// window.
+    Submit {
+        /// Context.
+        ctx: u8,
+        /// The batch bytes.
+        batch: Vec<u8>,
+    },
+    /// CTX_PREEMPT.
+    Preempt {
+        /// Context.
+        ctx: u8,
+    },
+    /// CTX_RESUME.
+    Resume {
+        /// Context.
+        ctx: u8,
+    },
+    /// TLB_INVALIDATE of ASID 0: the whole ASID, or `pages % 8 + 1` pages from `page`.
+    Invalidate {
+        /// Whole ASID.
+        whole: bool,
+        /// First page (of the 48-bit space, masked to 32 bits of address).
+        page: u32,
+        /// Pages.
+        pages: u8,
+    },
+    /// Writes `value` (any bits: a garbage PTE too) into the PTE of data page `page % 64`.
+    WritePte {
+        /// Page of the data window.
+        page: u8,
+        /// The raw entry.
+        value: u64,
+    },
+    /// FAULT_REPLY to fault id `fault % 64`.
+    Reply {
+        /// Fault id.
+        fault: u8,
+        /// CANCEL (else RESUME).
+        cancel: bool,
+    },
+}
+
+/// The whole device, driven by a sequence of at most 64 [`Op`]s decoded from `data`,
+/// against a device with guest RAM, two engines and no modelled latency. Every input starts
+/// and ends with RESET; the device must answer every request and stay exact (no stale
+/// access in audit mode).
 pub fn sequence(data: &[u8]) {
+    use arbitrary::{Arbitrary, Unstructured};
     use svmgpu_spec::{
         AsidBindReq, CtrlHeader, CtxCreateReq, CtxReq, FaultReplyReq, JobSubmitReq, Opcode,
         ResetReq, TlbInvalidateReq,
@@ -390,10 +452,10 @@ pub fn sequence(data: &[u8]) {
             pte::page_4k(BATCH + i * PAGE_SIZE_4K, rwx).unwrap_or(0),
         );
     }
-    let data_slot = |va: u64| ROOT + 0x3000 + 8 * (((DATA - BATCH) + (va % 0x4_0000)) >> 12);
-    for i in 0..(0x4_0000u64 / PAGE_SIZE_4K) {
+    let data_slot = |page: u64| ROOT + 0x3000 + 8 * (((DATA - BATCH) >> 12) + page % 64);
+    for i in 0..64 {
         put(
-            data_slot(i * PAGE_SIZE_4K),
+            data_slot(i),
             pte::page_4k(DATA + i * PAGE_SIZE_4K, rwx).unwrap_or(0),
         );
     }
@@ -406,89 +468,71 @@ pub fn sequence(data: &[u8]) {
         }
         .to_bytes(),
     );
+    let mut u = Unstructured::new(data);
     let mut batch_off = 0u64;
-    for op in data.chunks(16).take(64) {
-        let a = u64_at(op, 0);
-        let b = u64_at(op, 8);
-        let ctx = (a >> 8) as u32 % 5;
-        match a % 9 {
-            0 => send(
+    let ctx_req = |ctx: u8| {
+        CtxReq {
+            ctx_id: u32::from(ctx % 5),
+            flags: 0,
+        }
+        .to_bytes()
+    };
+    for _ in 0..64 {
+        let Ok(op) = Op::arbitrary(&mut u) else {
+            break;
+        };
+        match op {
+            Op::Create { ctx, asid } => send(
                 Opcode::CtxCreate,
                 &CtxCreateReq {
-                    ctx_id: ctx,
-                    asid: (a >> 16) as u32 % 2,
+                    ctx_id: u32::from(ctx % 5),
+                    asid: u32::from(asid % 2),
                     flags: 0,
                     reserved: 0,
                 }
                 .to_bytes(),
             ),
-            1 => send(
-                Opcode::CtxDestroy,
-                &CtxReq {
-                    ctx_id: ctx,
-                    flags: 0,
-                }
-                .to_bytes(),
-            ),
-            2 | 3 => {
-                // The rest of the input (up to 256 bytes) is the batch.
-                let at = data.len().min(((a >> 20) as usize) % 512);
-                let bytes = &data[at..data.len().min(at + 256)];
+            Op::Destroy { ctx } => send(Opcode::CtxDestroy, &ctx_req(ctx)),
+            Op::Submit { ctx, batch } => {
+                let bytes = &batch[..batch.len().min(256)];
                 let off = batch_off;
                 batch_off = (batch_off + 512) % 0x1_0000;
                 let _ = mem.write_slice(bytes, GuestAddress(BATCH + off));
+                let len = u32::try_from(bytes.len().div_ceil(8).max(1) * 8).unwrap_or(8);
                 send(
                     Opcode::JobSubmit,
                     &JobSubmitReq {
-                        ctx_id: ctx,
+                        ctx_id: u32::from(ctx % 5),
                         flags: 0,
                         batch_va: BATCH + off,
-                        batch_len: (bytes.len() as u32).div_ceil(8).max(1) * 8,
+                        batch_len: len,
                         reserved: 0,
                     }
                     .to_bytes(),
                 );
             }
-            4 => send(
-                Opcode::CtxPreempt,
-                &CtxReq {
-                    ctx_id: ctx,
-                    flags: 0,
-                }
-                .to_bytes(),
-            ),
-            5 => send(
-                Opcode::CtxResume,
-                &CtxReq {
-                    ctx_id: ctx,
-                    flags: 0,
-                }
-                .to_bytes(),
-            ),
-            6 => send(
+            Op::Preempt { ctx } => send(Opcode::CtxPreempt, &ctx_req(ctx)),
+            Op::Resume { ctx } => send(Opcode::CtxResume, &ctx_req(ctx)),
+            Op::Invalidate { whole, page, pages } => send(
                 Opcode::TlbInvalidate,
                 &TlbInvalidateReq {
                     asid: 0,
-                    flags: (b & 1) as u32,
-                    va: if b & 1 == 0 {
-                        (b >> 8) & 0xffff_f000
-                    } else {
+                    flags: u32::from(whole),
+                    va: if whole { 0 } else { u64::from(page) << 12 },
+                    size: if whole {
                         0
-                    },
-                    size: if b & 1 == 0 {
-                        4096 * ((b >> 40) % 8 + 1)
                     } else {
-                        0
+                        PAGE_SIZE_4K * (u64::from(pages % 8) + 1)
                     },
                 }
                 .to_bytes(),
             ),
-            7 => put(data_slot(b & 0x3_f000), b.rotate_left((a >> 32) as u32)),
-            _ => send(
+            Op::WritePte { page, value } => put(data_slot(u64::from(page)), value),
+            Op::Reply { fault, cancel } => send(
                 Opcode::FaultReply,
                 &FaultReplyReq {
-                    fault_id: b % 64,
-                    action: 1 + (a >> 12) as u32 % 2,
+                    fault_id: u64::from(fault % 64),
+                    action: 1 + u32::from(cancel),
                     flags: 0,
                 }
                 .to_bytes(),
@@ -501,5 +545,9 @@ pub fn sequence(data: &[u8]) {
         0,
         "a reset leaves no completion behind"
     );
-    assert_eq!(gpu.stats().get(crate::stats::Counter::StaleAccesses), 0);
+    assert_eq!(
+        gpu.stats()
+            .get(svmgpu_device::stats::Counter::StaleAccesses),
+        0
+    );
 }
