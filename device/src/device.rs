@@ -6,9 +6,18 @@
 //! engine ([`crate::engine`]), one timer ([`crate::timer`]), and the vhost-user worker that
 //! serves the control queue — share one [`Device`]; [`crate::gpu::Gpu`] owns them.
 //!
-//! Locks, always taken in this order: `state` → an engine's MMU → the outbox → a vring. An
-//! engine holds its MMU only for one instruction, so whoever takes it (invalidation, reset)
-//! waits for at most the instruction in flight.
+//! Locks, always taken in this order (a lock is only ever taken while holding locks above
+//! it in this list):
+//! 1. `state` (this module's [`State`]);
+//! 2. an engine's MMU (`mmus[e]`; one at a time) — an engine holds its own only for one
+//!    instruction, so whoever takes it (invalidation, reset, audit) waits for at most the
+//!    instruction in flight, and never longer than [`ENGINE_STOP_TIMEOUT`];
+//! 3. the outbox's delivery lock, then its backlog lock (producers take only the latter);
+//! 4. a vring's lock (vhost-user-backend's `VringRwLock`).
+//!
+//! Leaves, taken under any of those and holding nothing else: the injector's rule lock, the
+//! invalidation log's lock, a context's `Attention` thread slot, the guest-memory `RwLock`,
+//! and the vhost-user backend's ring marks (`stopped`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -60,8 +69,8 @@ pub(crate) struct PendingInval {
 }
 
 /// Work of an accepted command, started after its control response is in the used ring
-/// (so that no completion can overtake the response that accepted it): [`Device::start`],
-/// or [`Device::cancel`] if the response could not be written. It holds the command's slot
+/// (so that no completion can overtake the response that accepted it): `Gpu::start`, or
+/// `Gpu::cancel` if the response could not be written. It holds the command's slot
 /// (see [`crate::budget`]) and belongs to the reset generation it was accepted in: after a
 /// reset it is dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
