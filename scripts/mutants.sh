@@ -82,6 +82,8 @@ fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/svmgpu-mutants.XXXXXX")}
 mkdir -p "$OUT"
 step "set-up (cached after the first run)" "$SVMGPU_ROOT/scripts/setup.sh" --quiet
+# Every guest below uses what this set-up built (and the checkout may change meanwhile).
+export SVMGPU_SETUP_DONE=1
 KBUILD=$("$SVMGPU_ROOT/scripts/build-kernel.sh" --print-dir) || die "kernel not built"
 kernel_toolchain_env
 

@@ -195,6 +195,9 @@ struct HangRing {
     len: usize,
 }
 
+/// Largest `race_delay_us` (debugfs).
+const MAX_RACE_DELAY_US: u32 = 1_000_000;
+
 /// Default of the driver's job timeout (`svmgpu/virtioN/job_timeout_ms` in debugfs).
 pub(crate) const JOB_TIMEOUT_MS: u32 = 10_000;
 /// How often the watchdog looks for overdue jobs.
@@ -271,6 +274,11 @@ pub(crate) struct Gpu {
     wedge_cv: CondVar,
     /// The driver's job timeout (ms), writable in debugfs.
     pub(crate) job_timeout_ms: Atomic<u32>,
+    /// A test hook (debugfs `race_delay_us`, 0 by default): how long a revalidation or
+    /// SVM fault sleeps between `hmm_range_fault` and taking the notifier lock, so that a
+    /// guest test can make a CPU invalidation land in that window every time and check
+    /// that the commit notices it (`mmu_interval_read_retry`).
+    race_delay_us: Atomic<u32>,
     pub(crate) recovery: Recovery,
     #[pin]
     access: SpinLock<Access>,
@@ -328,6 +336,15 @@ impl Drop for GpuAccess<'_> {
 }
 
 impl Gpu {
+    /// The test hook `race_delay_us` (debugfs): sleeps that long, if set. Called between
+    /// `hmm_range_fault` and the notifier lock (no lock of the notifier path held).
+    pub(crate) fn race_delay(&self) {
+        let us = self.race_delay_us.load(Relaxed);
+        if us > 0 {
+            kernel::time::delay::fsleep(kernel::time::Delta::from_micros(i64::from(us)));
+        }
+    }
+
     /// Enters the device: `ENODEV` once removal started.
     pub(crate) fn enter(&self) -> Result<GpuAccess<'_>> {
         let mut a = self.access.lock();
@@ -1092,13 +1109,15 @@ pub(crate) struct BoundGpu<'bound> {
     _debugfs: Option<DebugFs>,
 }
 
-/// A device's debugfs directory: `recovery` (counters, last reset) and `job_timeout_ms`.
+/// A device's debugfs directory: `recovery` (counters, last reset), `job_timeout_ms` and
+/// `race_delay_us`.
 struct DebugFs {
-    _files: [Pin<KBox<debugfs::File<Arc<Gpu>>>>; 2],
+    _files: [Pin<KBox<debugfs::File<Arc<Gpu>>>>; 3],
     _dir: debugfs::Dir,
 }
 
-fn write_job_timeout(gpu: &Arc<Gpu>, r: &mut UserSliceReader) -> Result {
+/// A decimal number written to a debugfs file.
+fn read_number(r: &mut UserSliceReader) -> Result<u32> {
     let mut buf = [0u8; 16];
     let n = r.len();
     if n == 0 || n > buf.len() {
@@ -1106,11 +1125,24 @@ fn write_job_timeout(gpu: &Arc<Gpu>, r: &mut UserSliceReader) -> Result {
     }
     r.read_slice(&mut buf[..n])?;
     let s = core::str::from_utf8(&buf[..n]).map_err(|_| EINVAL)?;
-    let v: u32 = s.trim().parse().map_err(|_| EINVAL)?;
+    s.trim().parse().map_err(|_| EINVAL)
+}
+
+fn write_job_timeout(gpu: &Arc<Gpu>, r: &mut UserSliceReader) -> Result {
+    let v = read_number(r)?;
     if v < 100 {
         return Err(EINVAL);
     }
     gpu.job_timeout_ms.store(v, Relaxed);
+    Ok(())
+}
+
+fn write_race_delay(gpu: &Arc<Gpu>, r: &mut UserSliceReader) -> Result {
+    let v = read_number(r)?;
+    if v > MAX_RACE_DELAY_US {
+        return Err(EINVAL);
+    }
+    gpu.race_delay_us.store(v, Relaxed);
     Ok(())
 }
 
@@ -1136,8 +1168,17 @@ impl DebugFs {
             ),
             GFP_KERNEL,
         )?;
+        let race = KBox::pin_init(
+            dir.read_write_callback_file(
+                c"race_delay_us",
+                gpu.clone(),
+                &|g: &Arc<Gpu>, f| writeln!(f, "{}", g.race_delay_us.load(Relaxed)),
+                &write_race_delay,
+            ),
+            GFP_KERNEL,
+        )?;
         Ok(Self {
-            _files: [recovery, timeout],
+            _files: [recovery, timeout, race],
             _dir: dir,
         })
     }
@@ -1264,6 +1305,7 @@ impl GpuDriver {
                 wedge_state <- new_spinlock!(WEDGE_NONE, "svmgpu_wedge"),
                 wedge_cv <- new_condvar!("svmgpu_wedge_cv"),
                 job_timeout_ms: Atomic::new(JOB_TIMEOUT_MS),
+                race_delay_us: Atomic::new(0),
                 recovery: Recovery::new(),
                 access <- new_spinlock!(Access { users: 0, dead: false }, "svmgpu_access"),
                 access_cv <- new_condvar!("svmgpu_access_cv"),

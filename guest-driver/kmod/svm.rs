@@ -610,6 +610,7 @@ impl Svm {
             // holds the VM lock of a VM using this object.
             let notifier = unsafe { notifier.as_ref() };
             let seq = hmm::fault_range(notifier, start, &mut pfns, writable)?;
+            vm.gpu.race_delay();
             let counts = match vm.nlock.lock().pt.as_ref() {
                 Some(pt) => pt.missing(start as u64, (end - start) as u64),
                 None => return Err(ENODEV),

@@ -122,6 +122,7 @@ pub(crate) fn revalidate(entry: &mut Entry, acc: &GpuAccess<'_>) -> Result {
                 return Err(e);
             }
         };
+        vm.gpu.race_delay();
         let counts = {
             let ns = vm.nlock.lock();
             match ns.pt.as_ref() {

@@ -694,3 +694,133 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
         },
     );
 }
+
+/// Sets the driver's test hook `race_delay_us` of `d` (debugfs).
+fn set_race_delay(d: &Device, us: u32) -> TResult {
+    let bus = ctx("DEVICE_QUERY", d.query(false))?.bus_index;
+    let path = format!("/sys/kernel/debug/svmgpu/virtio{bus}/race_delay_us");
+    std::fs::write(&path, format!("{us}\n")).map_err(|e| format!("{path}: {e}"))
+}
+
+/// `revalidation_races_invalidation`: a CPU invalidation lands between `hmm_range_fault`
+/// and the commit of a GPU fault's pages, every time (the driver's test hook
+/// `race_delay_us` widens that window to 100 ms). A job keeps storing a magic value into
+/// one page; MADV_DONTNEED makes its next store fault; once the fault is being resolved, a
+/// second MADV_DONTNEED frees the page `hmm_range_fault` just returned. The commit must
+/// see the invalidation (`mmu_interval_read_retry`) and fault again: the magic value then
+/// lands in the page the CPU has, not in the freed one. Through a userptr binding and
+/// through SVM.
+pub fn revalidation_races_invalidation(_env: &Env, name: &str, k: &mut K) {
+    const MAGIC: u32 = 0x0dd_f00d;
+    const DELAY_US: u32 = 100_000;
+    let Some(devs) = devices(k, name) else { return };
+    let d = &devs[0];
+    let mut cases = Vec::new();
+    for path in [Path::Userptr, Path::Svm] {
+        let r = (|| {
+            let buf = anon(4096)?;
+            let r = (|| {
+                let fault_mode = path == Path::Svm;
+                let vm = ctx("VM_CREATE", d.vm_create(fault_mode))?;
+                let mut w = Writer {
+                    dev: d,
+                    vm,
+                    q: 0,
+                    batch: ctx("mmap", Mapping::anon(BATCH_SIZE))?,
+                    fence: 0,
+                };
+                w.q = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(vm, false))?;
+                let (batch_va, va) = match path {
+                    Path::Userptr => {
+                        ctx(
+                            "bind batch",
+                            d.bind_userptr(vm, BATCH_VA, BATCH_SIZE as u64, w.batch.addr(), false),
+                        )?;
+                        ctx("bind", d.bind_userptr(vm, DATA_VA, 4096, buf, false))?;
+                        (BATCH_VA, DATA_VA)
+                    }
+                    Path::Svm => (w.batch.addr(), buf),
+                };
+                let mut b = Batch::new();
+                b.push(Insn::Store {
+                    size64: false,
+                    va,
+                    value: u64::from(MAGIC),
+                })
+                .push(Insn::Delay { ns: 100_000 });
+                let body = b.len_bytes() as i64;
+                b.push(Insn::Loop {
+                    count: 40_000,
+                    offset: -body,
+                })
+                .end();
+                b.write_to(&mut w.batch.as_mut_slice()[..4096]);
+                w.fence = ctx("EXEC", d.exec_retry(w.q, batch_va, b.len_bytes() as u32))?;
+                let read = || {
+                    // SAFETY: `buf` is our mapped page.
+                    unsafe { std::ptr::read_volatile(buf as *const u32) }
+                };
+                let t0 = now_ns();
+                while read() != MAGIC {
+                    ensure(now_ns() - t0 < 20_000_000_000, || {
+                        "the job does not run".into()
+                    })?;
+                    sleep_ms(1);
+                }
+                set_race_delay(d, DELAY_US)?;
+                let dontneed = || {
+                    // SAFETY: Our own page.
+                    unsafe { libc::madvise(buf as *mut _, 4096, libc::MADV_DONTNEED) }
+                };
+                let faults = || d.query(false).map(|q| q.gpu_faults).unwrap_or(0);
+                let f0 = faults();
+                ensure(dontneed() == 0, || "madvise".into())?;
+                // The job's next store faults; wait until the driver handles that fault
+                // (it then sleeps in the window), then free the page it just got.
+                let t1 = now_ns();
+                while faults() == f0 {
+                    ensure(now_ns() - t1 < 5_000_000_000, || {
+                        "no GPU fault after MADV_DONTNEED".into()
+                    })?;
+                    std::thread::yield_now();
+                }
+                sleep_ms(20);
+                ensure(dontneed() == 0, || "madvise".into())?;
+                let t2 = now_ns();
+                while read() != MAGIC {
+                    if now_ns() - t2 > 3_000_000_000 {
+                        return Err(format!(
+                            "3 s after the second MADV_DONTNEED the CPU's page reads {:#x}: the GPU's stores went to the page the invalidation freed (a commit that missed mmu_interval_read_retry)",
+                            read()
+                        ));
+                    }
+                    sleep_ms(1);
+                }
+                k.diag(&format!(
+                    "{path:?}: the store reached the CPU's page {} ms after the second MADV_DONTNEED",
+                    (now_ns() - t2) / 1_000_000
+                ));
+                Ok(())
+            })();
+            let _ = set_race_delay(d, 0);
+            munmap(buf, 4096);
+            r
+        })();
+        cases.push((
+            format!("{path:?}").to_lowercase(),
+            match r {
+                Ok(()) => Outcome::Pass,
+                Err(e) => Outcome::Fail(e),
+            },
+        ));
+    }
+    let r = audit_clean(&devs);
+    cases.push((
+        "audit".into(),
+        match r {
+            Ok(()) => Outcome::Pass,
+            Err(e) => Outcome::Fail(e),
+        },
+    ));
+    k.suite(name, cases);
+}

@@ -10,7 +10,10 @@
 //!   reset, `-ETIMEDOUT`/`-ECANCELED` for a hung job and the jobs behind it, `ECANCELED`
 //!   for a banned queue or client) and the unaffected ones succeed;
 //! - data written by the GPU before the fault is intact (CPU and GPU checksums);
-//! - the device serves new work afterwards, and its audit saw zero stale accesses;
+//! - the device serves new work afterwards, also SVM memory (no binding), and its audit
+//!   counted no violation;
+//! - the benign kinds (no reset) also run an SVM workload under the injection in every
+//!   SVM mode (the module reloaded with `svm_mode=single|per_device|shared`);
 //! - the driver's recovery counters (debugfs `svmgpu/virtioN/recovery`) show that it saw
 //!   and handled the fault, and the device's `injected_faults` that it was injected.
 //!
@@ -258,6 +261,149 @@ impl<'a> Precious<'a> {
     }
 }
 
+// ---- SVM under injection ---------------------------------------------------------------
+
+/// SVM memory (a fault-mode VM, no binding: batches and data at their CPU addresses)
+/// under whatever the device injects, on one device: `rounds` of FILL + CHECKSUM of
+/// 256 KiB of anonymous memory between CPU invalidations (mprotect, MADV_DONTNEED), the
+/// documented errors (a GPU access to an unmapped address is EFAULT, a GPU write to
+/// read-only memory EACCES), and the clean-up: once the VM is gone, the device holds no
+/// SVM pages. `lost_ok`: a reset may hit this work (EIO is then accepted for a job, once).
+fn svm_workload(d: &Device, rounds: u32, lost_ok: bool) -> TResult {
+    const LEN: usize = 256 << 10;
+    let r = (|| {
+        let vm = ctx("VM_CREATE(fault mode)", d.vm_create(true))?;
+        let mut q = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(vm, false))?;
+        let mut batch_mem = ctx("mmap", Mapping::anon(16 * 4096))?;
+        let data = ctx("mmap", Mapping::anon(LEN))?;
+        let ro = ctx("mmap", Mapping::anon(4096))?;
+        // SAFETY: Our own mapping.
+        unsafe { libc::mprotect(ro.addr() as *mut _, 4096, libc::PROT_READ) };
+        let sum_va = batch_mem.addr() + SUM_OFF as u64;
+        let mut lost = 0;
+        let r = (|| {
+            let mut run = |q: u32, slot: usize, b: &Batch| svm_run(d, q, &mut batch_mem, slot, b);
+            for r in 0..rounds {
+                let pattern = 0x5c00_0000 | r;
+                let o = run(q, 0, &fill_sum(data.addr(), LEN as u64, pattern, sum_va))?;
+                if o.error == EIO && lost_ok && lost == 0 {
+                    // Lost in a reset: the queue is gone, a new one works.
+                    lost += 1;
+                    q = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(vm, false))?;
+                    continue;
+                }
+                ensure(o.error == 0, || format!("SVM round {r}: fill job {o:?}"))?;
+                ensure(all_words(data.as_slice(), pattern), || {
+                    format!("SVM round {r}: the CPU does not see pattern {pattern:#x}")
+                })?;
+                let gpu = read_u64_at(sum_va);
+                let cpu = fnv1a64(data.as_slice());
+                ensure(gpu == cpu, || {
+                    format!("SVM round {r}: GPU checksum {gpu:#x} != CPU {cpu:#x}")
+                })?;
+                if r % 2 == 0 {
+                    mprotect_cycle(&data)?;
+                } else {
+                    // SAFETY: Discards our own mapping's contents (the next round refills).
+                    unsafe { libc::madvise(data.addr() as *mut _, LEN, libc::MADV_DONTNEED) };
+                }
+            }
+            // The documented errors, on queues of their own (a failed job ends its queue).
+            let q2 = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(vm, false))?;
+            let o = run(
+                q2,
+                1,
+                &batch(&[Insn::Store {
+                    size64: false,
+                    va: 0x10,
+                    value: 1,
+                }]),
+            );
+            let _ = d.exec_queue_destroy(q2);
+            ensure(o.as_ref().is_ok_and(|o| o.error == EFAULT), || {
+                format!("GPU store to an unmapped address: {o:?}, want EFAULT")
+            })?;
+            let q3 = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(vm, false))?;
+            let o = run(
+                q3,
+                2,
+                &batch(&[Insn::Store {
+                    size64: false,
+                    va: ro.addr(),
+                    value: 1,
+                }]),
+            );
+            let _ = d.exec_queue_destroy(q3);
+            ensure(o.as_ref().is_ok_and(|o| o.error == -libc::EACCES), || {
+                format!("GPU store to read-only memory: {o:?}, want EACCES")
+            })
+        })();
+        let _ = d.exec_queue_destroy(q);
+        ctx("VM_DESTROY", d.vm_destroy(vm))?;
+        r
+    })();
+    r?;
+    // Clean-up: no SVM pages of this device are left (this runner's only SVM user).
+    let pages = ctx("DEVICE_QUERY", d.query(false))?.svm_pages;
+    ensure(pages == 0, || {
+        format!("{pages} SVM pages left after the VM was destroyed")
+    })
+}
+
+/// Submits `b` at batch slot `slot` of `mem` (a fault-mode VM's queue `q`: the batch at its
+/// CPU address) and waits.
+fn svm_run(
+    d: &Device,
+    q: u32,
+    mem: &mut Mapping,
+    slot: usize,
+    b: &Batch,
+) -> Result<svmgpu::FenceOutcome, String> {
+    let off = slot * 4096;
+    b.write_to(&mut mem.as_mut_slice()[off..off + 4096]);
+    let f = ctx(
+        "EXEC",
+        d.exec_retry(q, mem.addr() + off as u64, b.len_bytes() as u32),
+    )?;
+    ctx("WAIT", d.wait(q, f, 30_000_000_000))
+}
+
+/// The u64 at `va` (a mapped, 8-byte aligned address of this process).
+fn read_u64_at(va: u64) -> u64 {
+    // SAFETY: The caller names a mapped, aligned word.
+    unsafe { std::ptr::read_volatile(va as *const u64) }
+}
+
+fn all_words(bytes: &[u8], pattern: u32) -> bool {
+    bytes
+        .chunks_exact(4)
+        .all(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) == pattern)
+}
+
+/// The SVM workload on every device in each SVM mode (the module reloaded with
+/// `svm_mode=MODE`; rate-based injections keep firing across reloads), then back to the
+/// default module parameters.
+fn svm_in_every_mode(c: &mut Cases, rounds: u32) {
+    for mode in ["single", "per_device", "shared"] {
+        let r = (|| {
+            run("rmmod", &["svmgpu"])?;
+            run("insmod", &[MODULE_PATH, &format!("svm_mode={mode}")])?;
+            let devs = ctx("enumerate", Device::enumerate())?;
+            for (i, d) in devs.iter().enumerate() {
+                svm_workload(d, rounds, false).map_err(|e| format!("device {i}: {e}"))?;
+                let n = counter(d, "resets")?;
+                ensure(n == 0, || {
+                    format!("device {i}: {n} resets ({})", last_reason(d))
+                })?;
+            }
+            Ok(())
+        })();
+        c.add(&format!("svm_{mode}_workload"), r);
+    }
+    let r = run("rmmod", &["svmgpu"]).and_then(|()| run("insmod", &[MODULE_PATH]));
+    c.add("reload_default", r);
+}
+
 // ---- the common workload ----------------------------------------------------------------
 
 /// Real work on one device: a non-fault and a fault-mode VM filling and checksumming
@@ -362,6 +508,10 @@ fn final_checks(devs: &[Device], injected: &[usize], c: &mut Cases) {
             )
         })();
         c.add(&format!("device_{i}_serves_new_work"), r);
+        // SVM memory (no binding) works after the recovery too, with the documented
+        // errors and its clean-up.
+        let r = ctx("open", Device::open(d.path())).and_then(|d| svm_workload(&d, 2, false));
+        c.add(&format!("device_{i}_serves_svm"), r);
         let r = crate::coherence::audit_clean(std::slice::from_ref(d));
         c.add(&format!("device_{i}_no_stale_access"), r);
         if injected.contains(&i) {
@@ -425,6 +575,10 @@ fn benign(
     drop(precious);
     let all: Vec<usize> = (0..devs.len()).collect();
     final_checks(&devs, &all, &mut c);
+    // SVM memory under the same injection, in every SVM mode (reloads the module: after
+    // the checks above, which read the driver's counters of this load).
+    drop(devs);
+    svm_in_every_mode(&mut c, rounds.min(4));
     c.finish(k, name);
 }
 

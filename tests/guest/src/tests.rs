@@ -137,6 +137,10 @@ pub const ALL: &[(&str, Test)] = &[
     ),
     ("svm_next_to_binding", crate::holes::svm_next_to_binding),
     (
+        "revalidation_races_invalidation",
+        crate::coherence::revalidation_races_invalidation,
+    ),
+    (
         "invalidation_flood_is_back_pressure",
         crate::holes::invalidation_flood_is_back_pressure,
     ),
