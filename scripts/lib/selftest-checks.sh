@@ -95,16 +95,27 @@ expect fail "console-check: an early KASAN report in another function fails" \
 expect fail "console-check: a missing log fails" "$LIB/console-check.sh" "$T/missing.log"
 
 # ---- device-check.sh -----------------------------------------------------------------------
-mkdir -p "$T/dev-good" "$T/dev-nostats" "$T/dev-stale" "$T/dev-panic" "$T/dev-count"
-stats='[{"device_index":0,"stale_accesses":0,"audit_checks":10},
-{"device_index":1,"stale_accesses":0,"audit_checks":12}]'
-for d in dev-good dev-stale dev-panic dev-count; do echo "$stats" >"$T/$d/device-stats.json"; done
-for d in dev-good dev-nostats dev-stale dev-panic dev-count; do echo "[INFO] svmgpu0: serving" >"$T/$d/device.log"; done
+mkdir -p "$T/dev-good" "$T/dev-nostats" "$T/dev-stale" "$T/dev-panic" "$T/dev-count" \
+    "$T/dev-unflushed" "$T/dev-narrow" "$T/dev-noaudit"
+stats='[{"device_index":0,"stale_accesses":0,"audit_checks":10,"unflushed_entries":0,"narrow_flush_entries":0},
+{"device_index":1,"stale_accesses":0,"audit_checks":12,"unflushed_entries":0,"narrow_flush_entries":0}]'
+for d in dev-good dev-stale dev-panic dev-count dev-unflushed dev-narrow dev-noaudit; do
+    echo "$stats" >"$T/$d/device-stats.json"
+done
+for d in dev-good dev-nostats dev-stale dev-panic dev-count dev-unflushed dev-narrow dev-noaudit; do
+    echo "[INFO] svmgpu0: serving" >"$T/$d/device.log"
+done
 sed -i 's/"device_index":1,"stale_accesses":0/"device_index":1,"stale_accesses":3/' "$T/dev-stale/device-stats.json"
+sed -i '2s/"unflushed_entries":0/"unflushed_entries":1/' "$T/dev-unflushed/device-stats.json"
+sed -i '2s/"narrow_flush_entries":0/"narrow_flush_entries":2/' "$T/dev-narrow/device-stats.json"
+sed -i '1s/,"unflushed_entries":0,"narrow_flush_entries":0//' "$T/dev-noaudit/device-stats.json"
 echo "thread 'svmgpu0-engine1' panicked at device/src/engine.rs:100:5:" >>"$T/dev-panic/device.log"
 expect pass "device-check: two clean devices pass" "$LIB/device-check.sh" "$T/dev-good" 2
 expect fail "device-check: a missing statistics file fails" "$LIB/device-check.sh" "$T/dev-nostats" 2
 expect fail "device-check: a stale access fails" "$LIB/device-check.sh" "$T/dev-stale" 2
+expect fail "device-check: an unflushed TLB entry fails" "$LIB/device-check.sh" "$T/dev-unflushed" 2
+expect fail "device-check: an entry a narrow flush left behind fails" "$LIB/device-check.sh" "$T/dev-narrow" 2
+expect fail "device-check: statistics without the audit counters fail" "$LIB/device-check.sh" "$T/dev-noaudit" 2
 expect fail "device-check: a device panic in device.log fails" "$LIB/device-check.sh" "$T/dev-panic" 2
 expect fail "device-check: statistics of the wrong number of devices fail" "$LIB/device-check.sh" "$T/dev-count" 4
 
