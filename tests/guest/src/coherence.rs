@@ -123,7 +123,7 @@ impl<'a> Writer<'a> {
             value: 1,
         })
         .push(Insn::Delay { ns: DELAY_NS });
-        let body = b.len_bytes() as i64;
+        let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
         b.push(Insn::Loop {
             count: LOOPS,
             offset: -body,
@@ -242,7 +242,7 @@ fn memfd_pair(len: usize) -> Result<(u64, u64), String> {
         if fd < 0 {
             return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
         }
-        if libc::ftruncate(fd, len as i64) != 0 {
+        if libc::ftruncate(fd, libc::off_t::try_from(len).unwrap_or(libc::off_t::MAX)) != 0 {
             libc::close(fd);
             return Err(format!("ftruncate: {}", std::io::Error::last_os_error()));
         }
@@ -639,7 +639,7 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
                 });
             }
             b.push(Insn::Delay { ns: DELAY_NS });
-            let body = b.len_bytes() as i64;
+            let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
             b.push(Insn::Loop {
                 count: 20_000,
                 offset: -body,
@@ -748,7 +748,7 @@ pub fn revalidation_races_invalidation(_env: &Env, name: &str, k: &mut K) {
                     value: u64::from(MAGIC),
                 })
                 .push(Insn::Delay { ns: 100_000 });
-                let body = b.len_bytes() as i64;
+                let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
                 b.push(Insn::Loop {
                     count: 40_000,
                     offset: -body,

@@ -277,8 +277,8 @@ pub fn vm_bind_rejects_bad_arguments(_env: &Env, name: &str, k: &mut K) {
         )?;
         // Half mapped, half hole.
         let half = ctx("mmap", Mapping::anon(8 * 4096))?;
-        // SAFETY: Unmaps the upper half of our own mapping.
         ensure(
+            // SAFETY: Unmaps the upper half of our own mapping.
             unsafe { libc::munmap((half.addr() + 4 * 4096) as *mut _, 4 * 4096) } == 0,
             || "munmap".into(),
         )?;
@@ -589,7 +589,7 @@ fn store(va: u64, value: u32) -> svmgpu::Batch {
     batch(&[Insn::Store {
         size64: false,
         va,
-        value: value as u64,
+        value: u64::from(value),
     }])
 }
 
@@ -618,8 +618,8 @@ pub fn userptr_invalidate_mprotect(_env: &Env, name: &str, k: &mut K) {
         s.bind_data(4 * 4096)?;
         s.run_ok(&store(DATA_VA, 1))?;
         let (addr, len) = (s.data().addr(), s.data().len());
-        // SAFETY: Changes the protection of our own mapping.
         ensure(
+            // SAFETY: Changes the protection of our own mapping.
             unsafe { libc::mprotect(addr as *mut _, len, libc::PROT_READ) } == 0,
             || "mprotect".into(),
         )?;
@@ -628,8 +628,8 @@ pub fn userptr_invalidate_mprotect(_env: &Env, name: &str, k: &mut K) {
             s.submit(&store(DATA_VA, 2)),
             libc::EFAULT,
         )?;
-        // SAFETY: As above.
         ensure(
+            // SAFETY: Changes the protection of our own mapping.
             unsafe { libc::mprotect(addr as *mut _, len, libc::PROT_READ | libc::PROT_WRITE) } == 0,
             || "mprotect".into(),
         )?;
@@ -653,8 +653,8 @@ pub fn userptr_invalidate_madvise_dontneed(_env: &Env, name: &str, k: &mut K) {
             "fill not visible".into()
         })?;
         let (addr, len) = (s.data().addr(), s.data().len());
-        // SAFETY: Discards the contents of our own mapping.
         ensure(
+            // SAFETY: Discards the contents of our own mapping.
             unsafe { libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED) } == 0,
             || "madvise".into(),
         )?;
@@ -758,7 +758,7 @@ fn invalidate_during_job(
         value: 1,
     })
     .push(Insn::Delay { ns: 40_000 });
-    let body = job.len_bytes() as i64;
+    let body = i64::try_from(job.len_bytes()).expect("batch length fits i64");
     job.push(Insn::Loop {
         count: 1500,
         offset: -body,

@@ -341,7 +341,7 @@ fn fork_watch(addr: u64, ms: u64) -> Result<libc::pid_t, String> {
         counters_at(addr, &mut a, 1);
         let ts = libc::timespec {
             tv_sec: 0,
-            tv_nsec: (ms * 1_000_000) as i64,
+            tv_nsec: i64::try_from(ms * 1_000_000).unwrap_or(i64::MAX),
         };
         // SAFETY: Sleeps, then leaves without running destructors.
         unsafe {

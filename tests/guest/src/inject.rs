@@ -186,7 +186,7 @@ fn blocked_job(done_va: u64, magic: u32) -> Batch {
         Insn::Store {
             size64: false,
             va: done_va,
-            value: magic as u64,
+            value: u64::from(magic),
         },
     ])
 }
@@ -877,7 +877,7 @@ fn store(va: u64, value: u32) -> Batch {
     batch(&[Insn::Store {
         size64: false,
         va,
-        value: value as u64,
+        value: u64::from(value),
     }])
 }
 

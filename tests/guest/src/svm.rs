@@ -689,8 +689,8 @@ fn fork_cow(devs: &[Device]) -> CResult {
     }
     ensure(pid > 0, || "fork".into())?;
     let r = s.gpu_fill(m.addr(), m.len, 0xdead_beef);
-    // SAFETY: Tell the child, reap it.
     let mut st = 0;
+    // SAFETY: Tell the child, reap it: our own pipe and child.
     unsafe {
         libc::write(fds[1], b"g".as_ptr().cast(), 1);
         libc::waitpid(pid, &mut st, 0);
@@ -884,7 +884,7 @@ fn many_threads(devs: &[Device]) -> CResult {
                         ensure(all_words(m.bytes(), pat), || {
                             format!("thread {t} round {round}")
                         })?;
-                        fill_cpu(m.bytes_mut(), pat as u64);
+                        fill_cpu(m.bytes_mut(), u64::from(pat));
                         check_sums("thread", &s.gpu_sums(m.addr(), m.len)?, m.bytes())?;
                     }
                     Ok(())

@@ -302,7 +302,7 @@ fn device_query_rejects_bad_input(_env: &Env, name: &str, k: &mut K) {
     ));
     let mut junk = [0u8; 256];
     // An ioctl number past the driver's last one (DRM_COMMAND_BASE + 0x20).
-    let unknown = (3u64 << 30) | (8 << 16) | ((b'd' as u64) << 8) | 0x60;
+    let unknown = (3u64 << 30) | (8 << 16) | (u64::from(b'd') << 8) | 0x60;
     // SAFETY: An unknown command must be refused without touching the argument.
     let got = errno(unsafe { dev.raw_ioctl(unknown, junk.as_mut_ptr()) });
     cases.push((

@@ -178,7 +178,7 @@ pub fn counting_job(counter: u64, count: u32, delay_ns: u32, done: u64, magic: u
         value: 1,
     })
     .push(Insn::Delay { ns: delay_ns });
-    let body = b.len_bytes() as i64;
+    let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
     b.push(Insn::Loop {
         count,
         offset: -body,
@@ -186,7 +186,7 @@ pub fn counting_job(counter: u64, count: u32, delay_ns: u32, done: u64, magic: u
     .push(Insn::Store {
         size64: false,
         va: done,
-        value: magic as u64,
+        value: u64::from(magic),
     })
     .end();
     b
