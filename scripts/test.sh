@@ -53,8 +53,8 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --debug-kernel  run every guest suite (KTAP suites, C client, fault injection) on the debug
                   kernel instead of the default one (KASAN, KFENCE, DEBUG_VM, DEBUG_LIST,
                   DEBUG_OBJECTS, hung task, soft lockup, kmemleak; built on first use, ~15 min)
-  --debug-subset  also run the 2-vGPU suite and the injections $DEBUG_INJECT
-                  on the debug kernel
+  --debug-subset  (default) also run the 2-vGPU suite and the injections
+                  $DEBUG_INJECT on the debug kernel
   --no-debug      skip the debug-kernel runs
   --no-client     skip the C client run (tests/c/svmgpu-client.c on 2 vGPUs, started from a
                   temporary folder through a symlink, the client run from a --share folder)
@@ -73,7 +73,7 @@ $(printf '  %s\n' "${INJECT_SUITE[@]}" | sed 's/|/  /')
 EOF
 }
 
-HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=none GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY="" MUTANTS=quick
+HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=subset GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY="" MUTANTS=quick
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
