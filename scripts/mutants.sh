@@ -121,13 +121,13 @@ run_kill() {
     local rc=0
     "$SVMGPU_ROOT/scripts/run-vm.sh" "${args[@]}" -- /bin/svmgpu-ktap --only "$only" --out /dev/ttyS1 \
         >"$dir.out" 2>&1 || rc=$?
-    # The failing cases, innermost first (a nested case, then the test holding it).
-    local failed=() n
-    mapfile -t failed < <(grep -E '^ *not ok [0-9]+ ' "$dir/channel.log" 2>/dev/null \
-        | sed -E 's/^ *not ok [0-9]+ //; s/ *#.*//' || true)
-    n=${#failed[@]}
-    if [[ $n -gt 0 ]]; then
-        echo "${failed[0]}$([[ $n -gt 1 ]] && echo " (+$((n - 1)) more not ok)")"
+    # What failed: the first failing test (top level) and its first failing case.
+    local top inner n
+    top=$(grep -m1 -E '^not ok [0-9]+ ' "$dir/channel.log" 2>/dev/null | sed -E 's/^not ok [0-9]+ //; s/ *#.*//' || true)
+    inner=$(grep -m1 -E '^ +not ok [0-9]+ ' "$dir/channel.log" 2>/dev/null | sed -E 's/^ *not ok [0-9]+ //; s/ *#.*//' || true)
+    n=$(grep -c -E '^ *not ok [0-9]+ ' "$dir/channel.log" 2>/dev/null || true)
+    if [[ -n $top ]]; then
+        echo "$top${inner:+/$inner}$([[ ${n:-0} -gt 2 ]] && echo " (+$((n - 2)) more not ok)")"
         return 0
     fi
     if ! "$SVMGPU_ROOT/scripts/lib/ktap-check.sh" "$dir/channel.log" "$only" >/dev/null 2>&1; then
