@@ -4,12 +4,14 @@
 # DMA-API debug report, KASAN/KFENCE/UBSAN report, list or object debugging report, RCU
 # stall, soft lockup, hung task, OOM or kmemleak report; print each offending line.
 #
-# One report is tolerated, and only in one place: a KASAN report whose first line names
-# handle_edge_irq and whose trace shows identify_cpu, printed under TCG *before* the guest
-# init loads svmgpu.ko (before its "svmgpu-guest: booted" line). That is a known report of
-# the kernel itself under QEMU's TCG (an interrupt during CPU identification at boot; seen
-# in 1 of 18 debug-kernel boots), not of the driver. The same report after the module is
-# loaded, under KVM, or naming another function fails the check as any other.
+# One report is tolerated, and only in one place: a KASAN report whose trace shows
+# handle_edge_irq (in its first line, or as the caller of the faulting do_raw_spin_lock)
+# interrupting identify_cpu, printed under TCG *before* the guest init loads svmgpu.ko
+# (before its "svmgpu-guest: booted" line). That is a known report of the kernel itself
+# under QEMU's TCG (an interrupt during CPU identification at boot, a wild-memory-access;
+# seen in about 1 of 18 debug-kernel boots), not of the driver. The same report after the
+# module is loaded, under KVM, or without both functions fails the check as any other.
+# KASAN then disables lock debugging for that boot: the check says so.
 #
 # --debug-kernel: the log must also show the init's kmemleak scan ("svmgpu-kmemleak: scan
 # done"): a debug-kernel run without it did not check for leaks.
@@ -74,18 +76,19 @@ if [[ $accel == tcg && -n $boundary ]]; then
         # A KASAN report runs from its "BUG: KASAN:" line to the closing "=====" line.
         function flush(   i) { for (i = 1; i <= n; i++) print buf[i]; n = 0 }
         NR >= stop { if (inrep) { flush(); inrep = 0 } print; next }
-        !inrep && /BUG: KASAN: .* in handle_edge_irq/ { inrep = 1; n = 0; ident = 0 }
+        !inrep && /BUG: KASAN: / { inrep = 1; n = 0; ident = 0; edge = 0 }
         inrep {
             buf[++n] = $0
             if ($0 ~ /identify_cpu/) ident = 1
+            if ($0 ~ /handle_edge_irq/) edge = 1
             if ($0 ~ /==================/ && n > 1) {
-                if (ident) { tolerated++; n = 0 } else flush()
+                if (ident && edge) { tolerated++; n = 0 } else flush()
                 inrep = 0
             }
             next
         }
         { print }
-        END { if (inrep) flush(); if (tolerated) printf "console-check: tolerated %d known pre-driver KASAN report(s) in handle_edge_irq during identify_cpu (TCG)\n", tolerated > "/dev/stderr" }
+        END { if (inrep) flush(); if (tolerated) printf "console-check: tolerated %d known pre-driver KASAN report(s) in handle_edge_irq during identify_cpu (TCG); lock debugging was off for this boot\n", tolerated > "/dev/stderr" }
     ' "$log" >"$scan"
 fi
 
