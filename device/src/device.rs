@@ -8,6 +8,9 @@
 //!
 //! Locks, always taken in this order (a lock is only ever taken while holding locks above
 //! it in this list):
+//! 0. the vhost-user backend's ring marks (`stopped` in [`crate::vhu_svmgpu`]), held across
+//!    the pause, resume or virtio reset that a ring stop, restart or `RESET_DEVICE` causes,
+//!    so that these happen in the order the frontend's messages and the ring events came;
 //! 1. `state` (this module's [`State`]);
 //! 2. an engine's MMU (`mmus[e]`; one at a time) — an engine holds its own only for one
 //!    instruction, so whoever takes it (invalidation, reset, audit) waits for at most the
@@ -16,8 +19,8 @@
 //! 4. a vring's lock (vhost-user-backend's `VringRwLock`).
 //!
 //! Leaves, taken under any of those and holding nothing else: the injector's rule lock, the
-//! invalidation log's lock, a context's `Attention` thread slot, the guest-memory `RwLock`,
-//! and the vhost-user backend's ring marks (`stopped`).
+//! invalidation log's lock, a context's `Attention` thread slot and the guest-memory
+//! `RwLock`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1549,6 +1552,7 @@ impl Device {
         if reason.is_none() {
             // The rings are reset too: nothing is left to resume.
             st.paused = false;
+            self.outbox.hold(false);
         }
         st.reset_count += 1;
         self.stats.inc(Counter::Resets);
@@ -1595,6 +1599,10 @@ impl Device {
                 );
             }
         }
+        drop(st);
+        // Nothing moves in any ring from now on: the rings that still run may be stopped
+        // next, and each must stay where the VMM will read it.
+        self.outbox.hold(true);
         info!("svmgpu{}: paused (rings stopped)", self.index);
     }
 
@@ -1612,6 +1620,7 @@ impl Device {
         self.work.notify_all();
         info!("svmgpu{}: resumed", self.index);
         drop(st);
+        self.outbox.hold(false);
         self.flush();
     }
 

@@ -126,6 +126,10 @@ pub struct Outbox {
     delivery: Mutex<()>,
     /// Records may be waiting: the delivering thread looks again before it leaves.
     pending: AtomicBool,
+    /// Set while the device is paused: nothing is delivered, so no ring moves until the
+    /// rings run again (spec 15.2), and where each ring stood can tell a restart from a
+    /// reset.
+    held: AtomicBool,
     budget: Budget,
 }
 
@@ -154,6 +158,7 @@ impl Outbox {
             }),
             delivery: Mutex::new(()),
             pending: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             budget: Budget::new(max_contexts),
         }
     }
@@ -335,6 +340,16 @@ impl Outbox {
         }
     }
 
+    /// Holds every record (`true`) or delivers again (`false`). When holding starts, a
+    /// delivery in progress is waited for: after this returns, nothing is written into a ring
+    /// until delivery resumes.
+    pub fn hold(&self, on: bool) {
+        self.held.store(on, Ordering::Release);
+        if on {
+            drop(self.delivery.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
     /// Delivers what the rings have buffers for; returns true if a FENCE record left the
     /// backlog (waiting fences may proceed). If another thread is delivering, it does the
     /// work (it looks again before it stops) and this returns at once.
@@ -346,6 +361,10 @@ impl Outbox {
                 return fence_freed;
             };
             while self.pending.swap(false, Ordering::AcqRel) {
+                if self.held.load(Ordering::Acquire) {
+                    // Delivered when it resumes (which flushes).
+                    return fence_freed;
+                }
                 fence_freed |= self.deliver_completions(mem, stats);
                 self.deliver_events(mem, stats);
             }

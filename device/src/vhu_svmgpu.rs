@@ -84,8 +84,9 @@ pub struct VhostUserSvmgpuBackend {
     acked_features: AtomicU64,
     /// The connection's rings (known from the first event on them).
     vrings: OnceLock<Vec<VringRwLock>>,
-    /// Set while the VMM has stopped the rings: where each stood when it was stopped.
-    stopped: Mutex<Option<[Option<RingMark>; NUM_QUEUES as usize]>>,
+    /// Set while the VMM has stopped the rings: per ring, `None` while it runs, else where
+    /// it stood when it was stopped (`Some(None)`: not known, no event came from it yet).
+    stopped: Mutex<Option<[Option<Option<RingMark>>; NUM_QUEUES as usize]>>,
 }
 
 impl std::fmt::Debug for VhostUserSvmgpuBackend {
@@ -118,22 +119,30 @@ impl VhostUserSvmgpuBackend {
         }
     }
 
-    /// The rings run again after a stop: resume, unless they restarted elsewhere (a reset
-    /// the frontend did not announce with RESET_DEVICE): then reset first.
-    fn restart(&self, vrings: &[VringRwLock]) {
-        let Some(marks) = self
-            .stopped
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
+    /// An event on ring `queue`: if that ring was stopped, the rings run again: resume,
+    /// unless they restarted elsewhere (a reset the frontend did not announce with
+    /// RESET_DEVICE): then reset first. An event on a ring that was not stopped (one
+    /// pending from before the VMM began stopping the rings) restarts nothing.
+    ///
+    /// The other rings may not have been set up again yet; they still stand where they
+    /// stopped, since nothing is delivered while the device is paused.
+    fn restart(&self, queue: u16, vrings: &[VringRwLock]) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        let restarted = stopped
+            .as_ref()
+            .and_then(|marks| marks.get(usize::from(queue)))
+            .is_some_and(Option::is_some);
+        if !restarted {
+            return;
+        }
+        let Some(marks) = stopped.take() else {
             return;
         };
-        let now: Vec<Option<RingMark>> = vrings.iter().map(|v| Some(RingMark::of(v))).collect();
+        let now: Vec<RingMark> = vrings.iter().map(RingMark::of).collect();
         let moved = marks
             .iter()
             .zip(&now)
-            .any(|(stopped, now)| stopped.is_some() && stopped != now);
+            .any(|(stopped, now)| matches!(stopped, Some(Some(mark)) if mark != now));
         if moved {
             info!(
                 "svmgpu{}: the rings restarted elsewhere ({now:?}, stopped at {marks:?}): \
@@ -143,6 +152,7 @@ impl VhostUserSvmgpuBackend {
             self.gpu.virtio_reset();
         }
         self.gpu.resume();
+        drop(stopped);
     }
 
     /// The device.
@@ -266,8 +276,10 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
 
     fn reset_device(&self) {
         info!("svmgpu{}: device reset by the frontend", self.gpu.index());
-        *self.stopped.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        *stopped = None;
         self.gpu.virtio_reset();
+        drop(stopped);
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -285,16 +297,18 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
         let first = stopped.is_none();
         let marks = stopped.get_or_insert([None; NUM_QUEUES as usize]);
         if let Some(m) = marks.get_mut(queue_index as usize) {
-            *m = mark;
+            *m = Some(mark);
         }
-        drop(stopped);
         if first {
             debug!(
                 "svmgpu{}: ring {queue_index} stopped: pausing",
                 self.gpu.index()
             );
+            // Under the marks' lock, so that a restart cannot resume the device between
+            // these marks and the pause.
             self.gpu.pause();
         }
+        drop(stopped);
         Ok(())
     }
 
@@ -354,7 +368,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
             return Ok(());
         };
         let _ = self.vrings.set(vrings.to_vec());
-        self.restart(vrings);
+        self.restart(device_event, vrings);
         if let (Some(eventq), Some(complq)) = (
             vrings.get(usize::from(QUEUE_EVENT)),
             vrings.get(usize::from(QUEUE_COMPLETION)),

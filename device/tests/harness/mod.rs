@@ -451,6 +451,14 @@ impl TestFrontend {
             .collect()
     }
 
+    /// Stops ring `i` alone (SET_VRING_ENABLE 0, GET_VRING_BASE); returns where it stopped.
+    pub fn stop_ring(&mut self, i: usize) -> u32 {
+        self.frontend
+            .set_vring_enable(i, false)
+            .expect("SET_VRING_ENABLE");
+        self.frontend.get_vring_base(i).expect("GET_VRING_BASE")
+    }
+
     /// Starts the rings again as QEMU does when the VM continues: SET_MEM_TABLE, then each
     /// ring at `bases` with the same addresses, a kick eventfd that is already signalled
     /// (QEMU creates it so), and SET_VRING_ENABLE 1.
