@@ -16,7 +16,7 @@ Boots the guest with N vGPUs (default 4) and runs for M minutes (default 10):
          in non-fault and fault-mode VMs, userptr invalidations by mprotect and
          madvise(DONTNEED), long-running jobs preempted by invalidations, unbind/rebind),
          replacing queues and files that recovery lost or banned;
-  host   every 2-6 s one random injection rule (every kind of spec 16.3.1, bounded by a
+  host   every 2-6 s one random injection rule (every kind of spec 6.16.1, bounded by a
          count) on a random device via svmgpu-ctl, until 20 s before the end.
 Invariants, checked continuously: no kernel warning/BUG/lockdep/DMA-API report on the
 console (host, every injection), zero stale accesses in the device's audit (host via
@@ -94,7 +94,7 @@ done
 grep -q '^soak-start' "$CHANNEL" 2>/dev/null || { tail -n 30 "$CONSOLE" >&2 || true; die "the guest soak did not start"; }
 log "guest: $(grep -m1 '^soak-start' "$CHANNEL")"
 
-# Injection rules: every kind of spec 16.3.1, each bounded (count) so that it ends.
+# Injection rules: every kind of spec 6.16.1, each bounded (count) so that it ends.
 # $RANDOM seeded once and only read in this shell (never in a $(...) subshell, which would
 # not advance it), so the schedule follows from the seed.
 RANDOM=$SEED

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! What the device has room for (spec/svmgpu.md sections 5.3, 6.11 and 8): slots a command
+//! What the device has room for (spec/svmgpu.md sections 6.3.3, 6.4.11 and 6.6): slots a command
 //! takes when it is accepted and gets back only when its last trace has left the device —
 //! its completion record is in a used ring, or it was discarded without one. A driver that
 //! posts no completion buffers therefore meets `BUSY`, never a backlog that grows.

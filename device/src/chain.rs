@@ -2,7 +2,7 @@
 
 //! Descriptor chains as the device sees them, every descriptor untrusted: reading a
 //! request from the device-readable part, writing a response or a record across the
-//! device-writable part (spec/svmgpu.md sections 4 and 5.1). A leaf: it knows bytes and
+//! device-writable part (spec/svmgpu.md sections 6.2 and 6.3.1). A leaf: it knows bytes and
 //! guest RAM, nothing of commands.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
@@ -81,7 +81,7 @@ pub fn scatter<M: GuestMemory>(mem: &M, descs: &[Desc], bytes: &[u8]) -> Option<
 /// Writes a device → driver record (event or completion) at the start of a chain's
 /// device-writable descriptors, which are treated as one buffer (readable ones are ignored).
 /// Returns the used length, or `None` if the writable part is shorter than the record or not
-/// writable guest RAM (spec/svmgpu.md section 4).
+/// writable guest RAM (spec/svmgpu.md section 6.2).
 pub fn write_record<M: GuestMemory>(mem: &M, descs: &[Desc], record: &[u8]) -> Option<u32> {
     let mut room: u64 = 0;
     for d in descs.iter().filter(|d| d.writable) {

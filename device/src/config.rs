@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Device options (from the command line) and the config space they produce
-//! (spec/svmgpu.md section 3).
+//! (spec/svmgpu.md section 4).
 
 use svmgpu_spec::{
     Config, CONFIG_MAGIC, CONFIG_SIZE, PAGE_SIZE_2M, PAGE_SIZE_4K, SPEC_VERSION, VA_BITS,
@@ -75,17 +75,17 @@ pub struct DeviceOptions {
     pub insn_cost_ns: u32,
     /// Time-slice length.
     pub timeslice_us: u32,
-    /// An engine that makes no progress for this long posts ENGINE_HANG (spec 7.2, 17).
+    /// An engine that makes no progress for this long posts ENGINE_HANG (spec 6.5.2, 6.17).
     pub hang_threshold_us: u32,
     /// Audit every access even if the driver did not accept `SVMGPU_F_AUDIT`.
     pub audit: bool,
     /// Audit: how long a TLB entry may stay ahead of its page table, with no invalidation
-    /// covering it accepted, before it counts as unflushed (spec 11.4).
+    /// covering it accepted, before it counts as unflushed (spec 6.10.4).
     pub audit_grace_ns: u64,
-    /// TLBs never evict: a translation whose set is full is used uncached (spec 10.3).
+    /// TLBs never evict: a translation whose set is full is used uncached (spec 6.9.3).
     pub tlb_no_evict: bool,
     /// A job of a context without `CTX_F_LONG_RUNNING` that has been on an engine this long
-    /// fails with `JOB_TIMEOUT` (spec 17); 0: never.
+    /// fails with `JOB_TIMEOUT` (spec 6.17); 0: never.
     pub job_timeout_ms: u32,
 }
 

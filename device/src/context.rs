@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Contexts (spec/svmgpu.md section 9.2): an ASID, a queue of jobs, the saved execution
+//! Contexts (spec/svmgpu.md section 6.8.2): an ASID, a queue of jobs, the saved execution
 //! state of the current job, and the scheduling state (running, stalled, preempted, error).
 
 use std::collections::VecDeque;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The control-request dispatcher: request bytes in, response bytes out
-//! (spec/svmgpu.md sections 5 and 6). Pure with respect to guest memory, so it is tested by
+//! (spec/svmgpu.md sections 6.3 and 6.4). Pure with respect to guest memory, so it is tested by
 //! feeding bytes and checking bytes; `chain` moves the bytes between descriptors and here.
 
 use log::debug;
@@ -63,7 +63,7 @@ pub enum ControlError {
     /// A request descriptor is not guest RAM.
     #[error("request buffer is not guest RAM")]
     RequestNotInRam,
-    /// The command's own checks failed (section 6).
+    /// The command's own checks failed (section 6.4).
     #[error("{op:?}: {why} ({status:?})")]
     Rejected {
         /// Opcode.
@@ -138,7 +138,7 @@ impl Response {
 /// the size of the response buffer, at least 16. The request counts as completed.
 ///
 /// The returned [`Deferred`] work must be started with [`crate::gpu::Gpu::start`] once the response is in
-/// the used ring (spec section 5.3: no completion before its command's response).
+/// the used ring (spec section 6.3.3: no completion before its command's response).
 pub(crate) fn handle_request(
     dev: &Device,
     req: &[u8],
@@ -227,7 +227,7 @@ fn execute(
         Opcode::GetStats => {
             let mut s = dev.stats().snapshot();
             s.commands_completed = before;
-            // As many whole counters as the buffer holds (spec 6.2): at least those of v0.1.
+            // As many whole counters as the buffer holds (spec 6.4.2): at least those of v0.1.
             let fit = (resp_cap - RespHeader::SIZE) / 8 * 8;
             let bytes = s.to_bytes();
             ok(&bytes[..fit.min(bytes.len())], None)
@@ -282,7 +282,7 @@ fn execute(
     }
 }
 
-/// One command's checks and effects (section 6).
+/// One command's checks and effects (section 6.4).
 struct Cmd<'a> {
     dev: &'a Device,
     op: Opcode,
@@ -493,7 +493,7 @@ mod tests {
         let s = StatsResp::decode(&r.bytes()[16..]).unwrap();
         assert_eq!(s.commands_completed, 1);
         assert_eq!(s.commands_failed, 1);
-        // A driver of an older minor version gets the counters it knows (spec 6.2): whole
+        // A driver of an older minor version gets the counters it knows (spec 6.4.2): whole
         // counters only, as many as fit, never fewer than v0.1's 24.
         for (cap, body) in [(192, 192), (199, 192), (200, 200), (208, 208), (4096, 208)] {
             let r = g.handle_request(&req(2, 0, 10, &[]), 16 + cap).0;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The control queue's chains (spec/svmgpu.md section 5.2): the checks that decide whether
+//! The control queue's chains (spec/svmgpu.md section 6.3.2): the checks that decide whether
 //! a chain can be answered at all, then the request bytes to the dispatcher and its
 //! response back into the chain.
 

@@ -134,7 +134,7 @@ pub(crate) struct State {
     active: bool,
     /// A device-initiated reset is in progress until then (DEVICE_RESET is queued then).
     resetting_until: Option<Instant>,
-    /// The VMM stopped the rings (a pause, spec 15.2): engines run nothing.
+    /// The VMM stopped the rings (a pause, spec 6.14.4): engines run nothing.
     paused: bool,
 }
 
@@ -418,7 +418,7 @@ impl Device {
     }
 
     /// Engine `e` failed (its thread panicked) while running `pick`: the context's state is
-    /// unknown, so the device resets itself (spec 15.1) and the engine starts afresh.
+    /// unknown, so the device resets itself (spec 6.14.1) and the engine starts afresh.
     pub fn engine_failed(&self, e: usize, pick: &Pick) {
         log::error!(
             "svmgpu{}: engine {e} failed while running context {}: device-initiated reset",
@@ -455,7 +455,7 @@ impl Device {
 
     /// A job that burns host CPU ran a slice alone on engine `e`: the engine rests for
     /// `rest` before it takes the job again, unless other work comes (a runaway job costs
-    /// time slices, not a whole host core, spec 17). Woken by new work and by attention.
+    /// time slices, not a whole host core, spec 6.17). Woken by new work and by attention.
     pub fn rest(&self, pick: &Pick, rest: Duration) {
         let until = Instant::now() + rest;
         let mut st = self.lock();
@@ -527,7 +527,7 @@ impl Device {
         (due, st.generation)
     }
 
-    /// Completes invalidations of generation `generation` (spec 11.2): drops the covered
+    /// Completes invalidations of generation `generation` (spec 6.10.2): drops the covered
     /// entries from every engine's TLB — each MMU lock waits for the instruction in flight
     /// on that engine, so every access that used an old translation has finished — records
     /// them for the audit and posts COMMAND_DONE. Called without the state lock.
@@ -535,7 +535,7 @@ impl Device {
         for inv in due {
             if inv.status != Status::Ok {
                 // Injected failure (`tlb-inval-error`): nothing is dropped and the audit does
-                // not count it as completed; the completion guarantees nothing (spec 11.2).
+                // not count it as completed; the completion guarantees nothing (spec 6.10.2).
                 let st = self.lock();
                 if st.generation == generation {
                     let done =
@@ -555,7 +555,7 @@ impl Device {
             }
             self.log.complete(inv.scope, inv.seq);
             if self.audit() {
-                // What it left behind (spec 11.4, rule 3), before its completion is posted.
+                // What it left behind (spec 6.10.4, rule 3), before its completion is posted.
                 self.audit_tlbs(|m, t| m.audit_complete(t, inv.seq));
             }
             self.stats.inc(Counter::TlbInvalidations);
@@ -1065,7 +1065,7 @@ impl Device {
         }
     }
 
-    /// Puts a context in the error state (section 9.2): JOB_DONE with the error for the
+    /// Puts a context in the error state (section 6.8.2): JOB_DONE with the error for the
     /// failing job, CONTEXT_ERROR, JOB_SKIPPED for every queued job, its faults dropped.
     pub fn fail_context(&self, st: &mut State, id: u32, f: Failure) {
         let Some(c) = st.contexts.get_mut(&id) else {
@@ -1164,7 +1164,7 @@ impl Device {
     }
 
     /// Starts an accepted TLB invalidation: it takes its sequence number, the audit looks
-    /// at the entries it concerns (spec 11.4, rule 2) before the timer can complete it, then
+    /// at the entries it concerns (spec 6.10.4, rule 2) before the timer can complete it, then
     /// the injections decide when and how it completes.
     fn start_invalidation(&self, generation: u64, seqno: u64, scope: Scope) {
         if self.lock().generation != generation {
@@ -1240,7 +1240,7 @@ impl Device {
             } => {
                 let Some(c) = st.contexts.get_mut(&ctx).filter(|c| c.uid == uid) else {
                     // Destroyed between its response and now: canceled, as the destroy
-                    // would have done (spec 6.5); the slot comes back with the completion.
+                    // would have done (spec 6.4.5); the slot comes back with the completion.
                     let op = if preempt {
                         Opcode::CtxPreempt
                     } else {
@@ -1315,7 +1315,7 @@ impl Device {
         }
     }
 
-    // ---- commands (spec section 6): the state each one changes, and its refusals ------
+    // ---- commands (spec section 6.4): the state each one changes, and its refusals ------
 
     /// CTX_CREATE of a validated request.
     pub fn create_context(&self, id: u32, asid: u32, flags: u32) -> Result<(), Refusal> {
@@ -1575,7 +1575,7 @@ impl Device {
         self.flush();
     }
 
-    /// The VMM stopped the rings (spec 15.2): the engines stop at an instruction boundary
+    /// The VMM stopped the rings (spec 6.14.4): the engines stop at an instruction boundary
     /// and start nothing until [`Device::resume`]; every state is kept. When this returns,
     /// no engine accesses guest memory (a snapshot or a migration sees it all). Timers keep
     /// running: what completes meanwhile is held for the rings.
@@ -1764,7 +1764,7 @@ impl Device {
         }
     }
 
-    /// Engine `e` did not stop in time (or failed): the device resets itself (spec 15.1),
+    /// Engine `e` did not stop in time (or failed): the device resets itself (spec 6.14.1),
     /// so that every other context's state is consistent again and the driver hears of it.
     pub fn engine_stuck(&self, e: usize) {
         log::error!(

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! One engine: a thread that takes runnable contexts from the device's run queue and runs
-//! each for a time slice (spec/svmgpu.md section 9.2), one instruction at a time, holding its
+//! each for a time slice (spec/svmgpu.md section 6.8.2), one instruction at a time, holding its
 //! MMU only for the instruction in flight. Between instructions it checks the context's
 //! attention flag (preemption, destroy, reset), so a context stops at an instruction boundary;
 //! WAIT and DELAY are interruptible and keep their elapsed time.

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Outstanding page faults (spec/svmgpu.md section 13): ids, the bound on outstanding
+//! Outstanding page faults (spec/svmgpu.md section 6.12): ids, the bound on outstanding
 //! faults, coalescing of accesses to one page, and the queue of faults waiting for a slot.
 
 use std::collections::{HashMap, VecDeque};

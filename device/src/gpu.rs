@@ -105,7 +105,7 @@ impl Gpu {
         self.shared.stats()
     }
 
-    /// Fault-injection rules (spec section 16.3).
+    /// Fault-injection rules (spec section 6.16).
     pub fn injector(&self) -> &Injector {
         self.shared.injector()
     }
@@ -145,12 +145,12 @@ impl Gpu {
         self.shared.cancel(d);
     }
 
-    /// A virtio reset or a frontend disconnect (spec section 15.2).
+    /// A virtio reset or a frontend disconnect (spec section 6.14.2, Appendix A.3).
     pub fn virtio_reset(&self) {
         self.shared.reset(None);
     }
 
-    /// The VMM stopped the rings: pause, keeping every state (spec section 15.2).
+    /// The VMM stopped the rings: pause, keeping every state (spec section 6.14.4).
     pub fn pause(&self) {
         self.shared.pause();
     }

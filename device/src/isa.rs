@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The command-stream executor (spec/svmgpu.md section 14): fetches, decodes and executes
+//! The command-stream executor (spec/svmgpu.md section 6.13): fetches, decodes and executes
 //! one instruction at a time for a context, with every memory access (instruction fetch
 //! included) translated by the engine's MMU. Decoding is `svmgpu_spec::isa::Insn::decode`;
 //! this module adds what depends on the batch and on memory.
@@ -78,7 +78,7 @@ struct Seg {
 }
 
 /// Checks that every segment is a slice of guest RAM, before anything is written, so that
-/// an instruction that faults has no effect (spec 14.3).
+/// an instruction that faults has no effect (spec 6.13.3).
 fn validate(mem: &GuestMemoryMmap<()>, segs: &[Seg], access: AccessKind) -> Result<(), Fault> {
     for s in segs {
         mem.get_slice(GuestAddress(s.pa), s.len as usize)
@@ -145,7 +145,7 @@ impl Executor {
         if let Err(f) = done {
             if f.reason == FaultReason::BadPageAddress {
                 // The page stopped being guest RAM under a cached translation: the retry
-                // after RESUME walks afresh (spec 13.3).
+                // after RESUME walks afresh (spec 6.12.3).
                 mmu.forget(sp.asid, f.va);
             }
         }
@@ -349,7 +349,7 @@ impl Executor {
         }
     }
 
-    /// LOOP (section 14.2): a stack of (address, remaining) of depth 4.
+    /// LOOP (section 6.13.2): a stack of (address, remaining) of depth 4.
     fn do_loop(&mut self, st: &mut ExecState, count: u32, offset: i64) -> Flow {
         let a = st.pc;
         // offset <= 0 (checked by decode); the target must not precede the batch.

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Device → driver records (spec/svmgpu.md sections 4, 7 and 8): the event backlog and the
+//! Device → driver records (spec/svmgpu.md sections 6.2, 6.5 and 6.6): the event backlog and the
 //! completion backlog, and their delivery into driver-posted eventq/complq buffers.
 //!
 //! Records are queued by whoever produces them (control thread, engines, the timer) and
@@ -22,7 +22,7 @@
 //! A reset discards the backlogs (after any delivery in progress) and clears the budget;
 //! records produced by work of an earlier reset generation are dropped on arrival.
 //!
-//! Fault injection (spec section 16.3) acts here too: a completion may be queued corrupted,
+//! Fault injection (spec section 6.16) acts here too: a completion may be queued corrupted,
 //! twice, or held back behind the next one (at most one record is held back, and only until
 //! its deadline); a droppable event may be dropped as if the backlog were full. Bounds hold:
 //! a duplicate is one more record per record, and takes no slot of its own: the original's
@@ -127,7 +127,7 @@ pub struct Outbox {
     /// Records may be waiting: the delivering thread looks again before it leaves.
     pending: AtomicBool,
     /// Set while the device is paused: nothing is delivered, so no ring moves until the
-    /// rings run again (spec 15.2), and where each ring stood can tell a restart from a
+    /// rings run again (spec 6.14.4), and where each ring stood can tell a restart from a
     /// reset.
     held: AtomicBool,
     budget: Budget,
@@ -232,7 +232,7 @@ impl Outbox {
     }
 
     /// Queues an event of generation `gen` only if the backlog has room (injected events,
-    /// which the bounds of section 7.3 do not account for); it counts as droppable. False
+    /// which the bounds of section 6.5.3 do not account for); it counts as droppable. False
     /// if it was not queued.
     pub fn push_event_if_room(&self, gen: u64, ev: Event) -> bool {
         let mut b = self.lock();

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Completion records (spec/svmgpu.md section 8) as the device builds them.
+//! Completion records (spec/svmgpu.md section 6.6) as the device builds them.
 
 use svmgpu_spec::{Completion, CompletionKind, Opcode, Status};
 

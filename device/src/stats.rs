@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! Per-device statistics: lock-free counters in the order of the spec's GET_STATS body
-//! (spec/svmgpu.md section 18), readable as the wire struct and, through serde, as JSON
+//! (spec/svmgpu.md section 6.18), readable as the wire struct and, through serde, as JSON
 //! (counters in wire order, then the device-only ones, then per engine).
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The device timer: completes TLB invalidations and fires preemptions when their latency
-//! has elapsed (spec/svmgpu.md sections 11 and 12), ends device-initiated resets and
+//! has elapsed (spec/svmgpu.md sections 6.10 and 6.11), ends device-initiated resets and
 //! releases completions held back by `completion-reorder` (fault injection), and in audit
-//! mode scans every TLB against memory (spec section 11.4). The rules live in
+//! mode scans every TLB against memory (spec section 6.10.4). The rules live in
 //! [`Device`]; this is the thread that runs them on time.
 
 use std::time::{Duration, Instant};

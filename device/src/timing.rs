@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The timing model (spec/svmgpu.md section 17). Every latency is a device option; the
+//! The timing model (spec/svmgpu.md section 6.17). Every latency is a device option; the
 //! defaults are chosen to be comparable to real GPUs (see device/README.md, "Timing model",
 //! for where each comes from). Engines are paced: an engine never runs ahead of the modelled
 //! cost of what it executed (instructions and page walks), so that a guest measuring, say,

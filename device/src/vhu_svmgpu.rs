@@ -5,7 +5,7 @@
 //! [`Gpu`]. It implements `VhostUserBackend` (interior locking, served as `Arc<T>`), so the
 //! vring worker threads never serialise on one big lock.
 //!
-//! Pause is not reset (spec/svmgpu.md section 15.2): `GET_VRING_BASE` (the VMM stopping the
+//! Pause is not reset (spec/svmgpu.md section 6.14.4): `GET_VRING_BASE` (the VMM stopping the
 //! rings: a VM stop, a snapshot, a migration, or the first half of a virtio reset) pauses
 //! the device and keeps its state; `RESET_DEVICE` (offered as a protocol feature) resets
 //! it. A frontend that resets without `RESET_DEVICE` is recognised when the rings run
@@ -283,7 +283,7 @@ impl VhostUserBackend for VhostUserSvmgpuBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: a pause, not a reset (spec section 15.2). The first ring stopped
+        // GET_VRING_BASE: a pause, not a reset (spec section 6.14.4). The first ring stopped
         // pauses the device, so no engine touches guest memory after the VMM has read where
         // any ring stands.
         // Each ring is marked where it stands when it is stopped (the others may still

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The audit of spec/svmgpu.md section 11.4 through the harness's driver model: a device in
+//! The audit of spec/svmgpu.md section 6.10.4 through the harness's driver model: a device in
 //! audit mode reports the driver mistakes it can see by itself — a flush narrower than the
 //! PTEs cleared (`narrow_flush_entries`), PTEs changed and never invalidated
 //! (`unflushed_entries`, after the grace period) — and a TLB that never evicts keeps such a

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Fault injection (spec/svmgpu.md section 16.3) through the vhost-user harness: every kind
+//! Fault injection (spec/svmgpu.md section 6.16) through the vhost-user harness: every kind
 //! has its observable effect on the wire, the device keeps serving afterwards, and the same
 //! seed gives the same injections.
 

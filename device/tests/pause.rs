@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Pause is not reset (spec/svmgpu.md section 15.2), through the harness's frontend playing
+//! Pause is not reset (spec/svmgpu.md section 6.14.4), through the harness's frontend playing
 //! QEMU: `GET_VRING_BASE` on every ring (a VM stop) pauses the device with its state kept,
 //! the rings started again continue it; `RESET_DEVICE` resets it; and a reset the frontend
 //! does not announce is recognised when the rings restart elsewhere.

@@ -134,7 +134,7 @@ fn get_info_round_trip() {
     assert_eq!(s.commands_completed, 7);
     assert_eq!(s.commands_failed, 0);
     assert_eq!(be.gpu.stats().get(Counter::CommandsCompleted), 8);
-    // A v0.1 driver's 192-byte buffer gets the 24 counters it knows (spec 6.2).
+    // A v0.1 driver's 192-byte buffer gets the 24 counters it knows (spec 6.4.2).
     let (h, body, _) = fe.control(Opcode::GetStats.as_u32(), &[], 192);
     assert_eq!((h.status, body.len()), (0, 192));
     assert_eq!(u64::from_le_bytes(body[..8].try_into().unwrap()), 8);

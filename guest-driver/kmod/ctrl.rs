@@ -362,7 +362,7 @@ impl CtrlQueue {
     /// Sends a synchronous command and waits up to [`TIMEOUT_MS`] for its response; the
     /// response body (if any, status OK) is copied into `resp_body`.
     ///
-    /// A `RESETTING` answer (a device-initiated reset is in progress, spec 15.1) is not
+    /// A `RESETTING` answer (a device-initiated reset is in progress, spec 6.14.1) is not
     /// returned: the request is sent again (every 2 ms, for at most [`TIMEOUT_MS`]), as the
     /// spec asks; only then is `RESETTING` returned (`EAGAIN`).
     pub(crate) fn call(

@@ -8,7 +8,7 @@
 //! queue have increasing seqnos. A fence signals when its job *and every earlier job of the
 //! queue* got a `JOB_DONE`: `completed` is the seqno up to which that holds.
 //!
-//! Nothing a `JOB_DONE` says is trusted blindly (spec 8, 16.3.3): every job the device
+//! Nothing a `JOB_DONE` says is trusted blindly (spec 6.6, 6.16.2): every job the device
 //! accepted is recorded in `pending` (under the control queue's lock, before the request
 //! is on the ring, so a `JOB_DONE` can never arrive before its job is known), and a
 //! `JOB_DONE` is accepted only for a pending job that has none yet. Completions for

@@ -88,7 +88,7 @@ pub(crate) struct Stats {
     pub(crate) commands_deferred: Atomic<u64>,
 }
 
-/// Recovery counters, per kind (debugfs `svmgpu/virtioN/recovery`, spec 16.3.3).
+/// Recovery counters, per kind (debugfs `svmgpu/virtioN/recovery`, spec 6.16.2).
 pub(crate) struct Recovery {
     /// Completion records too short or otherwise undecodable.
     pub(crate) completions_corrupt: Atomic<u64>,
@@ -437,7 +437,7 @@ impl Gpu {
 
     // ---- interrupt callbacks -----------------------------------------------------------
 
-    /// A completion record (interrupt context). Nothing in it is trusted (spec 8, 16.3.3):
+    /// A completion record (interrupt context). Nothing in it is trusted (spec 6.6, 6.16.2):
     /// undecodable records, unknown kinds and seqnos, duplicates are counted and ignored.
     fn on_completion(self: &Arc<Self>, rec: &[u8]) {
         let r = &self.recovery;

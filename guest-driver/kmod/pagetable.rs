@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! A VM's device page table: 4 levels of 4 KiB tables in DMA-coherent memory, in the
-//! format of spec section 10 (`wire::pte`), written only by the driver and read by the
+//! format of spec section 6.9 (`wire::pte`), written only by the driver and read by the
 //! device.
 //!
 //! Locking (see the overview in `svmgpu.rs`): the *structure* (which tables exist) only

@@ -44,7 +44,7 @@
  * see there); ERESTARTSYS/EINTR a signal arrived. An ioctl that fails has no effect. An
  * ioctl number this header does not define is EINVAL (the DRM core's answer).
  *
- * Recovery (spec/svmgpu.md 16.3.3, guest-driver/README.md "Recovery")
+ * Recovery (spec/svmgpu.md 6.16.2, guest-driver/README.md "Recovery")
  * ---------------------------------------------------------------------
  * - Device reset: when the device resets itself, or the driver resets it (an invalidation
  *   or preemption that failed or did not complete in 5 s, a hung context that could not be
@@ -315,7 +315,7 @@ struct drm_svmgpu_exec {
  *   ENGINE_HANG or the driver's job timeout), -ECANCELED (not run: an earlier job of the
  *   queue failed or hung, or the queue was destroyed), -ENODEV (the device was removed or
  *   given up).
- * @job_status: out: the device's status code for the job (spec/svmgpu.md, section 5.4),
+ * @job_status: out: the device's status code for the job (spec/svmgpu.md, section 6.3.4),
  *   0 if it succeeded or the driver failed it itself.
  *
  * Errors: EINVAL (flags, negative timeout, fence 0 or never returned by this queue),

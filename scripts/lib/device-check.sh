@@ -2,7 +2,7 @@
 # device-check.sh RUN_DIR GPUS: the device side of one guest run (the folder run-vm.sh --out
 # kept). Fails (exit 1) when
 #   - device-stats.json (written by svmgpu-device when it exits) is missing, is not a JSON
-#     array of GPUS device objects, or a device's audit counted a violation (spec 11.4:
+#     array of GPUS device objects, or a device's audit counted a violation (spec 6.10.4:
 #     stale_accesses, unflushed_entries or narrow_flush_entries nonzero, or a counter the
 #     device adds later whose name contains "stale");
 #   - device.log shows a panic of the device process (a Rust panic message or backtrace).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pause and continue a running guest through QEMU's QMP socket, as `stop`/`cont` in the
 # monitor do (for the device: the rings stop with GET_VRING_BASE and start again; the
-# device must keep its state, spec/svmgpu.md section 15.2).
+# device must keep its state, spec/svmgpu.md section 6.14.4).
 #
 # Usage: scripts/lib/qmp-pause.sh [SOCKET] [ROUNDS] [STOP_MS] [RUN_MS] [FIRST_MS]
 #   SOCKET   QMP socket (default $SVMGPU_QMP, which run-vm.sh --qmp-hook sets)

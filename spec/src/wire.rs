@@ -65,7 +65,7 @@ pub const VIRTIO_F_VERSION_1: u32 = 32;
 
 /// Device feature bit 0 (bit number): audit mode. The device checks its TLBs against the
 /// page tables in memory and counts what it finds wrong in GET_STATS: `stale_accesses`,
-/// `unflushed_entries`, `narrow_flush_entries` (spec section 11.4).
+/// `unflushed_entries`, `narrow_flush_entries` (spec section 6.10.4).
 pub const SVMGPU_F_AUDIT: u32 = 0;
 /// Device feature bit 1 (bit number): fault coalescing. Stalled accesses of any contexts to
 /// the same ASID and 4 KiB page share one page-fault event and one fault id.
@@ -381,7 +381,7 @@ impl Opcode {
 
     /// Smallest response body the device serves (after the 16-byte header): the full body
     /// but for GET_STATS, which fills a shorter buffer with as many whole counters as fit,
-    /// down to the 24 counters of v0.1 (spec section 6.2).
+    /// down to the 24 counters of v0.1 (spec section 6.4.2).
     pub const fn min_response_body_size(self) -> usize {
         match self {
             Opcode::GetStats => STATS_V0_1_SIZE,

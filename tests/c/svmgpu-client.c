@@ -29,7 +29,7 @@
 
 #include "svmgpu_drm.h"
 
-/* Command-stream ISA (spec/svmgpu.md, section 14). */
+/* Command-stream ISA (spec/svmgpu.md, section 6.13). */
 #define OP_END 0x02
 #define OP_STORE 0x03
 #define OP_FILL 0x04

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The kinds of fault injection (spec/svmgpu.md section 16.3.1): names and bits. A leaf, so
+//! The kinds of fault injection (spec/svmgpu.md section 6.16.1): names and bits. A leaf, so
 //! that the statistics can count injections per kind without depending on the injector.
 
 use std::fmt;

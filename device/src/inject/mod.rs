@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Fault injection (spec/svmgpu.md section 16.3; grammar and effects in device/README.md):
+//! Fault injection (spec/svmgpu.md section 6.16; grammar in its Appendix B and device/README.md):
 //! the rule grammar, the matcher and a seeded deterministic RNG.
 //!
 //! A spec is a `;`-separated list of items: `seed=S`, or a rule

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! Audit mode (spec/svmgpu.md section 11.4): the device checks its TLBs against the page
+//! Audit mode (spec/svmgpu.md section 6.10.4): the device checks its TLBs against the page
 //! tables in memory.
 //!
 //! - [`InvalLog`]: every accepted invalidation takes the next sequence number and every TLB
@@ -88,7 +88,7 @@ pub fn ahead_of_memory(entry: &Leaf, memory: &Result<Leaf, WalkFault>, va: u64) 
     pa(entry) != pa(m) || (entry.writable && !m.writable) || (entry.executable && !m.executable)
 }
 
-/// What the audit's checks found about one TLB entry (spec section 11.4).
+/// What the audit's checks found about one TLB entry (spec section 6.10.4).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryAudit {
     /// When a check first found the entry ahead of memory, every later check agreeing.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
 //! The memory management unit of one engine: its TLB in front of the page walker, with the
-//! permission rules of spec/svmgpu.md section 10 and the audit of section 11.4.
+//! permission rules of spec/svmgpu.md section 6.9 and the audit of section 6.10.4.
 //!
 //! - [`walker`]: the page walk over guest RAM;
 //! - [`scope`]: what an invalidation covers;
@@ -50,7 +50,7 @@ pub struct Space<'a> {
     /// Audit mode negotiated.
     pub audit: bool,
     /// Audit: how long an entry may stay ahead of memory, uncovered, before it counts as
-    /// unflushed (spec section 11.4).
+    /// unflushed (spec section 6.10.4).
     pub audit_grace: Duration,
     /// Fault injection into page walks (`walk-read-error`), asked before every walk that
     /// translates an access (never for audit walks, which stay exact).
@@ -292,7 +292,7 @@ impl Mmu {
         }
     }
 
-    /// Audit, at the acceptance of the invalidation `seq` of `scope` (spec section 11.4,
+    /// Audit, at the acceptance of the invalidation `seq` of `scope` (spec section 6.10.4,
     /// rule 2): every entry of the ASID(s) it concerns filled before it is marked covered
     /// if it covers it, else checked, and marked left behind if ahead of memory.
     pub fn audit_accept(&mut self, t: &Tables<'_>, scope: Scope, seq: u64) -> AuditFindings {
@@ -330,7 +330,7 @@ impl Mmu {
         found
     }
 
-    /// Audit: checks every entry against memory (the periodic scan of spec section 11.4).
+    /// Audit: checks every entry against memory (the periodic scan of spec section 6.10.4).
     pub fn audit_scan(&mut self, t: &Tables<'_>) -> AuditFindings {
         let now = Instant::now();
         let mut found = AuditFindings::default();

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! What an invalidation covers (spec/svmgpu.md section 11.1).
+//! What an invalidation covers (spec/svmgpu.md section 6.10.1).
 
 use super::walker::Leaf;
 

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! One engine's TLB (spec/svmgpu.md section 10.3): `entries` entries, `ways`-way set
+//! One engine's TLB (spec/svmgpu.md section 6.9.3): `entries` entries, `ways`-way set
 //! associative, tagged by (ASID, virtual page, page size), LRU replacement within a set, or
 //! no replacement at all ([`Eviction::Never`], a debugging aid: a forgotten invalidation
 //! stays observable). Entries stay until invalidated or evicted, so stale translations are

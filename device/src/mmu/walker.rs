@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 
-//! The page walker (spec/svmgpu.md section 10.2): four levels of 512 little-endian entries
+//! The page walker (spec/svmgpu.md section 6.9.2): four levels of 512 little-endian entries
 //! in guest RAM, read with one 64-bit atomic load each. Every table address and every entry
 //! is untrusted: the walk has a fixed depth (so cyclic tables cannot loop), every read is
 //! range-checked by `vm-memory`, and every outcome is a [`Leaf`] or a [`WalkFault`].
@@ -76,7 +76,7 @@ pub fn walk(mem: &GuestMemoryMmap<()>, root: u64, va: u64) -> Result<Leaf, WalkF
     walk_with(mem, root, va, None)
 }
 
-/// [`walk`], with an injected guest-memory read error (fault injection, spec section 16.3):
+/// [`walk`], with an injected guest-memory read error (fault injection, spec section 6.16):
 /// the read of the entry at level `read_error` fails — or, if the walk would end above that
 /// level, the read of the entry that ends it — as if its table were not guest RAM
 /// (`BAD_TABLE_ADDRESS` at that level).

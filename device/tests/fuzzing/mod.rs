@@ -67,7 +67,7 @@ pub fn control(data: &[u8]) {
 /// Size of the guest RAM image the walker and ISA fuzzers use.
 pub const IMAGE: usize = 64 << 10;
 
-/// A reference walk over a byte image at GPA 0 (spec section 10.2, written independently
+/// A reference walk over a byte image at GPA 0 (spec section 6.9.2, written independently
 /// of `mmu::walker`): the leaf, or the fault reason and level.
 pub fn reference_walk(image: &[u8], root: u64, va: u64) -> Result<Leaf, (FaultReason, u32)> {
     if va >> VA_BITS != 0 {

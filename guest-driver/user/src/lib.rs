@@ -50,13 +50,13 @@ impl Query {
     pub fn audit_checks(&self) -> u64 {
         self.stats[23]
     }
-    /// The device's `unflushed_entries` counter (spec 11.4; needs the stats): TLB
+    /// The device's `unflushed_entries` counter (spec 6.10.4; needs the stats): TLB
     /// entries that stayed ahead of memory longer than the grace period with nothing
     /// covering them.
     pub fn unflushed_entries(&self) -> u64 {
         self.stats[24]
     }
-    /// The device's `narrow_flush_entries` counter (spec 11.4; needs the stats): of
+    /// The device's `narrow_flush_entries` counter (spec 6.10.4; needs the stats): of
     /// those, the ones a completed invalidation of their ASID left behind.
     pub fn narrow_flush_entries(&self) -> u64 {
         self.stats[25]

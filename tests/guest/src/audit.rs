@@ -2,7 +2,7 @@
 //! counters (GET_STATS through DEVICE_QUERY) before and after each test, and reports one
 //! more KTAP result at the end, `device_audit_clean`, that fails naming every test during
 //! which a device counted a stale access, an unflushed TLB entry or an entry a narrow
-//! flush left behind (spec 11.4), or when no device checked any access at all.
+//! flush left behind (spec 6.10.4), or when no device checked any access at all.
 
 use std::collections::BTreeMap;
 use svmgpu::Device;

@@ -591,7 +591,7 @@ pub fn after_syscall(env: &Env, name: &str, k: &mut K) {
 }
 
 /// Every device's audit saw accesses and counted no violation (stale accesses, unflushed
-/// TLB entries, entries a narrow flush left behind: spec 11.4).
+/// TLB entries, entries a narrow flush left behind: spec 6.10.4).
 pub fn audit_clean(devs: &[Device]) -> TResult {
     for (i, d) in devs.iter().enumerate() {
         let q = ctx("DEVICE_QUERY", d.query(true))?;

@@ -1,10 +1,10 @@
-//! Fault-injection tests (spec 16.3, recovery 16.3.3): one per injected fault kind.
+//! Fault-injection tests (spec 6.16, recovery 6.16.2): one per injected fault kind.
 //!
 //! Each test runs in a guest whose device was started with the injection spec that
 //! `scripts/test.sh` pairs with the test's name (`inject_<kind>`, table `INJECT_SUITE` there;
 //! `run-vm.sh --inject SPEC`). It injects while real work runs (non-fault and fault-mode VMs,
 //! userptr invalidations, long-running queues, a buffer shared by two devices when there are
-//! two), then checks what spec 16.3.3 and the uAPI header promise:
+//! two), then checks what spec 6.16.2 and the uAPI header promise:
 //!
 //! - the affected submissions fail with the documented error (`-EIO` for work lost in a
 //!   reset, `-ETIMEDOUT`/`-ECANCELED` for a hung job and the jobs behind it, `ECANCELED`
