@@ -118,12 +118,19 @@ pub(crate) struct CtrlCounters {
 }
 
 /// Called with the seqno a request gets, under the queue's lock before the request is on
-/// the ring (so before the device can answer it), and again if it was not accepted.
+/// the ring (so before the device can answer it). If the request is not accepted, its
+/// poster tells the hook's owner (job submission: `Fences::end_submit`).
 pub(crate) trait SeqnoHook {
-    /// The request is about to be sent with `seqno`; false: do not send it (`EBUSY`).
+    /// The request is about to be sent with `seqno`; false: do not send it
+    /// ([`CtrlQueue::post`] fails with `ENOBUFS`).
     fn register(&self, seqno: u64) -> bool;
-    /// The request sent with `seqno` was not accepted (refused, or no answer).
-    fn unregister(&self, seqno: u64);
+}
+
+/// A synchronous command sent by [`CtrlQueue::post`]; give it to [`CtrlQueue::collect`].
+#[must_use = "the response of a posted command must be collected"]
+pub(crate) struct Posted {
+    idx: usize,
+    seqno: u64,
 }
 
 /// The reply to a synchronous command.
@@ -166,6 +173,11 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    /// The command's seqno (its place in the control queue's order).
+    pub(crate) fn seqno(&self) -> u64 {
+        self.seqno
+    }
+
     /// What names the command for [`CtrlQueue::join`].
     pub(crate) fn id(&self) -> TicketId {
         TicketId {
@@ -371,64 +383,67 @@ impl CtrlQueue {
         body: &[u8],
         resp_body: &mut [u8],
     ) -> Result<Reply> {
-        self.call_with(opcode, body, resp_body, None)
-    }
-
-    /// [`CtrlQueue::call`] with a [`SeqnoHook`] that learns the request's seqno before the
-    /// device can answer it (job submission).
-    pub(crate) fn call_with(
-        &self,
-        opcode: wire::Opcode,
-        body: &[u8],
-        resp_body: &mut [u8],
-        hook: Option<&dyn SeqnoHook>,
-    ) -> Result<Reply> {
         let t0 = Instant::<Monotonic>::now();
         loop {
-            let registered = core::cell::Cell::new(None);
-            let r = self.call_once(opcode, body, resp_body, hook, &registered);
+            let posted = self.post(
+                opcode,
+                body,
+                resp_body.len(),
+                None,
+                &Default::default(),
+                true,
+            )?;
+            let r = self.collect(posted, resp_body);
             let retry = matches!(&r, Ok(reply) if reply.status == wire::Status::Resetting.as_u32());
-            let accepted = matches!(&r, Ok(reply) if reply.status == wire::Status::Ok.as_u32());
-            if let (Some(h), Some(seqno)) = (hook, registered.get()) {
-                if !accepted {
-                    // Refused, not sent, or no answer: no JOB_DONE is expected for it (a
-                    // late one is ignored as unknown).
-                    h.unregister(seqno);
-                }
-            }
             if !retry || t0.elapsed().as_millis() >= TIMEOUT_MS as i64 {
                 return r;
             }
-            self.inner.lock().resetting_retries += 1;
+            self.note_resetting_retry();
             fsleep(Delta::from_millis(2));
         }
     }
 
-    fn call_once(
+    /// Sends a synchronous command without waiting for its response: the first half of
+    /// [`CtrlQueue::call`], for callers that must not wait under a lock (EXEC posts
+    /// its `JOB_SUBMIT` under the VM's notifier lock and collects the answer after it).
+    /// With `may_sleep` false and every slot in use, fails with `EBUSY` (see
+    /// [`CtrlQueue::wait_for_slot`]). `registered` learns the seqno `hook` registered.
+    pub(crate) fn post(
         &self,
         opcode: wire::Opcode,
         body: &[u8],
-        resp_body: &mut [u8],
+        resp_body_len: usize,
         hook: Option<&dyn SeqnoHook>,
         registered: &core::cell::Cell<Option<u64>>,
-    ) -> Result<Reply> {
-        let resp_len = wire::RespHeader::SIZE + resp_body.len();
+        may_sleep: bool,
+    ) -> Result<Posted> {
+        let resp_len = wire::RespHeader::SIZE + resp_body_len;
         let mut inner = self.inner.lock();
-        let (idx, seqno) = self.send(
-            &mut inner,
-            opcode,
-            body,
-            resp_len,
-            true,
-            |seqno| match hook {
-                Some(h) if !h.register(seqno) => Err(EBUSY),
-                Some(_) => {
-                    registered.set(Some(seqno));
-                    Ok(SlotState::InFlight)
-                }
-                None => Ok(SlotState::InFlight),
-            },
-        )?;
+        let (idx, seqno) =
+            self.send(
+                &mut inner,
+                opcode,
+                body,
+                resp_len,
+                may_sleep,
+                |seqno| match hook {
+                    // The hook has no room: not a lack of command slots.
+                    Some(h) if !h.register(seqno) => Err(ENOBUFS),
+                    Some(_) => {
+                        registered.set(Some(seqno));
+                        Ok(SlotState::InFlight)
+                    }
+                    None => Ok(SlotState::InFlight),
+                },
+            )?;
+        Ok(Posted { idx, seqno })
+    }
+
+    /// Waits (uninterruptibly, at most [`TIMEOUT_MS`]) for the response of a command
+    /// [`CtrlQueue::post`] sent; its body (status OK) is copied into `resp_body`.
+    pub(crate) fn collect(&self, posted: Posted, resp_body: &mut [u8]) -> Result<Reply> {
+        let Posted { idx, seqno } = posted;
+        let mut inner = self.inner.lock();
         let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
         loop {
             if let SlotState::Done(len) = inner.states[idx] {
@@ -449,6 +464,31 @@ impl CtrlQueue {
                     inner.states[idx] = SlotState::Abandoned;
                     return Err(ETIMEDOUT);
                 }
+            }
+        }
+    }
+
+    /// Counts a request answered `RESETTING` that its sender will send again.
+    pub(crate) fn note_resetting_retry(&self) {
+        self.inner.lock().resetting_retries += 1;
+    }
+
+    /// Waits (at most [`TIMEOUT_MS`]) until a command slot is free, for a caller whose
+    /// non-sleeping [`CtrlQueue::post`] failed with `EBUSY` and who retries after releasing
+    /// its locks. `ENODEV` once the queue is closed.
+    pub(crate) fn wait_for_slot(&self) -> Result {
+        let mut inner = self.inner.lock();
+        let mut remaining: Jiffies = msecs_to_jiffies(TIMEOUT_MS);
+        loop {
+            if inner.closed || inner.vq.is_none() {
+                return Err(ENODEV);
+            }
+            if inner.states.iter().any(|s| *s == SlotState::Free) {
+                return Ok(());
+            }
+            match self.done.wait_timeout(&mut inner, remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
+                _ => return Err(EBUSY),
             }
         }
     }

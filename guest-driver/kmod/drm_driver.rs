@@ -438,7 +438,18 @@ impl File {
         } else {
             msecs_to_jiffies(ms).max(1)
         };
-        let o = q.fences.wait(a.fence, jiffies)?;
+        let mut remaining = 0;
+        let o = match q.fences.wait(a.fence, jiffies, &mut remaining) {
+            Ok(o) => o,
+            Err(e) if e == ERESTARTSYS => {
+                // Interrupted by a signal: the call restarts with what is left of its
+                // timeout (the DRM core copies the argument back on errors too).
+                let left_ns = crate::fence::jiffies_to_ns(remaining);
+                a.timeout_ns = left_ns.min(a.timeout_ns as u64) as i64;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         a.error = o.error;
         a.job_status = o.status;
         Ok(0)

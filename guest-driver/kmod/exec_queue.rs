@@ -89,7 +89,7 @@ impl ExecQueue {
         let r = gpu.ctrl.call(wire::Opcode::CtxDestroy, &body, &mut []);
         if let Err(e) = r {
             if e != ENODEV {
-                gpu.reset_and_recover("CTX_DESTROY did not answer");
+                gpu.reset_and_recover(gpu.ctrl.last_seqno(), "CTX_DESTROY did not answer");
             }
         }
         self.fences.lose(-(bindings::ECANCELED as i32));

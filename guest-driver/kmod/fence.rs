@@ -388,39 +388,50 @@ impl Fences {
 
     /// Waits up to `timeout` (interruptibly) for `fence`. `EINVAL` if the queue never
     /// returned it, `ETIME` on timeout, `ERESTARTSYS` on a signal.
-    pub(crate) fn wait(&self, fence: u64, timeout: Jiffies) -> Result<Outcome> {
+    ///
+    /// `remaining` is set to what is left of `timeout` when the wait ends: on
+    /// `ERESTARTSYS` (a signal), the caller hands it back to user space, so that the
+    /// restarted call does not wait longer than the original.
+    pub(crate) fn wait(
+        &self,
+        fence: u64,
+        timeout: Jiffies,
+        remaining: &mut Jiffies,
+    ) -> Result<Outcome> {
         let mut s = self.state.lock();
+        *remaining = timeout;
         if fence <= s.floor || fence > s.submitted {
             return Err(EINVAL);
         }
-        let mut remaining = timeout;
         loop {
             if let Some(o) = Self::outcome(&s, fence) {
                 return Ok(o);
             }
-            if remaining == 0 {
+            if *remaining == 0 {
                 return Err(ETIME);
             }
-            match self.cv.wait_interruptible_timeout(&mut s, remaining) {
-                CondVarTimeoutResult::Woken { jiffies } => remaining = jiffies,
-                CondVarTimeoutResult::Timeout => remaining = 0,
-                CondVarTimeoutResult::Signal { .. } => {
+            match self.cv.wait_interruptible_timeout(&mut s, *remaining) {
+                CondVarTimeoutResult::Woken { jiffies } => *remaining = jiffies,
+                CondVarTimeoutResult::Timeout => *remaining = 0,
+                CondVarTimeoutResult::Signal { jiffies } => {
+                    *remaining = jiffies;
                     return match Self::outcome(&s, fence) {
                         Some(o) => Ok(o),
                         None => Err(ERESTARTSYS),
-                    }
+                    };
                 }
             }
         }
     }
 }
 
+/// `j` jiffies in nanoseconds.
+pub(crate) fn jiffies_to_ns(j: Jiffies) -> u64 {
+    (j as u64).saturating_mul(1_000_000_000) / u64::from(bindings::CONFIG_HZ)
+}
+
 impl crate::ctrl::SeqnoHook for Fences {
     fn register(&self, seqno: u64) -> bool {
         Fences::register(self, seqno)
-    }
-
-    fn unregister(&self, seqno: u64) {
-        self.end_submit(seqno, false);
     }
 }

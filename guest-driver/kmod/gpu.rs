@@ -7,6 +7,7 @@ use crate::{
     ctrl::CtrlQueue,
     drm_driver::{self, SvmgpuDrm},
     events::RxQueue,
+    faults::{FaultRec, FaultRing},
     fence::{DoneKind, Fences},
     userptr::FinishPool,
     virtio,
@@ -34,27 +35,6 @@ use kernel::{
 const EVENT_BUFS: usize = 128;
 const COMPL_BUFS: usize = 256;
 
-/// A GPU page fault waiting for the fault worker.
-#[derive(Clone, Copy, Default)]
-struct FaultRec {
-    fault_id: u64,
-    va: u64,
-    asid: u32,
-    access: u32,
-    ctx_id: u32,
-    /// `wire::FaultReason`.
-    reason: u32,
-    /// When the event arrived, for `Stats::fault_service_ns`.
-    t0: Option<Instant<Monotonic>>,
-}
-
-struct FaultRing {
-    recs: KVec<FaultRec>,
-    head: usize,
-    len: usize,
-    dropped: u64,
-}
-
 struct VmTable {
     vms: KVec<Option<Arc<Vm>>>,
     /// ASIDs reserved (a VM being created, or published in `vms`).
@@ -73,8 +53,10 @@ pub(crate) struct Stats {
     pub(crate) gpu_faults: Atomic<u64>,
     pub(crate) gpu_faults_failed: Atomic<u64>,
     pub(crate) resets: Atomic<u64>,
-    /// Total time from a fault's event to the completion of its reply.
+    /// Total time from a fault's event to its reply handed to the device.
     pub(crate) fault_service_ns: Atomic<u64>,
+    /// Total time from a fault's reply handed to the device to the device's answer.
+    pub(crate) fault_ack_ns: Atomic<u64>,
     /// Faults resolved through SVM.
     pub(crate) svm_faults: Atomic<u64>,
     /// SVM pages objects of this device's VMs.
@@ -120,6 +102,8 @@ pub(crate) struct Recovery {
     pub(crate) invalidation_failures: Atomic<u64>,
     /// `RESET` commands the driver sent and that completed.
     pub(crate) resets_driver: Atomic<u64>,
+    /// Reset requests a `RESET` sent meanwhile had answered already (coalesced).
+    pub(crate) resets_coalesced: Atomic<u64>,
     /// Device-initiated resets recovered from, and those a driver reset had covered.
     pub(crate) resets_device: Atomic<u64>,
     pub(crate) resets_superseded: Atomic<u64>,
@@ -154,6 +138,7 @@ impl Recovery {
             clients_banned: Atomic::new(0),
             invalidation_failures: Atomic::new(0),
             resets_driver: Atomic::new(0),
+            resets_coalesced: Atomic::new(0),
             resets_device: Atomic::new(0),
             resets_superseded: Atomic::new(0),
             virtio_resets: Atomic::new(0),
@@ -193,6 +178,12 @@ const HANG_SLOTS: usize = 16;
 struct HangRing {
     recs: [(u32, u64); HANG_SLOTS],
     len: usize,
+}
+
+/// Faults a fault ring holds (the device's and each VM's): twice what the device keeps
+/// outstanding, and room for duplicates.
+pub(crate) fn fault_ring_size(config: &wire::Config) -> usize {
+    2 * config.max_outstanding_faults.min(4096) as usize + 64
 }
 
 /// Largest `race_delay_us` (debugfs).
@@ -274,6 +265,8 @@ pub(crate) struct Gpu {
     wedge_cv: CondVar,
     /// The driver's job timeout (ms), writable in debugfs.
     pub(crate) job_timeout_ms: Atomic<u32>,
+    /// Seqno of the last driver `RESET` that completed (see [`Gpu::reset_and_recover`]).
+    reset_seqno: Atomic<u64>,
     /// A test hook (debugfs `race_delay_us`, 0 by default): how long a revalidation or
     /// SVM fault sleeps between `hmm_range_fault` and taking the notifier lock, so that a
     /// guest test can make a CPU invalidation land in that window every time and check
@@ -486,36 +479,22 @@ impl Gpu {
         }
         match ev {
             wire::Event::PageFault(f) => {
-                let ring = self.faults.lock();
-                let cap = ring.recs.len();
-                let queued =
-                    (0..ring.len).any(|i| ring.recs[(ring.head + i) % cap].fault_id == f.fault_id);
-                if queued {
-                    drop(ring);
+                if self.faults.lock().contains(f.fault_id) {
                     inc(&r.fault_events_duplicate);
                     return;
                 }
-                drop(ring);
                 // A context that faults is running, not hung (the watchdog's view).
                 self.ctx_progress(f.ctx_id);
-                let mut ring = self.faults.lock();
-                if ring.len == cap {
-                    ring.dropped += 1;
-                } else {
-                    let i = (ring.head + ring.len) % cap;
-                    ring.recs[i] = FaultRec {
-                        fault_id: f.fault_id,
-                        va: f.va,
-                        asid: f.asid,
-                        access: f.access,
-                        ctx_id: f.ctx_id,
-                        reason: f.reason,
-                        t0: Some(Instant::<Monotonic>::now()),
-                    };
-                    ring.len += 1;
-                }
-                drop(ring);
-                let _ = workqueue::system().enqueue::<_, 0>(self.clone());
+                self.faults.lock().push(FaultRec {
+                    fault_id: f.fault_id,
+                    va: f.va,
+                    asid: f.asid,
+                    access: f.access,
+                    ctx_id: f.ctx_id,
+                    reason: f.reason,
+                    t0: Some(Instant::<Monotonic>::now()),
+                });
+                let _ = crate::reclaim_queue().enqueue::<_, 0>(self.clone());
             }
             wire::Event::DeviceReset(e) => {
                 let initiated = e.reason != wire::ResetReason::DriverRequest.as_u32();
@@ -530,7 +509,7 @@ impl Gpu {
                 }
                 self.reset_cv.notify_all();
                 if initiated {
-                    let _ = workqueue::system().enqueue::<_, 1>(self.clone());
+                    let _ = crate::reclaim_queue().enqueue::<_, 1>(self.clone());
                 }
             }
             wire::Event::EngineHang(h) => {
@@ -542,7 +521,7 @@ impl Gpu {
                 }
                 // Else dropped: the watchdog's timeout catches the hang.
                 drop(ring);
-                let _ = workqueue::system().enqueue::<_, 1>(self.clone());
+                let _ = crate::reclaim_queue().enqueue::<_, 1>(self.clone());
             }
             wire::Event::EventsLost(l) => {
                 // Context errors also come with the job's JOB_DONE status; hangs are
@@ -555,90 +534,41 @@ impl Gpu {
         }
     }
 
-    // ---- page faults -------------------------------------------------------------------
+    // ---- page faults (faults.rs) ----------------------------------------------------------
 
-    fn pop_fault(&self) -> Option<FaultRec> {
-        let mut ring = self.faults.lock();
-        if ring.len == 0 {
-            return None;
-        }
-        let r = ring.recs[ring.head];
-        ring.head = (ring.head + 1) % ring.recs.len();
-        ring.len -= 1;
-        Some(r)
+    /// Takes the oldest fault of the device's ring (the dispatcher's input).
+    pub(crate) fn pop_fault(&self) -> Option<FaultRec> {
+        self.faults.lock().pop()
     }
 
-    fn handle_faults(self: &Arc<Self>) {
-        while let Some(f) = self.pop_fault() {
-            if self.is_dead() {
-                return;
-            }
-            self.stats.gpu_faults.add(1, Relaxed);
-            let vm = self
-                .vms
-                .lock()
-                .vms
-                .get(f.asid as usize)
-                .and_then(|v| v.clone());
-            if f.reason == wire::FaultReason::BadTableAddress.as_u32() {
-                inc(&self.recovery.faults_bad_table);
-            }
-            let res = match vm {
-                Some(vm) => vm.handle_fault(f.va, f.access),
-                None => Err(EFAULT),
-            };
-            if res == Ok(true) {
-                inc(&self.recovery.faults_on_valid_mappings);
-            }
-            let res = res.map(|_| ());
-            // EAGAIN: CPU invalidations kept racing with the resolution; the access is
-            // retried and faults again (the device never caches a failed walk).
-            let ok = res.is_ok() || res == Err(EAGAIN);
-            if !ok {
-                self.stats.gpu_faults_failed.add(1, Relaxed);
-            }
-            if res == Err(EACCES) {
-                // A write to memory the CPU maps read-only: the fence says so.
-                let fences = self
-                    .ctxs
-                    .lock()
-                    .get(f.ctx_id as usize)
-                    .and_then(|c| c.clone());
-                if let Some(fences) = fences {
-                    fences.set_fault_errno(-(bindings::EACCES as i32));
-                }
-            }
-            let action = if ok {
-                wire::FaultAction::Resume
-            } else {
-                wire::FaultAction::Cancel
-            };
-            let body = wire::FaultReplyReq {
-                fault_id: f.fault_id,
-                action: action.as_u32(),
-                flags: 0,
-            }
-            .to_bytes();
-            // Service time: from the event to the reply handed to the device (its
-            // acknowledgement is one more round trip, which the device may delay while
-            // the resumed context runs).
-            if let Some(t0) = f.t0 {
-                let dt = t0.elapsed().as_nanos().max(0) as u64;
-                self.stats.fault_service_ns.add(dt, Relaxed);
-            }
-            // NOT_FOUND is normal (duplicated or phantom faults, context destroyed or
-            // device reset meanwhile): counted, not an error.
-            if let Ok(reply) = self.ctrl.call(wire::Opcode::FaultReply, &body, &mut []) {
-                if reply.status == wire::Status::NotFound.as_u32() {
-                    inc(&self.recovery.fault_replies_not_found);
-                }
-            }
-            // The context continues: the watchdog counts this as progress.
-            self.ctx_progress(f.ctx_id);
+    /// The VM bound to `asid`, if any.
+    pub(crate) fn vm_of(&self, asid: u32) -> Option<Arc<Vm>> {
+        self.vms
+            .lock()
+            .vms
+            .get(asid as usize)
+            .and_then(|v| v.clone())
+    }
+
+    /// Tells the fences of context `ctx_id` that a fault of theirs failed with `err`.
+    pub(crate) fn set_fault_errno(&self, ctx_id: u32, err: Error) {
+        let fences = self
+            .ctxs
+            .lock()
+            .get(ctx_id as usize)
+            .and_then(|c| c.clone());
+        if let Some(fences) = fences {
+            fences.set_fault_errno(err.to_errno());
         }
     }
 
     // ---- resets and hangs ----------------------------------------------------------------
+
+    /// Whether a driver `RESET` completed that the device served after the command of seqno
+    /// `after`.
+    fn reset_since(&self, after: u64) -> bool {
+        self.reset_seqno.load(Relaxed) > after
+    }
 
     fn note_reset(&self, reason: &'static str) {
         let mut l = self.last_reset.lock();
@@ -653,11 +583,21 @@ impl Gpu {
     /// virtio, which stops every access to guest memory, and given up (every operation
     /// then fails with `ENODEV`): either way nothing the device did before can reach guest
     /// memory when this returns.
-    pub(crate) fn reset_and_recover(self: &Arc<Self>, why: &'static str) {
-        if self.is_dead() || self.ctrl.is_closed() {
+    ///
+    /// `after` is the seqno of the last command whose failure calls for the reset (or the
+    /// queue's [`CtrlQueue::last_seqno`] after it was sent): a `RESET` that completed with a
+    /// later seqno was served by the device after that command, so it discarded it and the
+    /// guarantee holds already. So many waiters failing at once (a dropped invalidation)
+    /// reset the device once, not once each.
+    pub(crate) fn reset_and_recover(self: &Arc<Self>, after: u64, why: &'static str) {
+        if self.is_dead() || self.ctrl.is_closed() || self.reset_since(after) {
             return;
         }
         let _guard = self.reset_lock.lock();
+        if self.reset_since(after) {
+            inc(&self.recovery.resets_coalesced);
+            return;
+        }
         pr_warn!("virtio{}: resetting the device ({})\n", self.bus_index, why);
         self.note_reset(why);
         let before = self.reset_events.lock().driver_events;
@@ -671,8 +611,9 @@ impl Gpu {
             .call(wire::Opcode::Reset, &body, &mut [])
             .and_then(|r| r.ok())
         {
-            Ok(_) => {
+            Ok(seqno) => {
                 inc(&self.recovery.resets_driver);
+                self.reset_seqno.store(seqno, Relaxed);
                 // Wait (bounded) for the reset's DEVICE_RESET event: events before it (an
                 // earlier device-initiated reset) are then known to be covered by this one.
                 let mut re = self.reset_events.lock();
@@ -710,7 +651,7 @@ impl Gpu {
     /// probe and unbind, which never run while a VM of the device lives.
     fn wedge(self: &Arc<Self>) {
         *self.wedge_state.lock() = WEDGE_REQUESTED;
-        let _ = workqueue::system().enqueue::<_, 3>(self.clone());
+        let _ = crate::reclaim_queue().enqueue::<_, 3>(self.clone());
         let mut st = self.wedge_state.lock();
         while *st != WEDGE_DONE {
             self.wedge_cv.wait(&mut st);
@@ -758,13 +699,11 @@ impl Gpu {
                 f.lose(-(bindings::EIO as i32));
             }
         }
-        {
-            let mut ring = self.faults.lock();
-            ring.len = 0;
-        }
+        self.faults.lock().clear();
         self.hangs.lock().len = 0;
         let t = self.vms.lock();
         for vm in t.vms.iter().flatten() {
+            vm.clear_faults();
             if vm.rebind_asid().is_err() {
                 inc(&self.recovery.rebind_failures);
             }
@@ -857,13 +796,16 @@ impl Gpu {
                 if r.status == wire::Status::Ok.as_u32()
                     || r.status == wire::Status::NotFound.as_u32() => {}
             Err(e) if e == ENODEV => {}
-            _ => self.reset_and_recover("CTX_DESTROY of a hung context failed"),
+            _ => self.reset_and_recover(
+                self.ctrl.last_seqno(),
+                "CTX_DESTROY of a hung context failed",
+            ),
         }
     }
 
     /// The context `ctx_id` made progress (a fault raised or resolved): its jobs are not
     /// hung (any context: IRQ-safe locks only).
-    fn ctx_progress(&self, ctx_id: u32) {
+    pub(crate) fn ctx_progress(&self, ctx_id: u32) {
         let f = self
             .ctxs
             .lock()
@@ -894,6 +836,7 @@ impl Gpu {
         let l = |a: &Atomic<u64>| a.load(Relaxed);
         writeln!(f, "resets {}", l(&self.stats.resets))?;
         writeln!(f, "resets_driver {}", l(&r.resets_driver))?;
+        writeln!(f, "resets_coalesced {}", l(&r.resets_coalesced))?;
         writeln!(f, "resets_device {}", l(&r.resets_device))?;
         writeln!(f, "resets_superseded {}", l(&r.resets_superseded))?;
         writeln!(f, "virtio_resets {}", l(&r.virtio_resets))?;
@@ -944,6 +887,9 @@ impl Gpu {
             l(&r.fault_replies_not_found)
         )?;
         writeln!(f, "fault_ring_overflows {}", self.faults.lock().dropped)?;
+        writeln!(f, "gpu_faults {}", l(&self.stats.gpu_faults))?;
+        writeln!(f, "fault_service_ns {}", l(&self.stats.fault_service_ns))?;
+        writeln!(f, "fault_ack_ns {}", l(&self.stats.fault_ack_ns))?;
         writeln!(f, "events_lost_reports {}", l(&r.events_lost_reports))?;
         writeln!(f, "events_lost {}", l(&r.events_lost))?;
         writeln!(f, "job_timeout_ms {}", self.job_timeout_ms.load(Relaxed))?;
@@ -1017,8 +963,8 @@ impl WorkItem<0> for Gpu {
     type Pointer = Arc<Gpu>;
 
     fn run(this: Arc<Gpu>) {
-        if let Ok(_access) = this.enter() {
-            this.handle_faults();
+        if let Ok(access) = this.enter() {
+            this.dispatch_faults(&access);
         }
     }
 }
@@ -1255,8 +1201,7 @@ impl GpuDriver {
             vms.push(None, GFP_KERNEL)?;
         }
         let used = KVec::from_elem(false, vms.len(), GFP_KERNEL)?;
-        let fault_cap = 2 * config.max_outstanding_faults.min(4096) as usize + 64;
-        let recs = KVec::from_elem(FaultRec::default(), fault_cap, GFP_KERNEL)?;
+        let fault_cap = fault_ring_size(&config);
 
         let gpu = Arc::pin_init(
             try_pin_init!(Gpu {
@@ -1272,10 +1217,7 @@ impl GpuDriver {
                 complq <- RxQueue::new(wire::COMPLETION_SIZE, COMPL_BUFS)?,
                 ctxs <- new_spinlock_irq!(ctxs, "svmgpu_ctxs"),
                 vms <- new_mutex!(VmTable { vms, used }, "svmgpu_vms"),
-                faults <- new_spinlock_irq!(
-                    FaultRing { recs, head: 0, len: 0, dropped: 0 },
-                    "svmgpu_faults"
-                ),
+                faults <- new_spinlock_irq!(FaultRing::new(fault_cap)?, "svmgpu_faults"),
                 fault_work <- new_work!("svmgpu_fault_work"),
                 reset_work <- new_work!("svmgpu_reset_work"),
                 watchdog <- new_delayed_work!("svmgpu_watchdog"),
@@ -1305,6 +1247,7 @@ impl GpuDriver {
                 wedge_state <- new_spinlock!(WEDGE_NONE, "svmgpu_wedge"),
                 wedge_cv <- new_condvar!("svmgpu_wedge_cv"),
                 job_timeout_ms: Atomic::new(JOB_TIMEOUT_MS),
+                reset_seqno: Atomic::new(0),
                 race_delay_us: Atomic::new(0),
                 recovery: Recovery::new(),
                 access <- new_spinlock!(Access { users: 0, dead: false }, "svmgpu_access"),
@@ -1317,6 +1260,7 @@ impl GpuDriver {
                     gpu_faults_failed: Atomic::new(0),
                     resets: Atomic::new(0),
                     fault_service_ns: Atomic::new(0),
+                    fault_ack_ns: Atomic::new(0),
                     svm_faults: Atomic::new(0),
                     svm_pages: Atomic::new(0),
                     invalidations_two_pass: Atomic::new(0),

@@ -34,6 +34,27 @@
 use core::{marker::PhantomPinned, ptr::NonNull};
 use kernel::{bindings, prelude::*, types::Opaque};
 
+/// Runs `f` as if in memory reclaim, for lockdep: every lock `f` takes is recorded as
+/// taken in reclaim, so that PROVE_LOCKING reports any `GFP_KERNEL` allocation (or other
+/// wait on reclaim) made while holding one of them, on every path, also those the tests
+/// never take. Notifier callbacks may run from reclaim, so a driver primes its notifier
+/// locks this way once they exist (as xe and amdgpu do). Without lockdep, just runs `f`.
+pub(crate) fn as_in_reclaim<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(CONFIG_LOCKDEP)]
+    // SAFETY: Only a lockdep annotation (the acquire of the `fs_reclaim` pseudo lock),
+    // released below.
+    unsafe {
+        bindings::fs_reclaim_acquire(bindings::GFP_KERNEL)
+    };
+    let r = f();
+    #[cfg(CONFIG_LOCKDEP)]
+    // SAFETY: Releases the annotation taken above.
+    unsafe {
+        bindings::fs_reclaim_release(bindings::GFP_KERNEL)
+    };
+    r
+}
+
 /// One invalidation, as passed to the callbacks.
 pub(crate) struct Invalidation<'a> {
     sub: *mut bindings::mmu_interval_notifier,

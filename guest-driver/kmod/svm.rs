@@ -505,6 +505,12 @@ impl Svm {
         }
     }
 
+    /// Takes the SVM notifier lock once (called under `as_in_reclaim`: lockdep learns it
+    /// is taken in reclaim).
+    pub(crate) fn prime_lockdep(&self) {
+        drop(self.nlock.lock());
+    }
+
     /// Whether `vm`'s PTEs map `addr` now, writable if `write` (a snapshot, for
     /// statistics).
     pub(crate) fn is_mapped(&self, vm: &Vm, addr: usize, write: bool) -> bool {
@@ -956,13 +962,22 @@ impl SvmNotifierData {
                     None => {
                         // More devices than a pending invalidation tracks: this one is
                         // stopped right here (the invalidation is blockable).
+                        let mut after = 0;
                         let ok = start_tlb_invalidate(&pg.vm, rs, rs + rl, true)
-                            .and_then(|t| pg.vm.gpu.ctrl.wait(t))
+                            .and_then(|t| {
+                                after = t.seqno();
+                                pg.vm.gpu.ctrl.wait(t)
+                            })
                             .is_ok_and(|d| d.succeeded());
                         if !ok {
-                            pg.vm
-                                .gpu
-                                .reset_and_recover("an SVM TLB invalidation failed or timed out");
+                            let gpu = &pg.vm.gpu;
+                            if after == 0 {
+                                after = gpu.ctrl.last_seqno();
+                            }
+                            gpu.reset_and_recover(
+                                after,
+                                "an SVM TLB invalidation failed or timed out",
+                            );
                         }
                         pg.invalidated();
                     }
@@ -999,15 +1014,20 @@ impl SvmNotifierData {
             }
         }
         for t in p.targets.iter_mut().flatten() {
+            let ctrl = &t.vm.gpu.ctrl;
+            let mut after = ctrl.last_seqno();
             let ok = !t.failed
                 && t.ticket
                     .take()
-                    .map(|tk| t.vm.gpu.ctrl.wait(tk))
+                    .map(|tk| {
+                        after = tk.seqno();
+                        ctrl.wait(tk)
+                    })
                     .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));
             if !ok {
                 // No guarantee from the device: reset it (it then holds no translation).
                 t.vm.gpu
-                    .reset_and_recover("an SVM TLB invalidation failed or timed out");
+                    .reset_and_recover(after, "an SVM TLB invalidation failed or timed out");
             }
         }
         {

@@ -75,12 +75,14 @@ mod ctrl;
 mod drm_driver;
 mod events;
 mod exec_queue;
+mod faults;
 mod fence;
 mod finish_pool;
 mod gpu;
 mod hmm;
 mod mmu_notifier;
 mod pagetable;
+mod reclaim_queue;
 mod svm;
 mod svm_pages;
 mod userptr;
@@ -330,12 +332,58 @@ static __SVMGPU_SVM_MODE_PARAM: kernel::module_param::KernelParam =
         },
     });
 
+/// The module's `WQ_MEM_RECLAIM` workqueue (GPU fault service, resets, the virtio reset of
+/// last resort, rebinds), published for the devices while [`Reclaim`] lives.
+static RECLAIM_QUEUE: Atomic<*mut reclaim_queue::ReclaimQueue> = Atomic::new(core::ptr::null_mut());
+
+/// Owns the reclaim workqueue and publishes it in [`RECLAIM_QUEUE`].
+struct Reclaim(*mut reclaim_queue::ReclaimQueue);
+
+// SAFETY: The pointer is an owned `KBox<ReclaimQueue>`, which is `Send` and `Sync`.
+unsafe impl Send for Reclaim {}
+// SAFETY: See `Send`.
+unsafe impl Sync for Reclaim {}
+
+impl Reclaim {
+    fn new() -> Result<Self> {
+        let q = KBox::new(reclaim_queue::ReclaimQueue::new(c"svmgpu")?, GFP_KERNEL)?;
+        let p = KBox::into_raw(q);
+        RECLAIM_QUEUE.store(p, kernel::sync::atomic::Release);
+        Ok(Self(p))
+    }
+}
+
+impl Drop for Reclaim {
+    fn drop(&mut self) {
+        RECLAIM_QUEUE.store(core::ptr::null_mut(), kernel::sync::atomic::Release);
+        // SAFETY: `self.0` came from `KBox::into_raw` in `new`; the driver (whose devices
+        // and VMs queue work on it) is unregistered and every file closed before this field
+        // is dropped (declaration order; the module is only unloaded once unused).
+        drop(unsafe { KBox::from_raw(self.0) });
+    }
+}
+
+/// The module's `WQ_MEM_RECLAIM` workqueue: for work an MMU notifier or memory reclaim
+/// may wait for. The system workqueue before module init completed (never in practice:
+/// devices probe after it).
+pub(crate) fn reclaim_queue() -> &'static kernel::workqueue::Queue {
+    let p = RECLAIM_QUEUE.load(kernel::sync::atomic::Acquire);
+    // SAFETY: Non-null only between `Reclaim::new` and its drop, which happens after every
+    // device was unbound and every file closed (the callers are devices' and VMs' work).
+    match unsafe { p.as_ref() } {
+        Some(q) => q.queue(),
+        None => kernel::workqueue::system(),
+    }
+}
+
 #[pin_data]
 struct SvmgpuModule {
-    // Dropped first: every device is unbound before the debugfs root goes away.
+    // Dropped first: every device is unbound before the debugfs root and the reclaim
+    // workqueue go away.
     #[pin]
     driver: driver::Registration<virtio::Adapter<gpu::GpuDriver>>,
     _debugfs: DebugfsRoot,
+    _reclaim: Reclaim,
 }
 
 impl kernel::InPlaceModule for SvmgpuModule {
@@ -347,8 +395,9 @@ impl kernel::InPlaceModule for SvmgpuModule {
             svm_mode().name()
         );
         try_pin_init!(Self {
-            // Before the driver: probe uses it.
+            // Before the driver: probe uses them.
             _debugfs: DebugfsRoot::new()?,
+            _reclaim: Reclaim::new()?,
             driver <- driver::Registration::new(c"svmgpu", module),
         })
     }

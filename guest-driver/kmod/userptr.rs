@@ -198,6 +198,8 @@ pub(crate) struct Pending {
     deferred_preempts: [Option<u32>; MAX_LR_PER_VM],
     /// A command could not be started at all (the device is going away or was given up).
     failed: bool,
+    /// The latest seqno of the commands (a reset served after it covers them all).
+    last_seqno: u64,
     preempted: bool,
     t0: Instant<Monotonic>,
 }
@@ -209,12 +211,14 @@ impl Pending {
             deferred_tlb: false,
             deferred_preempts: [None; MAX_LR_PER_VM],
             failed: false,
+            last_seqno: 0,
             preempted: false,
             t0: Instant::<Monotonic>::now(),
         }
     }
 
     fn push(&mut self, t: Ticket) {
+        self.last_seqno = self.last_seqno.max(t.seqno());
         if let Some(slot) = self.tickets.iter_mut().find(|t| t.is_none()) {
             *slot = Some(t);
         }
@@ -351,7 +355,14 @@ impl UserptrData {
             // The device gives no guarantee: reset it, then it holds no translation and
             // runs nothing (if RESET fails, a virtio reset stops it for good).
             gpu.recovery.invalidation_failures.add(1, Relaxed);
-            gpu.reset_and_recover("an invalidation or preemption failed or timed out");
+            if p.failed {
+                // A command never went out: only a reset after now covers the device.
+                p.last_seqno = p.last_seqno.max(ctrl.last_seqno());
+            }
+            gpu.reset_and_recover(
+                p.last_seqno,
+                "an invalidation or preemption failed or timed out",
+            );
         }
         let mut ns = vm.nlock.lock();
         let dead = ns.dead;

@@ -7,6 +7,7 @@
 use crate::{
     ctrl::TicketId,
     exec_queue::ExecQueue,
+    faults::{FaultRec, FaultRing},
     gpu::{Gpu, GpuAccess},
     mmu_notifier::{IntervalNotifier, MmRef, Passes},
     pagetable::PageTable,
@@ -15,17 +16,20 @@ use crate::{
     wire, NotifierMode,
 };
 use kernel::{
-    bindings, new_mutex, new_work,
+    bindings, new_mutex, new_spinlock, new_work,
     prelude::*,
-    sync::{Arc, LockedBy, Mutex},
-    time::{delay::fsleep, Delta},
-    workqueue::{self, impl_has_work, Work, WorkItem},
+    sync::{Arc, LockedBy, Mutex, SpinLock},
+    time::{delay::fsleep, Delta, Instant, Monotonic},
+    workqueue::{impl_has_work, Work, WorkItem},
 };
 
 /// Long-running exec queues per VM (each one is preempted on invalidation).
 pub(crate) const MAX_LR_PER_VM: usize = 16;
 /// Rounds of the rebind worker while the device has no room for its resumes.
 const REBIND_TRIES: usize = 5000;
+/// Rounds of EXEC's revalidate / check / post loop (invalidations racing it, no room on
+/// the device, a device-initiated reset in progress) before `EAGAIN`.
+const EXEC_TRIES: usize = 1000;
 
 /// Whether `[a, a + alen)` and `[b, b + blen)` intersect (lengths nonzero, no overflow).
 pub(crate) fn ranges_overlap(a: u64, alen: u64, b: u64, blen: u64) -> bool {
@@ -97,10 +101,16 @@ pub(crate) struct Vm {
     pub(crate) nlock: Mutex<NState>,
     #[pin]
     rebind_work: Work<Vm>,
+    /// GPU faults of this VM waiting for its fault worker (`faults.rs`).
+    #[pin]
+    faults: SpinLock<FaultRing>,
+    #[pin]
+    fault_work: Work<Vm, 1>,
 }
 
 impl_has_work! {
     impl HasWork<Self> for Vm { self.rebind_work }
+    impl HasWork<Self, 1> for Vm { self.fault_work }
 }
 
 impl WorkItem for Vm {
@@ -108,6 +118,14 @@ impl WorkItem for Vm {
 
     fn run(this: Arc<Vm>) {
         this.rebind();
+    }
+}
+
+impl WorkItem<1> for Vm {
+    type Pointer = Arc<Vm>;
+
+    fn run(this: Arc<Vm>) {
+        this.service_faults();
     }
 }
 
@@ -126,6 +144,7 @@ impl Vm {
             let pt = PageTable::new(acc.dma_dev())?;
             let root = pt.root_gpa();
             let lr = KVec::with_capacity(MAX_LR_PER_VM, GFP_KERNEL)?;
+            let faults = FaultRing::new(crate::gpu::fault_ring_size(&gpu.config))?;
             let vm = Arc::pin_init(
                 try_pin_init!(Vm {
                     gpu: gpu.clone(),
@@ -152,6 +171,8 @@ impl Vm {
                         "svmgpu_vm_notifier"
                     ),
                     rebind_work <- new_work!("svmgpu_vm_rebind"),
+                    faults <- new_spinlock!(faults, "svmgpu_vm_faults"),
+                    fault_work <- new_work!("svmgpu_vm_faults"),
                 }),
                 GFP_KERNEL,
             )?;
@@ -176,6 +197,17 @@ impl Vm {
             if !handed.get() {
                 svm::release(svm);
             }
+        }
+        if let Ok(vm) = &r {
+            // The notifier locks are taken from reclaim: tell lockdep once they exist (the
+            // VM lock is not one of them: it is held around allocations).
+            let svm = vm.lock.lock().svm.clone();
+            crate::mmu_notifier::as_in_reclaim(|| {
+                drop(vm.nlock.lock());
+                if let Some(svm) = svm.as_ref() {
+                    svm.prime_lockdep();
+                }
+            });
         }
         r
     }
@@ -226,7 +258,9 @@ impl Vm {
                 Ok(s) if s == wire::Status::Ok.as_u32() || s == wire::Status::NotFound.as_u32() => {
                 }
                 Err(e) if e == ENODEV => {}
-                _ => self.gpu.reset_and_recover("ASID_UNBIND failed"),
+                _ => self
+                    .gpu
+                    .reset_and_recover(self.gpu.ctrl.last_seqno(), "ASID_UNBIND failed"),
             }
         }
         if let Some(svm) = svm {
@@ -245,8 +279,11 @@ impl Vm {
         }
         // Removes the notifiers (waits for invalidations in progress, which see `dead`).
         drop(entries);
-        // SAFETY: The work item is embedded in `self`, which is alive.
-        unsafe { bindings::flush_work(Work::<Vm>::raw_get(&self.rebind_work)) };
+        // SAFETY: The work items are embedded in `self`, which is alive.
+        unsafe {
+            bindings::flush_work(Work::<Vm>::raw_get(&self.rebind_work));
+            bindings::flush_work(Work::<Vm, 1>::raw_get(&self.fault_work));
+        }
     }
 
     /// Destroys the VM (VM_DESTROY, file close). Its exec queues are destroyed already.
@@ -390,15 +427,22 @@ impl Vm {
         }
         .to_bytes();
         let ctrl = &self.gpu.ctrl;
+        let mut after = 0;
         let r = ctrl
             .start(wire::Opcode::TlbInvalidate, &body, true)
-            .and_then(|t| ctrl.wait(t));
+            .and_then(|t| {
+                after = t.seqno();
+                ctrl.wait(t)
+            });
         match r {
             Ok(d) if d.succeeded() => Ok(()),
             Err(e) if e == ENODEV => Err(e),
             _ => {
+                if after == 0 {
+                    after = ctrl.last_seqno();
+                }
                 self.gpu
-                    .reset_and_recover("TLB invalidation failed or timed out");
+                    .reset_and_recover(after, "TLB invalidation failed or timed out");
                 Err(EIO)
             }
         }
@@ -487,7 +531,11 @@ impl Vm {
 
     /// Submits a job of `q` (the exec function of the VM_BIND locking rules): revalidate
     /// what was invalidated, then, under the notifier lock, check that nothing was
-    /// invalidated since and queue the job; else retry. Returns the job's fence.
+    /// invalidated since and *post* the job (no waiting under the lock: the notifier lock
+    /// is taken by invalidations, which reclaim may run); the device's answer is collected
+    /// after the lock is released. A submission the device cannot take yet (every command
+    /// slot in use), or answers `RESETTING`, is retried from the check. Returns the job's
+    /// fence.
     pub(crate) fn exec(
         &self,
         q: &ExecQueue,
@@ -499,7 +547,9 @@ impl Vm {
         if vs.dead {
             return Err(ENODEV);
         }
-        for _ in 0..64 {
+        let ctrl = &self.gpu.ctrl;
+        let t0 = Instant::<Monotonic>::now();
+        for _ in 0..EXEC_TRIES {
             if !self.fault_mode {
                 for e in vs.entries.iter_mut() {
                     userptr::revalidate(e, acc).map_err(|e| {
@@ -533,16 +583,54 @@ impl Vm {
                 reserved: 0,
             }
             .to_bytes();
-            // Queued under the notifier lock: an invalidation either ran before (and the
-            // check above saw it) or runs after the job is on the device (and stops it).
-            // The fences learn the seqno before the device can answer (exact JOB_DONE
-            // matching); a refused or unanswered submission is forgotten again.
-            let r = self
-                .gpu
-                .ctrl
-                .call_with(wire::Opcode::JobSubmit, &body, &mut [], Some(&*q.fences))
-                .and_then(|r| r.ok());
+            // Posted under the notifier lock: an invalidation either ran before (and the
+            // check above saw it) or posts its commands after the job in the control
+            // queue, which the device serves in order (spec 5.3): the job is on the
+            // device before the invalidation starts, which then stops it. The fences learn
+            // the seqno before the device can answer (exact JOB_DONE matching); a refused
+            // or unanswered submission is forgotten again.
+            let registered = core::cell::Cell::new(None);
+            let posted = ctrl.post(
+                wire::Opcode::JobSubmit,
+                &body,
+                0,
+                Some(&*q.fences),
+                &registered,
+                false,
+            );
             drop(ns);
+            let r = match posted {
+                Ok(p) => ctrl.collect(p, &mut []),
+                Err(e) => Err(e),
+            };
+            let accepted = matches!(&r, Ok(reply) if reply.status == wire::Status::Ok.as_u32());
+            if !accepted {
+                if let Some(seqno) = registered.get() {
+                    // Refused, not sent, or no answer: no JOB_DONE is expected for it (a
+                    // late one is ignored as unknown).
+                    q.fences.end_submit(seqno, false);
+                }
+            }
+            let busy = matches!(&r, Err(e) if *e == EBUSY);
+            let resetting =
+                matches!(&r, Ok(reply) if reply.status == wire::Status::Resetting.as_u32());
+            if (busy || resetting) && t0.elapsed().as_millis() < i64::from(crate::ctrl::TIMEOUT_MS)
+            {
+                // Back-pressure (no command slot) or a device-initiated reset in progress:
+                // wait outside the notifier lock, then check and post again.
+                if busy {
+                    ctrl.wait_for_slot()?;
+                } else {
+                    ctrl.note_resetting_retry();
+                    fsleep(Delta::from_millis(2));
+                }
+                continue;
+            }
+            // The queue's fences had no room after all (a job completed late): EBUSY, as
+            // for a full queue.
+            let r = r
+                .map_err(|e| if e == ENOBUFS { EBUSY } else { e })
+                .and_then(|reply| reply.ok());
             if let Ok(seqno) = r {
                 q.fences.end_submit(seqno, true);
             }
@@ -554,7 +642,27 @@ impl Vm {
     /// Queues the rebind worker (after an invalidation preempted long-running queues).
     pub(crate) fn queue_rebind(self: &Arc<Self>) {
         // Already queued: that run will see this invalidation's effects.
-        let _ = workqueue::system().enqueue(self.clone());
+        let _ = crate::reclaim_queue().enqueue::<_, 0>(self.clone());
+    }
+
+    /// Queues a GPU fault for this VM's fault worker; false if its ring is full.
+    pub(crate) fn queue_fault(&self, f: FaultRec) -> bool {
+        self.faults.lock().push(f)
+    }
+
+    /// The oldest queued fault.
+    pub(crate) fn pop_fault(&self) -> Option<FaultRec> {
+        self.faults.lock().pop()
+    }
+
+    /// Forgets the queued faults (the device was reset).
+    pub(crate) fn clear_faults(&self) {
+        self.faults.lock().clear();
+    }
+
+    /// Queues the fault worker (a run already queued serves the new fault too).
+    pub(crate) fn queue_fault_work(self: &Arc<Self>) {
+        let _ = crate::reclaim_queue().enqueue::<_, 1>(self.clone());
     }
 
     /// The rebind worker: revalidate the bindings and resume the preempted long-running

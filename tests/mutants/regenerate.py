@@ -35,14 +35,14 @@ mut('userptr-second-pass-no-wait','The userptr notifier does not wait for the de
 mut('svm-second-pass-no-wait','The SVM notifier does not wait for the devices',
  'complete() of the SVM notifier takes the tickets and forgets them: the invalidation returns before any device finished its TLB invalidation.',
  [LAT+' only=coherence_after_syscall'],
- [('svm.rs','''            let ok = !t.failed
-                && t.ticket
-                    .take()
-                    .map(|tk| t.vm.gpu.ctrl.wait(tk))
-                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));''','''            let ok = !t.failed
-                && t.ticket
-                    .take()
-                    .map(core::mem::forget)
+ [('svm.rs','''                    .map(|tk| {
+                        after = tk.seqno();
+                        ctrl.wait(tk)
+                    })
+                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));''','''                    .map(|tk| {
+                        after = tk.seqno();
+                        core::mem::forget(tk);
+                    })
                     .is_some();''')])
 mut('svm-one-device-skipped','One device of N is not invalidated',
  'The shared SVM notifier starts (and waits for) the TLB invalidation of the first device it tracks only; the others keep their stale translations.',
@@ -214,11 +214,11 @@ mut('hole5-chunk-over-binding','Hole 5: SVM chunks ignore the VM\'s bindings',
 mut('userptr-unbind-no-wait','VM_BIND unmap does not wait for the TLB invalidation',
  'unbind() starts the TLB_INVALIDATE and returns at once (the pages are the process\'s to free again while the device still translates to them).',
  [LAT+' only=coherence_after_syscall'],
- [('vm.rs','''        let r = ctrl
-            .start(wire::Opcode::TlbInvalidate, &body, true)
-            .and_then(|t| ctrl.wait(t));''','''        let r = ctrl
-            .start(wire::Opcode::TlbInvalidate, &body, true)
-            .map(|t| {
+ [('vm.rs','''            .and_then(|t| {
+                after = t.seqno();
+                ctrl.wait(t)
+            });''','''            .map(|t| {
+                after = t.seqno();
                 core::mem::forget(t);
                 crate::ctrl::AsyncDone {
                     status: wire::Status::Ok.as_u32(),

@@ -1254,3 +1254,68 @@ fn every_device_serves(env: &Env, what: &str, pattern: u32) -> TResult {
     }
     Ok(())
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// WAIT's relative timeout survives signals: a thread interrupts a WAIT on a job that
+/// never ends with a signal every 20 ms (no SA_RESTART: the ioctl returns EINTR, and the
+/// library calls it again with the argument the kernel wrote back). The WAIT must still
+/// time out after its 1 s, not restart its full timeout on every signal.
+pub fn wait_timeout_survives_signals(_env: &Env, name: &str, k: &mut K) {
+    let Some(devs) = devices(k, name) else { return };
+    let r = (|| {
+        let mut s = Setup::new(&devs[0], false, false)?;
+        s.bind_data(4096)?;
+        s.data().write_u32(0, 0);
+        // Blocks on a semaphore nobody sets.
+        let f = ctx(
+            "EXEC",
+            s.submit(&batch(&[Insn::Wait {
+                size64: false,
+                op: svmgpu::spec::isa::CompareOp::Eq,
+                timeout_us: 0,
+                va: DATA_VA,
+                value: 1,
+            }])),
+        )?;
+        // SAFETY: A handler that does nothing, without SA_RESTART.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore_signal as *const () as usize;
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+        // SAFETY: The calling thread's id.
+        let me = unsafe { libc::pthread_self() };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let t0 = now_ns();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && now_ns() - t0 < 6_000_000_000
+                {
+                    // SAFETY: `me` is alive (it joins this thread before it ends).
+                    unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+                    sleep_ms(20);
+                }
+            }
+        });
+        let t0 = now_ns();
+        let w = s.dev.wait(s.q, f, 1_000_000_000);
+        let ms = (now_ns() - t0) / 1_000_000;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = t.join();
+        k.diag(&format!(
+            "WAIT(1 s) interrupted every 20 ms returned after {ms} ms: {w:?}"
+        ));
+        ensure(errno(w) == Some(libc::ETIME), || {
+            "WAIT did not time out".into()
+        })?;
+        ensure(ms < 3000, || {
+            format!(
+                "WAIT(1 s) took {ms} ms under signals: each restart waited the whole timeout again"
+            )
+        })
+    })();
+    k.result(name, &outcome(r));
+}

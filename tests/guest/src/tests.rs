@@ -122,6 +122,10 @@ pub const ALL: &[(&str, Test)] = &[
         "long_running_preempted_on_invalidation",
         gpu::long_running_preempted_on_invalidation,
     ),
+    (
+        "wait_timeout_survives_signals",
+        gpu::wait_timeout_survives_signals,
+    ),
     ("many_vms_and_queues", gpu::many_vms_and_queues),
     ("devices_share_one_buffer", gpu::devices_share_one_buffer),
     ("no_stale_tlb_accesses", gpu::no_stale_tlb_accesses),
