@@ -103,7 +103,7 @@ use kernel::{
         atomic::{Atomic, Relaxed},
         Arc, Mutex,
     },
-    time::{Instant, Monotonic},
+    time::{delay::fsleep, Delta, Instant, Monotonic},
     workqueue::{self, impl_has_work, Work, WorkItem},
 };
 
@@ -118,8 +118,8 @@ const CHUNKS: [usize; 3] = [SZ_2M, SZ_64K, SZ_4K];
 type FinishRef = finish_pool::FinishRef<Pending>;
 type FinishPool = finish_pool::FinishPool<Pending>;
 
-/// Pages objects per range (VMs mirroring one range).
-const MAX_PAGES_PER_RANGE: usize = 32;
+/// Room for pages objects a new range starts with (VMs mirroring it; it grows).
+const PAGES_PER_RANGE: usize = 8;
 /// Devices (VMs) one pending invalidation tracks; more are invalidated synchronously.
 const MAX_TARGETS: usize = 16;
 /// Fault retries against racing invalidations before `EAGAIN`.
@@ -423,7 +423,7 @@ impl Svm {
                     notifier,
                     unmapped: false,
                     gen: 0,
-                    pages: KVec::with_capacity(MAX_PAGES_PER_RANGE, GFP_KERNEL)?,
+                    pages: KVec::with_capacity(PAGES_PER_RANGE, GFP_KERNEL)?,
                 },
                 GFP_KERNEL,
             )?)
@@ -440,6 +440,7 @@ impl Svm {
             }
         };
         let mut pages = None;
+        let mut pages_spare: KVec<Pages> = KVec::new();
         loop {
             let mut ns = self.nlock.lock();
             if ns.dead {
@@ -491,6 +492,22 @@ impl Svm {
             let bounds = (r.start, r.end);
             if r.pages_of(vm).is_some() {
                 return Ok(bounds);
+            }
+            if r.pages.len() == r.pages.capacity() {
+                // One more VM than the range has room for: a bigger vector, allocated
+                // without the notifier lock, swapped in under it (no limit on the VMs that
+                // mirror a range).
+                if pages_spare.capacity() <= r.pages.len() {
+                    let want = r.pages.len() * 2;
+                    drop(ns);
+                    pages_spare = KVec::with_capacity(want, GFP_KERNEL)?;
+                    continue;
+                }
+                for p in r.pages.drain_all() {
+                    // Within the capacity checked above.
+                    let _ = pages_spare.push_within_capacity(p);
+                }
+                core::mem::swap(&mut r.pages, &mut pages_spare);
             }
             match pages.take() {
                 Some(p) => {
@@ -687,23 +704,30 @@ impl Svm {
     /// device's PTEs are cleared and its TLBs invalidated (waited for) before the range
     /// leaves the list.
     fn evict(&self, start: usize) -> Result {
-        let mut vms: KVec<Arc<Vm>> = KVec::with_capacity(MAX_PAGES_PER_RANGE, GFP_KERNEL)?;
-        let len = {
+        // Room for every VM mirroring the range, allocated without the notifier lock.
+        let mut vms: KVec<Arc<Vm>> = KVec::new();
+        let len = loop {
             let mut ns = self.nlock.lock();
             let i = first_ending_after(&ns.ranges, start);
             let Some(r) = ns.ranges.get_mut(i).filter(|r| r.start == start) else {
                 return Ok(());
             };
+            if r.pages.len() > vms.capacity() {
+                let want = r.pages.len();
+                drop(ns);
+                vms = KVec::with_capacity(want, GFP_KERNEL)?;
+                continue;
+            }
             r.unmapped = true;
             r.gen = r.gen.wrapping_add(1);
             let (s, l) = (r.start as u64, r.len() as u64);
             for p in r.pages.iter_mut() {
                 if p.invalidate(s, l) {
-                    // Within the capacity: at most MAX_PAGES_PER_RANGE pages objects.
+                    // Within the capacity: one entry per pages object of the range.
                     let _ = vms.push_within_capacity(p.vm.clone());
                 }
             }
-            l
+            break l;
         };
         for vm in vms.iter() {
             let _ = vm.invalidate_tlb(start as u64, len);
@@ -837,15 +861,27 @@ struct Target {
 /// The first pass's state, carried to the second.
 pub(crate) struct Pending {
     targets: [Option<Target>; MAX_TARGETS],
+    /// More VMs were hit than `targets` holds: their pages carry `token`.
+    overflow: bool,
+    /// Pages marked by another overflowing invalidation were hit: wait for it.
+    conflict: bool,
+    /// Names this invalidation in the pages it could not track (never 0).
+    token: u64,
     start: usize,
     end: usize,
     t0: Instant<Monotonic>,
 }
 
+/// Source of [`Pending::token`].
+static TOKENS: Atomic<u64> = Atomic::new(1);
+
 impl Pending {
     fn new(start: usize, end: usize) -> Self {
         Self {
             targets: [const { None }; MAX_TARGETS],
+            overflow: false,
+            conflict: false,
+            token: TOKENS.fetch_add(1, Relaxed),
             start,
             end,
             t0: Instant::<Monotonic>::now(),
@@ -937,6 +973,15 @@ impl SvmNotifierData {
             }
             let (rs, rl) = (r.start as u64, r.len() as u64);
             for pg in r.pages.iter_mut() {
+                if pg.overflow != 0 {
+                    // Another invalidation that could not track this VM has cleared its
+                    // PTEs (no fault can map them again before it is done) and stops it in
+                    // its second pass: wait for that in ours.
+                    p.conflict = true;
+                    p.overflow = true;
+                    any = true;
+                    continue;
+                }
                 if !pg.invalidate(rs, rl) {
                     continue;
                 }
@@ -960,26 +1005,11 @@ impl SvmNotifierData {
                         t.end = t.end.max(rs + rl);
                     }
                     None => {
-                        // More devices than a pending invalidation tracks: this one is
-                        // stopped right here (the invalidation is blockable).
-                        let mut after = 0;
-                        let ok = start_tlb_invalidate(&pg.vm, rs, rs + rl, true)
-                            .and_then(|t| {
-                                after = t.seqno();
-                                pg.vm.gpu.ctrl.wait(t)
-                            })
-                            .is_ok_and(|d| d.succeeded());
-                        if !ok {
-                            let gpu = &pg.vm.gpu;
-                            if after == 0 {
-                                after = gpu.ctrl.last_seqno();
-                            }
-                            gpu.reset_and_recover(
-                                after,
-                                "an SVM TLB invalidation failed or timed out",
-                            );
-                        }
-                        pg.invalidated();
+                        // More devices than a pending invalidation tracks: the pages carry
+                        // this invalidation's token; its second pass finds them, stops
+                        // their devices (outside the lock) and waits, before it returns.
+                        pg.overflow = p.token;
+                        p.overflow = true;
                     }
                 }
             }
@@ -1003,9 +1033,109 @@ impl SvmNotifierData {
         }
     }
 
+    /// Second pass, for the VMs the first pass could not track (more than [`MAX_TARGETS`]
+    /// hit; their pages carry the invalidation's token): in rounds of up to `MAX_TARGETS`
+    /// VMs, collect them under the lock, invalidate their TLBs and wait without it, then
+    /// finish their pages (token cleared, one in-flight invalidation less). Then, if the
+    /// first pass met pages another overflowing invalidation had marked (`conflict`: that
+    /// one cleared their PTEs and stops their devices), wait until it is done with them.
+    /// Allocation-free; nothing sleeps under the lock.
+    fn complete_overflow(svm: &Svm, p: &Pending) {
+        loop {
+            let mut round: [Option<(Arc<Vm>, u64, u64)>; MAX_TARGETS] =
+                [const { None }; MAX_TARGETS];
+            {
+                let ns = svm.nlock.lock();
+                let first = first_ending_after(&ns.ranges, p.start);
+                for r in ns.ranges[first..].iter().take_while(|r| r.start < p.end) {
+                    let (rs, re) = (r.start as u64, r.end as u64);
+                    for pg in r.pages.iter().filter(|pg| pg.overflow == p.token) {
+                        if let Some(e) = round
+                            .iter_mut()
+                            .flatten()
+                            .find(|(vm, _, _)| Arc::ptr_eq(vm, &pg.vm))
+                        {
+                            e.1 = e.1.min(rs);
+                            e.2 = e.2.max(re);
+                        } else if let Some(free) = round.iter_mut().find(|e| e.is_none()) {
+                            *free = Some((pg.vm.clone(), rs, re));
+                        }
+                    }
+                }
+            }
+            if round.iter().all(|e| e.is_none()) {
+                break;
+            }
+            let mut tickets: [Option<crate::ctrl::Ticket>; MAX_TARGETS] =
+                [const { None }; MAX_TARGETS];
+            for (e, t) in round.iter().zip(tickets.iter_mut()) {
+                if let Some((vm, s, end)) = e {
+                    *t = start_tlb_invalidate(vm, *s, *end, true).ok();
+                }
+            }
+            for (e, t) in round.iter().zip(tickets.iter_mut()) {
+                let Some((vm, _, _)) = e else { continue };
+                let ctrl = &vm.gpu.ctrl;
+                let mut after = ctrl.last_seqno();
+                let ok = t
+                    .take()
+                    .map(|tk| {
+                        after = tk.seqno();
+                        ctrl.wait(tk)
+                    })
+                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));
+                if !ok {
+                    vm.gpu
+                        .reset_and_recover(after, "an SVM TLB invalidation failed or timed out");
+                }
+                vm.gpu.stats.invalidations.add(1, Relaxed);
+            }
+            let mut ns = svm.nlock.lock();
+            let first = first_ending_after(&ns.ranges, p.start);
+            for r in ns.ranges[first..]
+                .iter_mut()
+                .take_while(|r| r.start < p.end)
+            {
+                for pg in r.pages.iter_mut().filter(|pg| pg.overflow == p.token) {
+                    if round
+                        .iter()
+                        .flatten()
+                        .any(|(vm, _, _)| Arc::ptr_eq(vm, &pg.vm))
+                    {
+                        pg.overflow = 0;
+                        pg.invalidated();
+                    }
+                }
+            }
+        }
+        if !p.conflict {
+            return;
+        }
+        let t0 = Instant::<Monotonic>::now();
+        loop {
+            let foreign = {
+                let ns = svm.nlock.lock();
+                let first = first_ending_after(&ns.ranges, p.start);
+                ns.ranges[first..]
+                    .iter()
+                    .take_while(|r| r.start < p.end)
+                    .any(|r| r.pages.iter().any(|pg| pg.overflow != 0))
+            };
+            // The other invalidation's waits are bounded (a failed one resets the
+            // device), so this ends; the bound is a safety net against a lost wake-up.
+            if !foreign || t0.elapsed().as_millis() > 2 * i64::from(crate::ctrl::TIMEOUT_MS) {
+                return;
+            }
+            fsleep(Delta::from_millis(1));
+        }
+    }
+
     /// Second pass (or the rest of the single pass): wait for every device, then unmap.
     fn complete(this: &SvmNotifier, mut p: Pending) {
         let svm = this.data().svm();
+        if p.overflow {
+            Self::complete_overflow(svm, &p);
+        }
         for t in p.targets.iter_mut().flatten().filter(|t| t.deferred) {
             t.vm.gpu.stats.commands_deferred.add(1, Relaxed);
             match start_tlb_invalidate(&t.vm, t.start, t.end, true) {

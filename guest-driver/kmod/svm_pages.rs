@@ -35,6 +35,9 @@ pub(crate) struct Pages {
     pub(crate) writable: bool,
     /// Invalidations started (first pass) and not finished.
     pub(crate) inflight: u32,
+    /// The token of an invalidation that could not track this VM in its first pass (more
+    /// VMs than it holds) and stops it in its second; 0 if none.
+    pub(crate) overflow: u64,
 }
 
 impl Pages {
@@ -47,6 +50,7 @@ impl Pages {
             seq: 0,
             writable: false,
             inflight: 0,
+            overflow: 0,
         }
     }
 

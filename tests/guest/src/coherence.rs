@@ -189,7 +189,7 @@ fn wait_running(addr: u64, writers: &[Writer<'_>]) -> TResult {
         }
         for (i, w) in writers.iter().enumerate() {
             if let Some(e) = w.ended()? {
-                return Err(format!("device {i}: job ended ({e}) before the change"));
+                return Err(format!("writer {i}: job ended ({e}) before the change"));
             }
         }
         if now_ns() - t0 > 20_000_000_000 {
@@ -208,7 +208,8 @@ fn frozen(what: &str, before: &[u32], after: &[u32], ms: u64) -> TResult {
         let page = if i < n { "first" } else { "last" };
         ensure(a == b, || {
             format!(
-                "device {}: the GPU wrote the old {page} page after {what} returned (counter {b} -> {a} within {ms} ms)",
+                "writer {} (on device {} mod the vGPU count): the GPU wrote the old {page} page after {what} returned (counter {b} -> {a} within {ms} ms)",
+                i % n,
                 i % n
             )
         })?;
@@ -312,7 +313,12 @@ const OPS: [(&str, Op); 6] = [
 /// Runs one case: start a writer per device on a fresh buffer, change it with `op`, and
 /// watch the old pages.
 fn case(devs: &[Device], path: Path, op: Op, obs: u64) -> TResult {
-    let n = devs.len();
+    case_with(devs, devs.len(), path, op, obs)
+}
+
+/// [`case`] with `writers` VMs, one job each, spread over the devices in turn.
+fn case_with(devs: &[Device], writers_count: usize, path: Path, op: Op, obs: u64) -> TResult {
+    let n = writers_count;
     // The buffer (and, for munmap, an alias of the same pages).
     let (buf, alias) = match op {
         Op::Munmap => {
@@ -326,9 +332,10 @@ fn case(devs: &[Device], path: Path, op: Op, obs: u64) -> TResult {
     owned.extend(alias);
     let r = (|| {
         let mut writers = Vec::new();
-        for (i, d) in devs.iter().enumerate() {
+        for i in 0..n {
+            let d = &devs[i % devs.len()];
             writers.push(
-                Writer::start(d, i, path, buf, BUF_LEN).map_err(|e| format!("device {i}: {e}"))?,
+                Writer::start(d, i, path, buf, BUF_LEN).map_err(|e| format!("writer {i}: {e}"))?,
             );
         }
         wait_running(buf, &writers)?;
@@ -608,6 +615,40 @@ pub fn audit_clean(devs: &[Device]) -> TResult {
         })?;
     }
     Ok(())
+}
+
+/// `coherence_many_vms`: 40 fault-mode VMs (spread over the devices) mirror one SVM range,
+/// each with a job writing it: more VMs than one invalidation tracks in its first pass
+/// (16), so the rest are stopped in its second pass — and more than a range's first room
+/// for pages objects (8: it grows). After `mprotect` and after `munmap` no GPU write may
+/// land in the old pages.
+pub fn many_vms(env: &Env, name: &str, k: &mut K) {
+    const VMS: usize = 40;
+    let r = (|| {
+        reload(&["svm_mode=shared"])?;
+        let devs = ctx("enumerate", Device::enumerate())?;
+        ensure(devs.len() == env.gpus as usize, || {
+            format!("{} devices", devs.len())
+        })?;
+        let obs = observe_ms(&devs);
+        for (op_name, op) in [("mprotect_readonly", Op::Mprotect), ("munmap", Op::Munmap)] {
+            let t0 = now_ns();
+            case_with(&devs, VMS, Path::Svm, op, obs).map_err(|e| format!("{op_name}: {e}"))?;
+            k.diag(&format!(
+                "{VMS} VMs on {} devices, {op_name}: {} ms",
+                devs.len(),
+                (now_ns() - t0) / 1_000_000
+            ));
+        }
+        audit_clean(&devs)
+    })();
+    k.result(
+        name,
+        &match r {
+            Ok(()) => Outcome::Pass,
+            Err(e) => Outcome::Fail(e),
+        },
+    );
 }
 
 /// `coherence_many_bindings`: 80 userptr bindings of one page each (one notifier each)

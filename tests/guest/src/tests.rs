@@ -53,6 +53,7 @@ pub const INJECT: &[(&str, Test)] = &[
 pub const LATENCY: &[(&str, Test)] = &[
     ("coherence_after_syscall", crate::coherence::after_syscall),
     ("coherence_many_bindings", crate::coherence::many_bindings),
+    ("coherence_many_vms", crate::coherence::many_vms),
     (
         "unbind_stops_device_before_notifiers_return",
         crate::holes::unbind_stops_device_before_notifiers_return,
