@@ -35,11 +35,17 @@ mut('userptr-second-pass-no-wait','The userptr notifier does not wait for the de
 mut('svm-second-pass-no-wait','The SVM notifier does not wait for the devices',
  'complete() of the SVM notifier takes the tickets and forgets them: the invalidation returns before any device finished its TLB invalidation.',
  [LAT+' only=coherence_after_syscall'],
- [('svm.rs','''                    .map(|tk| {
+ [('svm.rs','''            let ok = !t.failed
+                && t.ticket
+                    .take()
+                    .map(|tk| {
                         after = tk.seqno();
                         ctrl.wait(tk)
                     })
-                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));''','''                    .map(|tk| {
+                    .is_some_and(|d| d.is_ok_and(|d| d.succeeded()));''','''            let ok = !t.failed
+                && t.ticket
+                    .take()
+                    .map(|tk| {
                         after = tk.seqno();
                         core::mem::forget(tk);
                     })
