@@ -32,7 +32,7 @@
 //! not sleep and return `false` (or [`Start::Retry`]) if they would have to.
 
 use core::{marker::PhantomPinned, ptr::NonNull};
-use kernel::{bindings, prelude::*, types::Opaque};
+use kernel::{bindings, error::to_result, prelude::*, types::Opaque};
 
 /// Runs `f` as if in memory reclaim, for lockdep: every lock `f` takes is recorded as
 /// taken in reclaim, so that PROVE_LOCKING reports any `GFP_KERNEL` allocation (or other
@@ -165,6 +165,19 @@ impl MmRef {
         let mm = unsafe { (*bindings::get_current()).mm };
         // The current task's mm stays alive (users > 0) while the task runs a syscall.
         NonNull::new(mm).map(Self)
+    }
+
+    /// Sets the mm up for interval notifiers (`mmu_notifier_register(NULL, mm)`: the
+    /// notifier subscriptions and their interval tree), if that was not done yet. Their
+    /// first insertion would otherwise do it, under `mm_take_all_locks`: call this where
+    /// the caller holds none of the driver's locks (an ioctl creating a VM or a binding),
+    /// so that later insertions (from the fault worker, under the driver's locks) never
+    /// take every VMA lock of the mm.
+    pub(crate) fn prepare_interval_notifiers(&self) -> Result {
+        // SAFETY: `self` is a live mm (`mm_users > 0`) for the caller's scope; a NULL
+        // subscription only allocates the mm's notifier state (the core takes the mmap
+        // lock itself).
+        to_result(unsafe { bindings::mmu_notifier_register(core::ptr::null_mut(), self.as_ptr()) })
     }
 
     /// A reference to `mm`.

@@ -157,6 +157,9 @@ pub(crate) fn init() {
 /// ([`release`]).
 pub(crate) fn attach(gpu_key: usize, mode: SvmMode) -> Result<Arc<Svm>> {
     let cur = MmRef::current().ok_or(EINVAL)?;
+    // Notifiers are inserted later by the fault worker, under the VM lock: set the mm up
+    // here, without locks (see `MmRef::prepare_interval_notifiers`).
+    cur.prepare_interval_notifiers()?;
     let key = match mode {
         SvmMode::Shared => 0,
         SvmMode::Single | SvmMode::PerDevice => gpu_key,

@@ -18,8 +18,10 @@
 //!   `start` (returns a ticket) and `wait`.
 //! - [`events`]: eventq and complq receive rings, preallocated and reposted in the
 //!   interrupt callback; [`gpu`] dispatches their records (job completions, command
-//!   completions, page faults, resets) and owns the per-device state, GPU page-fault
-//!   handling, resets and removal.
+//!   completions, page faults, resets) and owns the per-device state, resets and removal;
+//!   [`faults`]: the GPU page-fault service (a dispatcher per device, a worker per VM,
+//!   replies posted in batches) on the module's `WQ_MEM_RECLAIM` workqueue
+//!   ([`reclaim_queue`]).
 //! - [`drm_driver`]: the DRM driver, open files and ioctls.
 //! - [`vm`]: VMs (an ASID and a [`pagetable`] in DMA-coherent memory), exec submission,
 //!   fault resolution, the rebind worker; [`exec_queue`]: device contexts with their job
@@ -34,35 +36,49 @@
 //!   three modes (`svm_mode=single|per_device|shared`). Its `DOC:` overview has the
 //!   details and its own locking.
 //!
-//! Locking, outermost first:
+//! Locking, outermost first (each lock is only ever taken with the ones above it held, in
+//! this order; the notifier locks are taken from reclaim and lockdep is told so at VM
+//! creation, see [`mmu_notifier::as_in_reclaim`]):
 //!
-//! 1. per file: the object table (a mutex; only lookups and insertions);
+//! 1. per open file, the object table (a mutex; only lookups and insertions);
 //! 2. per VM, the *VM lock* (mutex; the gpu_vm lock of the VM_BIND locking document):
-//!    the list of bindings and their scratch state, revalidation, exec, page-table
-//!    structure changes; held around `hmm_range_fault` and `GFP_KERNEL` allocations;
-//! 3. the mm's mmap lock (by `hmm_range_fault`; by the core around notifiers);
-//!    (SVM: the VM lock, then the SVM object's lock, the mmap lock, the SVM notifier
-//!    lock and only then the VM's notifier lock; see [`svm`]);
-//! 4. per VM, the *notifier lock* (mutex; the userptr notifier lock): validity of each
-//!    binding's GPU mapping, the notifier sequence it was made for, the committed DMA
-//!    addresses, page-table entries, the long-running queues' preemption state. It is
-//!    taken inside MMU-notifier callbacks (which may run from reclaim), so nothing
-//!    allocates, takes the VM lock or waits for reclaim under it. `mmu_interval_set_seq`
-//!    is called under it; exec checks `mmu_interval_read_retry` and submits under it.
-//!    Non-blockable invalidations only `try_lock` it and return false rather than wait;
-//! 5. per device: the reset lock, then the VM table lock (also taken from notifier
-//!    context during a reset: no allocation under them);
-//! 6. IRQ-safe spinlocks shared with the interrupt callbacks: the control queue, the
-//!    receive rings, the context table, the fault ring, each queue's fences. Nothing
-//!    sleeps under them; the callbacks only copy records, wake waiters and queue work.
+//!    bindings and their scratch state, revalidation, exec, GPU fault resolution, the
+//!    rebind worker, prefetch; held around `hmm_range_fault` and `GFP_KERNEL` allocations;
+//! 3. per SVM object, its lock (mutex): the notifier list; a notifier is inserted under it
+//!    (which takes the mmap lock; the mm's notifier state is set up beforehand, in the
+//!    ioctl, so insertion never takes `mm_take_all_locks` here);
+//! 4. the mm's mmap lock (`hmm_range_fault`, VMA lookups; the core holds it around most
+//!    notifier calls);
+//! 5. per SVM object, the *SVM notifier lock* (mutex): ranges and their pages; taken in
+//!    notifier callbacks: nothing allocates, sleeps on the device or takes a lock above
+//!    it under it;
+//! 6. per VM, the *VM notifier lock* (mutex; the userptr notifier lock): validity of each
+//!    binding's mapping and the sequence it was made for, the page table's entries, the
+//!    long-running queues' preemption state; taken in notifier callbacks (alone, or inside
+//!    the SVM one), same rules. `mmu_interval_set_seq` is called under it; exec checks
+//!    `mmu_interval_read_retry` and *posts* its job under it (the answer is collected
+//!    after). Non-blockable invalidations only `try_lock` it and return false rather than
+//!    wait;
+//! 7. IRQ-safe spinlocks shared with the interrupt callbacks, taken last and never
+//!    around a sleep: the control queue (then a queue's fences, whose seqno hook it
+//!    calls), the receive rings, the context table, the device's fault ring, the hang
+//!    ring, the reset events; and each VM's fault queue (a plain spinlock).
+//!
+//! Beside that chain, per device: the *reset lock* (mutex), then the VM table (mutex),
+//! then a VM's notifier lock (6: re-binding ASIDs after a reset reads the page-table
+//! root). Neither is ever taken under 5 or 6: a notifier that needs a reset asks for it in
+//! its second pass, after releasing them. The command slots and asynchronous entries of
+//! the control queue are resources, not locks: a first pass never waits for one (what does
+//! not fit is started by the second pass, which may).
 //!
 //! An invalidation (for every binding it hits) publishes the sequence, marks the binding
 //! invalid and clears its PTEs under the notifier lock, then starts `TLB_INVALIDATE` (and
 //! `CTX_PREEMPT` for long-running queues) and waits for their completions — in the same
 //! callback (`notifier_mode=single`) or, by default, in the second pass of the core's
 //! two-pass notifiers (`notifier_mode=twopass`), so that every device's invalidation runs
-//! in parallel. The pages are DMA-unmapped only after that wait; a failed or timed-out
-//! wait resets the device first.
+//! in parallel. A failed or timed-out wait resets the device first; the device uses the
+//! pages' guest-physical addresses (spec "Addresses"), so nothing is DMA-mapped or
+//! unmapped.
 
 use kernel::ffi::{c_char, c_int};
 use kernel::{

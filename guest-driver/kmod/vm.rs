@@ -338,6 +338,8 @@ impl Vm {
         readonly: bool,
     ) -> Result {
         let mm = MmRef::current().ok_or(EFAULT)?;
+        // The binding's notifier is inserted under the VM lock below: set the mm up first.
+        mm.prepare_interval_notifiers()?;
         let npages = (size / wire::PAGE_SIZE_4K) as usize;
         // Everything a binding needs is allocated here, before any lock.
         let pfns = KVVec::from_elem(0, npages, GFP_KERNEL)?;
