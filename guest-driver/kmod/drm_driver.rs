@@ -189,7 +189,7 @@ impl File {
         a: &mut uapi::drm_svmgpu_device_query,
         file: &DrmFile,
     ) -> Result<u32> {
-        if a.flags & !uapi::SVMGPU_QUERY_F_STATS != 0 {
+        if a.flags & !uapi::SVMGPU_QUERY_F_STATS != 0 || a.reserved != [0; 3] {
             return Err(EINVAL);
         }
         let gpu = Self::gpu(file);
@@ -213,9 +213,8 @@ impl File {
         a.fault_service_ns = gpu.stats.fault_service_ns.load(Relaxed);
         a.svm_faults = gpu.stats.svm_faults.load(Relaxed);
         a.svm_pages = gpu.stats.svm_pages.load(Relaxed);
-        a.svm_ranges = crate::svm::stats().0;
-        a.svm_ranges_collected = crate::svm::stats().1;
-        a.reserved = [0; 3];
+        a.fault_ack_ns = gpu.stats.fault_ack_ns.load(Relaxed);
+        a.svm_ranges_collected = gpu.stats.svm_ranges_collected.load(Relaxed);
         a.stats = [0; uapi::SVMGPU_NUM_STATS as usize];
         if a.flags & uapi::SVMGPU_QUERY_F_STATS != 0 {
             a.stats = gpu.get_stats()?;
@@ -229,7 +228,7 @@ impl File {
         a: &mut uapi::drm_svmgpu_vm_create,
         file: &DrmFile,
     ) -> Result<u32> {
-        if a.flags & !uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0 {
+        if a.flags & !uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0 || a.extensions != 0 {
             return Err(EINVAL);
         }
         let gpu = Self::gpu(file);
@@ -282,7 +281,7 @@ impl File {
         a: &mut uapi::drm_svmgpu_exec_queue_create,
         file: &DrmFile,
     ) -> Result<u32> {
-        if a.flags & !uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0 || a.pad != 0 {
+        if a.flags & !uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0 || a.pad != 0 || a.extensions != 0 {
             return Err(EINVAL);
         }
         let gpu = Self::gpu(file);

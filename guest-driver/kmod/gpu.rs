@@ -61,6 +61,8 @@ pub(crate) struct Stats {
     pub(crate) svm_faults: Atomic<u64>,
     /// SVM pages objects of this device's VMs.
     pub(crate) svm_pages: Atomic<u64>,
+    /// SVM ranges this device mirrored that the garbage collector removed.
+    pub(crate) svm_ranges_collected: Atomic<u64>,
     /// Invalidations that stopped this device in the core's two passes, and in one
     /// (`notifier_mode=single`, `svm_mode=single`, or an empty finish pool).
     pub(crate) invalidations_two_pass: Atomic<u64>,
@@ -1263,6 +1265,7 @@ impl GpuDriver {
                     fault_ack_ns: Atomic::new(0),
                     svm_faults: Atomic::new(0),
                     svm_pages: Atomic::new(0),
+                    svm_ranges_collected: Atomic::new(0),
                     invalidations_two_pass: Atomic::new(0),
                     invalidations_single_pass: Atomic::new(0),
                     commands_deferred: Atomic::new(0),

@@ -803,6 +803,9 @@ impl Svm {
                 };
                 // The invalidation that marked it unmapped cleared the PTEs and waited for
                 // the TLBs: no device uses its pages any more.
+                for p in ns.ranges[i].pages.iter() {
+                    p.vm.gpu.stats.svm_ranges_collected.add(1, Relaxed);
+                }
                 ns.ranges.remove(i).ok()
             };
             if victim.is_some() {

@@ -219,8 +219,13 @@ static __SVMGPU_NOTIFIER_MODE_PARAM: kernel::module_param::KernelParam =
 /// for probe while [`DebugfsRoot`] lives.
 static DEBUGFS_ROOT: Atomic<*mut kernel::debugfs::Dir> = Atomic::new(core::ptr::null_mut());
 
-/// Owns the debugfs root and publishes it in [`DEBUGFS_ROOT`].
-struct DebugfsRoot(*mut kernel::debugfs::Dir);
+/// Owns the debugfs root and publishes it in [`DEBUGFS_ROOT`]; also serves
+/// `svmgpu/svm_ranges`, the module-wide SVM figures (live ranges of every process, and
+/// ranges the garbage collector removed), which the render node does not tell anyone.
+struct DebugfsRoot(
+    *mut kernel::debugfs::Dir,
+    Option<Pin<KBox<kernel::debugfs::File<()>>>>,
+);
 
 // SAFETY: The pointer is an owned `KBox<Dir>`; `Dir` is `Send` and `Sync`.
 unsafe impl Send for DebugfsRoot {}
@@ -230,15 +235,25 @@ unsafe impl Sync for DebugfsRoot {}
 impl DebugfsRoot {
     fn new() -> Result<Self> {
         let dir = KBox::new(kernel::debugfs::Dir::new(c"svmgpu"), GFP_KERNEL)?;
+        let ranges = KBox::pin_init(
+            dir.read_callback_file(c"svm_ranges", (), &|_: &(), f| {
+                let (live, collected) = svm::stats();
+                writeln!(f, "live {live}\ncollected {collected}")
+            }),
+            GFP_KERNEL,
+        )
+        .ok();
         let p = KBox::into_raw(dir);
         DEBUGFS_ROOT.store(p, kernel::sync::atomic::Release);
-        Ok(Self(p))
+        Ok(Self(p, ranges))
     }
 }
 
 impl Drop for DebugfsRoot {
     fn drop(&mut self) {
         DEBUGFS_ROOT.store(core::ptr::null_mut(), kernel::sync::atomic::Release);
+        // The file goes before its directory.
+        drop(self.1.take());
         // SAFETY: `self.0` came from `KBox::into_raw` in `new`; the driver (whose devices
         // use the root) is unregistered before this field is dropped (declaration order).
         drop(unsafe { KBox::from_raw(self.0) });

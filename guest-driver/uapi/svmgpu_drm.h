@@ -37,12 +37,15 @@
  *   reports the job's outcome. (The kernel's Rust tree has no dma_fence/syncobj
  *   abstraction yet; these fences are the driver's own, see guest-driver/README.md.)
  *
- * Every ioctl validates all its arguments: undefined flags and nonzero padding fields
- * are EINVAL; unknown VM/queue ids are ENOENT; ENODEV means the device was removed, or
- * the driver gave it up after a failed reset (the file stays usable only for closing);
- * EFAULT means the argument pointer itself is bad (and for VM_BIND also the CPU range,
- * see there); ERESTARTSYS/EINTR a signal arrived. An ioctl that fails has no effect. An
- * ioctl number this header does not define is EINVAL (the DRM core's answer).
+ * Every ioctl validates all its arguments: undefined flags and nonzero padding or
+ * reserved fields are EINVAL; so is a nonzero @extensions (the create ioctls carry a
+ * chain pointer, as xe's do, so that later versions can extend them: this version
+ * defines no extension); unknown VM/queue ids are ENOENT; ENODEV means the device was
+ * removed, or the driver gave it up after a failed reset (the file stays usable only
+ * for closing); EFAULT means the argument pointer itself is bad (and for VM_BIND also
+ * the CPU range, see there); ERESTARTSYS/EINTR a signal arrived. An ioctl that fails
+ * has no effect. An ioctl number this header does not define is EINVAL (the DRM core's
+ * answer).
  *
  * Recovery (spec/svmgpu.md 6.16.2, guest-driver/README.md "Recovery")
  * ---------------------------------------------------------------------
@@ -123,14 +126,18 @@ extern "C" {
  *   PAGE_FAULT event to the FAULT_REPLY the driver sent for it (handed to the device).
  * @svm_faults: out: of @gpu_faults, the ones resolved through SVM (no binding).
  * @svm_pages: out: SVM pages objects (one range mirrored by one VM) of this device now.
- * @svm_ranges: out: SVM ranges of every process, module-wide, now.
- * @svm_ranges_collected: out: SVM ranges removed after a CPU unmap by the garbage
- *   collector, module-wide, since the module was loaded.
- * @reserved: zero.
+ * @fault_ack_ns: out: total time of the @gpu_faults' FAULT_REPLYs, each from its hand-over
+ *   to the device's answer (the device resumes the context, then answers).
+ * @svm_ranges_collected: out: SVM ranges this device mirrored that the garbage collector
+ *   removed after a CPU unmap, since the driver bound the device.
+ * @reserved: in: zero (EINVAL otherwise); out: zero.
  *
- * Errors: EINVAL (undefined flag), ETIMEDOUT (the device did not answer in 5 s), EIO (it
- * answered with an error or a malformed response), EBUSY (every command slot in use),
- * ENODEV.
+ * Every counter is this device's (module-wide SVM figures are in debugfs,
+ * svmgpu/svm_ranges, for root only: they would tell any opener about other processes).
+ *
+ * Errors: EINVAL (undefined flag, nonzero @reserved), ETIMEDOUT (the device did not
+ * answer in 5 s), EIO (it answered with an error or a malformed response), EBUSY (every
+ * command slot in use), ENODEV.
  */
 struct drm_svmgpu_device_query {
 	__u32 flags;
@@ -149,7 +156,7 @@ struct drm_svmgpu_device_query {
 	__u64 fault_service_ns;
 	__u64 svm_faults;
 	__u64 svm_pages;
-	__u64 svm_ranges;
+	__u64 fault_ack_ns;
 	__u64 svm_ranges_collected;
 	__u64 reserved[3];
 };
@@ -159,13 +166,16 @@ struct drm_svmgpu_device_query {
 
 /**
  * struct drm_svmgpu_vm_create - DRM_IOCTL_SVMGPU_VM_CREATE
+ * @extensions: in: zero (a chain of extensions in later versions).
  * @flags: in: SVMGPU_VM_CREATE_*.
  * @vm_id: out: the new VM's id (nonzero, unique within the file).
  *
- * Errors: EINVAL (undefined flag), ENOSPC (every device ASID is in use), ENOMEM, EIO /
- * ETIMEDOUT (the device refused or did not answer ASID_BIND), ENODEV.
+ * Errors: EINVAL (undefined flag, nonzero @extensions), ENOSPC (every device ASID is in
+ * use), ENOMEM, EIO / ETIMEDOUT (the device refused or did not answer ASID_BIND),
+ * ENODEV.
  */
 struct drm_svmgpu_vm_create {
+	__u64 extensions;
 	__u32 flags;
 	__u32 vm_id;
 };
@@ -191,17 +201,19 @@ struct drm_svmgpu_vm_destroy {
 
 /**
  * struct drm_svmgpu_exec_queue_create - DRM_IOCTL_SVMGPU_EXEC_QUEUE_CREATE
+ * @extensions: in: zero (a chain of extensions in later versions).
  * @vm_id: in: the VM the queue's jobs run in.
  * @flags: in: SVMGPU_EXEC_QUEUE_*.
  * @queue_id: out: the new queue's id (nonzero, unique within the file).
  * @pad: zero.
  *
- * Errors: EINVAL (flag, pad), ENOENT (no such VM), ENOSPC (every device context is in
- * use, or the VM has 16 long-running queues already), ENOMEM, EIO/ETIMEDOUT (CTX_CREATE
- * failed), EAGAIN (the device is resetting itself: retry), ECANCELED (the file is banned
- * after SVMGPU_HANG_BAN_LIMIT hangs), ENODEV.
+ * Errors: EINVAL (flag, pad, nonzero @extensions), ENOENT (no such VM), ENOSPC (every
+ * device context is in use, or the VM has 16 long-running queues already), ENOMEM,
+ * EIO/ETIMEDOUT (CTX_CREATE failed), EAGAIN (the device is resetting itself: retry),
+ * ECANCELED (the file is banned after SVMGPU_HANG_BAN_LIMIT hangs), ENODEV.
  */
 struct drm_svmgpu_exec_queue_create {
+	__u64 extensions;
 	__u32 vm_id;
 	__u32 flags;
 	__u32 queue_id;
@@ -305,7 +317,10 @@ struct drm_svmgpu_exec {
  * @queue_id: in: the exec queue the fence belongs to.
  * @flags: in: zero.
  * @fence: in: a fence EXEC returned for this queue.
- * @timeout_ns: in: how long to wait, relative; 0 only polls.
+ * @timeout_ns: in: how long to wait, relative; 0 only polls. out, when the wait was
+ *   interrupted by a signal (ERESTARTSYS, seen as EINTR without SA_RESTART): the time
+ *   that was left, so that calling again with the same argument (as the kernel's restart
+ *   and libdrm's drmIoctl do) waits no longer than the original timeout.
  * @error: out: the fence's outcome when the ioctl returns 0: 0 (the job ran to END),
  *   -EFAULT (a GPU access had no valid CPU mapping: unbound address, munmapped memory,
  *   write to a read-only binding; fault mode: an address the process does not map),

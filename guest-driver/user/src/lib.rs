@@ -37,7 +37,9 @@ pub struct Query {
     pub fault_service_ns: u64,
     pub svm_faults: u64,
     pub svm_pages: u64,
-    pub svm_ranges: u64,
+    /// Total time from the driver's FAULT_REPLYs to the device's answers (this device).
+    pub fault_ack_ns: u64,
+    /// SVM ranges this device mirrored that the garbage collector removed.
     pub svm_ranges_collected: u64,
 }
 
@@ -196,7 +198,7 @@ impl Device {
             fault_service_ns: q.fault_service_ns,
             svm_faults: q.svm_faults,
             svm_pages: q.svm_pages,
-            svm_ranges: q.svm_ranges,
+            fault_ack_ns: q.fault_ack_ns,
             svm_ranges_collected: q.svm_ranges_collected,
         })
     }
@@ -209,7 +211,7 @@ impl Device {
             } else {
                 0
             },
-            vm_id: 0,
+            ..Default::default()
         };
         self.ioctl(uapi::DRM_IOCTL_SVMGPU_VM_CREATE, &mut a)?;
         Ok(a.vm_id)

@@ -45,7 +45,7 @@ pub struct DeviceQuery {
     pub fault_service_ns: u64,
     pub svm_faults: u64,
     pub svm_pages: u64,
-    pub svm_ranges: u64,
+    pub fault_ack_ns: u64,
     pub svm_ranges_collected: u64,
     pub reserved: [u64; 3],
 }
@@ -69,7 +69,7 @@ impl Default for DeviceQuery {
             fault_service_ns: 0,
             svm_faults: 0,
             svm_pages: 0,
-            svm_ranges: 0,
+            fault_ack_ns: 0,
             svm_ranges_collected: 0,
             reserved: [0; 3],
         }
@@ -79,6 +79,7 @@ impl Default for DeviceQuery {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct VmCreate {
+    pub extensions: u64,
     pub flags: u32,
     pub vm_id: u32,
 }
@@ -93,6 +94,7 @@ pub struct VmDestroy {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExecQueueCreate {
+    pub extensions: u64,
     pub vm_id: u32,
     pub flags: u32,
     pub queue_id: u32,
@@ -219,9 +221,9 @@ mod tests {
         // Sizes a C compiler gives for guest-driver/uapi/svmgpu_drm.h on x86_64.
         assert_eq!(size_of::<DeviceQuery>(), 616);
         assert_eq!(size_of::<VmPrefetch>(), 24);
-        assert_eq!(size_of::<VmCreate>(), 8);
+        assert_eq!(size_of::<VmCreate>(), 16);
         assert_eq!(size_of::<VmDestroy>(), 8);
-        assert_eq!(size_of::<ExecQueueCreate>(), 16);
+        assert_eq!(size_of::<ExecQueueCreate>(), 24);
         assert_eq!(size_of::<ExecQueueDestroy>(), 8);
         assert_eq!(size_of::<VmBind>(), 40);
         assert_eq!(size_of::<Exec>(), 32);

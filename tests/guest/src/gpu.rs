@@ -429,7 +429,7 @@ pub fn exec_and_wait_reject_bad_arguments(_env: &Env, name: &str, k: &mut K) {
     ];
     let mut raw_vm = uapi::VmCreate {
         flags: 0x100,
-        vm_id: 0,
+        ..Default::default()
     };
     // SAFETY: `raw_vm` has the size the command encodes.
     let r = unsafe {
@@ -456,6 +456,39 @@ pub fn exec_and_wait_reject_bad_arguments(_env: &Env, name: &str, k: &mut K) {
     };
     list.push((
         "queue_create_undefined_flag_is_einval",
+        expect_errno("queue_create", r, libc::EINVAL),
+    ));
+    // No extension is defined: a chain pointer must be zero.
+    let mut raw_vm = uapi::VmCreate {
+        extensions: 0x1000,
+        ..Default::default()
+    };
+    // SAFETY: `raw_vm` has the size the command encodes; the kernel must not follow the
+    // pointer.
+    let r = unsafe {
+        d.raw_ioctl(
+            uapi::DRM_IOCTL_SVMGPU_VM_CREATE,
+            (&mut raw_vm as *mut uapi::VmCreate).cast(),
+        )
+    };
+    list.push((
+        "vm_create_extensions_is_einval",
+        expect_errno("vm_create", r, libc::EINVAL),
+    ));
+    let mut raw_q = uapi::ExecQueueCreate {
+        extensions: 0x1000,
+        vm_id: s.vm,
+        ..Default::default()
+    };
+    // SAFETY: As above.
+    let r = unsafe {
+        d.raw_ioctl(
+            uapi::DRM_IOCTL_SVMGPU_EXEC_QUEUE_CREATE,
+            (&mut raw_q as *mut uapi::ExecQueueCreate).cast(),
+        )
+    };
+    list.push((
+        "queue_create_extensions_is_einval",
         expect_errno("queue_create", r, libc::EINVAL),
     ));
     // A timeout: a job that runs for 300 ms, waited for 1 ms.

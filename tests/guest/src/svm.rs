@@ -112,13 +112,13 @@ fn run_mode(env: &Env, name: &str, k: &mut K, mode: &str) {
     }
     if let Ok(q) = devs[0].query(false) {
         k.diag(&format!(
-            "{mode}: device 0: {} GPU faults ({} SVM, {} failed), mean service {} us; {} invalidations; ranges live {}, collected {}",
+            "{mode}: device 0: {} GPU faults ({} SVM, {} failed), mean service {} us; {} invalidations; pages objects now {}, ranges collected {}",
             q.gpu_faults,
             q.svm_faults,
             q.gpu_faults_failed,
             q.fault_service_ns / q.gpu_faults.max(1) / 1000,
             q.invalidations,
-            q.svm_ranges,
+            q.svm_pages,
             q.svm_ranges_collected
         ));
     }

@@ -298,6 +298,21 @@ fn device_query_rejects_bad_input(_env: &Env, name: &str, k: &mut K) {
         "undefined_flag_is_einval".into(),
         Outcome::check(got == Some(libc::EINVAL), format!("got {got:?}")),
     ));
+    let mut q = uapi::DeviceQuery {
+        reserved: [0, 7, 0],
+        ..Default::default()
+    };
+    // SAFETY: `q` has the size the command encodes.
+    let got = errno(unsafe {
+        dev.raw_ioctl(
+            uapi::DRM_IOCTL_SVMGPU_DEVICE_QUERY,
+            (&mut q as *mut uapi::DeviceQuery).cast(),
+        )
+    });
+    cases.push((
+        "nonzero_reserved_is_einval".into(),
+        Outcome::check(got == Some(libc::EINVAL), format!("got {got:?}")),
+    ));
     // SAFETY: A null argument must be refused by the kernel with EFAULT.
     let got =
         errno(unsafe { dev.raw_ioctl(uapi::DRM_IOCTL_SVMGPU_DEVICE_QUERY, std::ptr::null_mut()) });
