@@ -7,7 +7,7 @@ use crate::{
     vm::Vm,
     wire,
 };
-use kernel::{bindings, prelude::*, sync::Arc};
+use kernel::{prelude::*, sync::Arc};
 
 /// An exec queue.
 pub(crate) struct ExecQueue {
@@ -92,7 +92,7 @@ impl ExecQueue {
                 gpu.reset_and_recover(gpu.ctrl.last_seqno(), "CTX_DESTROY did not answer");
             }
         }
-        self.fences.lose(-(bindings::ECANCELED as i32));
+        self.fences.lose(ECANCELED.to_errno());
         gpu.free_ctx(self.ctx_id);
     }
 }

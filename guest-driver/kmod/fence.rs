@@ -127,9 +127,9 @@ pub(crate) fn job_errno(status: u32) -> i32 {
     use wire::Status as S;
     match S::from_u32(status) {
         Some(S::Ok) => 0,
-        Some(S::JobFault) => -(bindings::EFAULT as i32),
-        Some(S::JobSkipped) => -(bindings::ECANCELED as i32),
-        _ => -(bindings::EIO as i32),
+        Some(S::JobFault) => EFAULT.to_errno(),
+        Some(S::JobSkipped) => ECANCELED.to_errno(),
+        _ => EIO.to_errno(),
     }
 }
 
@@ -320,8 +320,8 @@ impl Fences {
         let hung = seqno.unwrap_or(first);
         s.lost = Some(Lost {
             first_seqno: hung,
-            first: -(bindings::ETIMEDOUT as i32),
-            rest: -(bindings::ECANCELED as i32),
+            first: ETIMEDOUT.to_errno(),
+            rest: ECANCELED.to_errno(),
         });
         s.hung = true;
         // Jobs before the hung one that did complete keep their outcome.
@@ -367,7 +367,7 @@ impl Fences {
             return Some(match s.error {
                 Some((seq, err, status)) if seq == fence => Outcome { error: err, status },
                 Some((seq, _, _)) if seq < fence => Outcome {
-                    error: -(bindings::ECANCELED as i32),
+                    error: ECANCELED.to_errno(),
                     status: wire::Status::JobSkipped.as_u32(),
                 },
                 _ => Outcome {

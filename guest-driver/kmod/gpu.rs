@@ -9,13 +9,14 @@ use crate::{
     events::RxQueue,
     faults::{FaultRec, FaultRing},
     fence::{DoneKind, Fences},
+    reclaim_queue::{flush_delayed_work, flush_work},
     userptr::FinishPool,
     virtio,
     vm::Vm,
     wire, NotifierMode, SvmMode,
 };
 use kernel::{
-    bindings, debugfs,
+    debugfs,
     device::{self, Core},
     drm, new_condvar, new_delayed_work, new_mutex, new_spinlock, new_spinlock_irq, new_work,
     prelude::*,
@@ -196,16 +197,6 @@ pub(crate) const JOB_TIMEOUT_MS: u32 = 10_000;
 /// How often the watchdog looks for overdue jobs.
 const WATCHDOG_MS: u32 = 250;
 
-/// The virtio device, for a virtio reset when `RESET` does not answer.
-struct VdevPtr(*mut bindings::virtio_device);
-
-// SAFETY: The pointer is only used while the device is bound (resets run with a
-// `GpuAccess` or from notifiers of live VMs, which removal waits for), and the virtio core
-// serialises what `virtio_reset_device` does.
-unsafe impl Send for VdevPtr {}
-// SAFETY: See `Send`.
-unsafe impl Sync for VdevPtr {}
-
 /// The driver's state of one device. Shared (`Arc`) by the bus binding, the DRM device,
 /// open files, VMs and work items; it outlives the binding, but after removal every
 /// operation fails with `ENODEV`.
@@ -257,7 +248,8 @@ pub(crate) struct Gpu {
     reset_lock: Mutex<()>,
     #[pin]
     last_reset: SpinLock<LastReset>,
-    vdev: VdevPtr,
+    /// For a virtio reset when `RESET` does not answer.
+    vdev: virtio::ResetHandle,
     /// The virtio reset of the last resort (see [`Gpu::wedge`]).
     #[pin]
     wedge_work: Work<Gpu, 3>,
@@ -674,8 +666,7 @@ impl Gpu {
 
     fn virtio_reset_and_fail(&self) {
         inc(&self.recovery.virtio_resets);
-        // SAFETY: The device is bound (see `VdevPtr`); a virtio reset is allowed at any time.
-        unsafe { bindings::virtio_reset_device(self.vdev.0) };
+        self.vdev.reset();
         // The device owns no buffer any more: retire every slot, fail every waiter.
         let _ = self.ctrl.detach();
         let _ = self.eventq.detach();
@@ -683,7 +674,7 @@ impl Gpu {
         self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
         for f in ctxs.iter().flatten() {
-            f.lose(-(bindings::EIO as i32));
+            f.lose(EIO.to_errno());
         }
     }
 
@@ -698,7 +689,7 @@ impl Gpu {
         {
             let ctxs = self.ctxs.lock();
             for f in ctxs.iter().flatten() {
-                f.lose(-(bindings::EIO as i32));
+                f.lose(EIO.to_errno());
             }
         }
         self.faults.lock().clear();
@@ -922,7 +913,7 @@ impl Gpu {
         self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
         for f in ctxs.iter().flatten() {
-            f.lose(-(bindings::ENODEV as i32));
+            f.lose(ENODEV.to_errno());
         }
     }
 
@@ -1005,20 +996,20 @@ impl WorkItem<2> for Gpu {
     }
 }
 
-unsafe extern "C" fn ctrl_callback(vq: *mut bindings::virtqueue) {
+unsafe extern "C" fn ctrl_callback(vq: *mut virtio::RawVirtqueue) {
     // SAFETY: The callback context is the `Gpu` set in `probe`, valid until the queues are
     // deleted in `unbind`.
     let gpu = unsafe { &*virtio::callback_context(vq).cast::<Gpu>() };
     gpu.ctrl.complete();
 }
 
-unsafe extern "C" fn event_callback(vq: *mut bindings::virtqueue) {
+unsafe extern "C" fn event_callback(vq: *mut virtio::RawVirtqueue) {
     // SAFETY: As in `ctrl_callback`. The `Gpu` is the contents of an `Arc` (see `probe`).
     let gpu = unsafe { ArcRef::from_ctx(virtio::callback_context(vq)) };
     gpu.get().eventq.drain(|rec| gpu.get().on_event(rec));
 }
 
-unsafe extern "C" fn compl_callback(vq: *mut bindings::virtqueue) {
+unsafe extern "C" fn compl_callback(vq: *mut virtio::RawVirtqueue) {
     // SAFETY: As in `event_callback`.
     let gpu = unsafe { ArcRef::from_ctx(virtio::callback_context(vq)) };
     gpu.get().complq.drain(|rec| gpu.get().on_completion(rec));
@@ -1244,7 +1235,10 @@ impl GpuDriver {
                     LastReset { reason: "none", at: None },
                     "svmgpu_last_reset"
                 ),
-                vdev: VdevPtr(dev.as_raw()),
+                // SAFETY: Resets through it run with a `GpuAccess` or from notifiers of
+                // live VMs, and do_wedge checks `is_dead` first: removal marks the device
+                // dead and waits for both before the device is unbound.
+                vdev: unsafe { virtio::ResetHandle::new(dev) },
                 wedge_work <- new_work!("svmgpu_wedge_work"),
                 wedge_state <- new_spinlock!(WEDGE_NONE, "svmgpu_wedge"),
                 wedge_cv <- new_condvar!("svmgpu_wedge_cv"),
@@ -1371,18 +1365,10 @@ impl virtio::Driver for GpuDriver {
         gpu.wait_users();
         // 5. Work queued meanwhile sees the device dead and returns (the watchdog does not
         //    queue itself again).
-        // SAFETY: The work items are embedded in `gpu`, which is alive; `DelayedWork` is a
-        // transparent wrapper of `struct delayed_work`.
-        unsafe {
-            bindings::flush_work(Work::<Gpu, 0>::raw_get(&gpu.fault_work));
-            bindings::flush_work(Work::<Gpu, 1>::raw_get(&gpu.reset_work));
-            bindings::flush_work(Work::<Gpu, 3>::raw_get(&gpu.wedge_work));
-            bindings::flush_delayed_work(
-                core::ptr::from_ref(&gpu.watchdog)
-                    .cast::<bindings::delayed_work>()
-                    .cast_mut(),
-            );
-        }
+        flush_work(&gpu.fault_work);
+        flush_work(&gpu.reset_work);
+        flush_work(&gpu.wedge_work);
+        flush_delayed_work(&gpu.watchdog);
         // 6. Release the page tables and DMA mappings of every VM (their files may stay
         //    open; they only see ENODEV).
         gpu.kill_vms();

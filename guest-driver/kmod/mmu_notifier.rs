@@ -32,7 +32,7 @@
 //! not sleep and return `false` (or [`Start::Retry`]) if they would have to.
 
 use core::{marker::PhantomPinned, ptr::NonNull};
-use kernel::{bindings, error::to_result, prelude::*, types::Opaque};
+use kernel::{bindings, error::to_result, mm::MmWithUser, prelude::*, types::Opaque};
 
 /// Runs `f` as if in memory reclaim, for lockdep: every lock `f` takes is recorded as
 /// taken in reclaim, so that PROVE_LOCKING reports any `GFP_KERNEL` allocation (or other
@@ -63,6 +63,11 @@ pub(crate) struct Invalidation<'a> {
 }
 
 impl Invalidation<'_> {
+    /// Whether the range is being unmapped (`MMU_NOTIFY_UNMAP`: munmap, mremap's source).
+    pub(crate) fn is_unmap(&self) -> bool {
+        self.event() == bindings::mmu_notifier_event_MMU_NOTIFY_UNMAP
+    }
+
     /// First byte of the invalidated CPU range.
     #[allow(dead_code)]
     pub(crate) fn start(&self) -> usize {
@@ -83,7 +88,6 @@ impl Invalidation<'_> {
     }
 
     /// The `enum mmu_notifier_event` of the invalidation (unmap, protection change...).
-    #[allow(dead_code)]
     pub(crate) fn event(&self) -> u32 {
         self.range.event as u32
     }
@@ -155,45 +159,15 @@ pub(crate) enum Passes {
     Two,
 }
 
-/// A reference to an mm that is alive (`mm_users > 0`) for the caller's scope.
-pub(crate) struct MmRef(NonNull<bindings::mm_struct>);
-
-impl MmRef {
-    /// The mm of the current task, if it has one (kernel threads have none).
-    pub(crate) fn current() -> Option<Self> {
-        // SAFETY: `get_current` returns the running task, valid while it runs.
-        let mm = unsafe { (*bindings::get_current()).mm };
-        // The current task's mm stays alive (users > 0) while the task runs a syscall.
-        NonNull::new(mm).map(Self)
-    }
-
-    /// Sets the mm up for interval notifiers (`mmu_notifier_register(NULL, mm)`: the
-    /// notifier subscriptions and their interval tree), if that was not done yet. Their
-    /// first insertion would otherwise do it, under `mm_take_all_locks`: call this where
-    /// the caller holds none of the driver's locks (an ioctl creating a VM or a binding),
-    /// so that later insertions (from the fault worker, under the driver's locks) never
-    /// take every VMA lock of the mm.
-    pub(crate) fn prepare_interval_notifiers(&self) -> Result {
-        // SAFETY: `self` is a live mm (`mm_users > 0`) for the caller's scope; a NULL
-        // subscription only allocates the mm's notifier state (the core takes the mmap
-        // lock itself).
-        to_result(unsafe { bindings::mmu_notifier_register(core::ptr::null_mut(), self.as_ptr()) })
-    }
-
-    /// A reference to `mm`.
-    ///
-    /// # Safety
-    ///
-    /// `mm` must be a live mm with `mm_users > 0` for as long as the result is used.
-    pub(crate) unsafe fn from_raw(mm: *mut bindings::mm_struct) -> Self {
-        // SAFETY: Per the contract, `mm` is a valid (non-null) pointer.
-        Self(unsafe { NonNull::new_unchecked(mm) })
-    }
-
-    /// The raw pointer.
-    pub(crate) fn as_ptr(&self) -> *mut bindings::mm_struct {
-        self.0.as_ptr()
-    }
+/// Sets `mm` up for interval notifiers (`mmu_notifier_register(NULL, mm)`: the notifier
+/// subscriptions and their interval tree), if that was not done yet. Their first insertion
+/// would otherwise do it, under `mm_take_all_locks`: call this where the caller holds none
+/// of the driver's locks (an ioctl creating a VM or a binding), so that later insertions
+/// (from the fault worker, under the driver's locks) never take every VMA lock of the mm.
+pub(crate) fn prepare_interval_notifiers(mm: &MmWithUser) -> Result {
+    // SAFETY: `mm` has `mm_users > 0` while the reference lives; a NULL subscription only
+    // allocates the mm's notifier state (the core takes the mmap lock itself).
+    to_result(unsafe { bindings::mmu_notifier_register(core::ptr::null_mut(), mm.as_raw()) })
 }
 
 /// An MMU interval notifier with the user's data `T`.
@@ -230,7 +204,7 @@ impl<T: IntervalOps> IntervalNotifier<T> {
     /// A notifier for `[start, start + length)` of `mm`, with `data`; inserted at once
     /// (callbacks may run before the initialiser returns).
     pub(crate) fn new(
-        mm: &MmRef,
+        mm: &MmWithUser,
         start: usize,
         length: usize,
         passes: Passes,
@@ -250,7 +224,7 @@ impl<T: IntervalOps> IntervalNotifier<T> {
                 // field it uses); `mm` is alive; `ops` is 'static; `data` is initialised
                 // already (fields are initialised in order), so callbacks may run.
                 kernel::error::to_result(unsafe {
-                    bindings::mmu_interval_notifier_insert(raw, mm.as_ptr(), start, length, ops)
+                    bindings::mmu_interval_notifier_insert(raw, mm.as_raw(), start, length, ops)
                 })
             }),
             _pin: PhantomPinned,

@@ -12,7 +12,31 @@
 //! [`ReclaimQueue`] allocates such a queue (`WQ_UNBOUND` too: its items run concurrently,
 //! e.g. one fault worker per VM) and destroys it when dropped.
 
-use kernel::{bindings, prelude::*, workqueue::Queue};
+use kernel::{
+    bindings,
+    prelude::*,
+    workqueue::{DelayedWork, Queue, Work},
+};
+
+/// Waits until `work` is neither pending nor running (`flush_work`).
+pub(crate) fn flush_work<T: ?Sized, const ID: u64>(work: &Work<T, ID>) {
+    // SAFETY: `work` is an initialised work item, alive for the call.
+    unsafe { bindings::flush_work(Work::raw_get(work)) };
+}
+
+/// Waits until the delayed `work` is neither pending nor running (`flush_delayed_work`:
+/// a pending timer fires at once).
+pub(crate) fn flush_delayed_work<T: ?Sized, const ID: u64>(work: &DelayedWork<T, ID>) {
+    // SAFETY: `DelayedWork` is a transparent wrapper of an initialised `struct
+    // delayed_work`, alive for the call.
+    unsafe {
+        bindings::flush_delayed_work(
+            core::ptr::from_ref(work)
+                .cast::<bindings::delayed_work>()
+                .cast_mut(),
+        )
+    };
+}
 
 /// A `WQ_MEM_RECLAIM | WQ_UNBOUND` workqueue, destroyed on drop.
 ///

@@ -86,7 +86,7 @@ use crate::{
     finish_pool,
     gpu::GpuAccess,
     hmm::{self, HmmPfn},
-    mmu_notifier::{IntervalNotifier, IntervalOps, Invalidation, MmRef, Passes, Start},
+    mmu_notifier::{self, IntervalNotifier, IntervalOps, Invalidation, Passes, Start},
     pagetable::Prealloc,
     svm_pages::Pages,
     vm::Vm,
@@ -94,7 +94,6 @@ use crate::{
 };
 use core::ptr::NonNull;
 use kernel::{
-    bindings,
     mm::{virt::flags as vmf, Mm},
     new_mutex, new_work,
     prelude::*,
@@ -156,10 +155,11 @@ pub(crate) fn init() {
 /// only in the per-device modes), created if needed; the caller owns one user reference
 /// ([`release`]).
 pub(crate) fn attach(gpu_key: usize, mode: SvmMode) -> Result<Arc<Svm>> {
-    let cur = MmRef::current().ok_or(EINVAL)?;
+    let task = kernel::current!();
+    let cur = task.mm().ok_or(EINVAL)?;
     // Notifiers are inserted later by the fault worker, under the VM lock: set the mm up
-    // here, without locks (see `MmRef::prepare_interval_notifiers`).
-    cur.prepare_interval_notifiers()?;
+    // here, without locks (see `mmu_notifier::prepare_interval_notifiers`).
+    mmu_notifier::prepare_interval_notifiers(cur)?;
     let key = match mode {
         SvmMode::Shared => 0,
         SvmMode::Single | SvmMode::PerDevice => gpu_key,
@@ -172,15 +172,14 @@ pub(crate) fn attach(gpu_key: usize, mode: SvmMode) -> Result<Arc<Svm>> {
     let mut reg = REGISTRY.lock();
     if let Some(e) = reg
         .iter_mut()
-        .find(|e| e.svm.mm.as_raw() == cur.as_ptr() && e.svm.key == key)
+        .find(|e| e.svm.mm.as_raw() == cur.as_raw() && e.svm.key == key)
     {
         e.users += 1;
         return Ok(e.svm.clone());
     }
     reg.reserve(1, GFP_KERNEL)?;
-    // SAFETY: The current task's mm is alive while it runs the ioctl; `Mm` is a
-    // transparent wrapper of `mm_struct`, and `ARef::from` takes an `mmgrab` reference.
-    let mm: ARef<Mm> = unsafe { Mm::from_raw(cur.as_ptr()) }.into();
+    // An `mmgrab` reference: the mm stays allocated while the object lives.
+    let mm: ARef<Mm> = ARef::from(&**cur);
     let svm = Arc::pin_init(
         try_pin_init!(Svm {
             mm,
@@ -347,7 +346,9 @@ struct VmaInfo {
 impl Svm {
     /// Whether `mm` of the calling task is the mirrored one.
     pub(crate) fn is_current_mm(&self) -> bool {
-        MmRef::current().is_some_and(|m| m.as_ptr() == self.mm.as_raw())
+        kernel::current!()
+            .mm()
+            .is_some_and(|m| m.as_raw() == self.mm.as_raw())
     }
 
     fn vma_info(&self, addr: usize, write: bool) -> Result<VmaInfo> {
@@ -355,8 +356,7 @@ impl Svm {
         let guard = mm.mmap_read_lock();
         let vma = guard.vma_lookup(addr).ok_or(EFAULT)?;
         let fl = vma.flags();
-        let special = (bindings::VM_IO | bindings::VM_PFNMAP) as u64;
-        if (fl as u64) & special != 0 || fl & vmf::READ == 0 {
+        if fl & (vmf::IO | vmf::PFNMAP) != 0 || fl & vmf::READ == 0 {
             return Err(EFAULT);
         }
         let writable = fl & vmf::WRITE != 0;
@@ -388,15 +388,14 @@ impl Svm {
             }
         }
         s.notifiers.reserve(1, GFP_KERNEL)?;
+        // An `mm_users` reference for the insertion.
         let mm = self.mm.mmget_not_zero().ok_or(EFAULT)?;
-        // SAFETY: `mm` holds an `mm_users` reference for the insertion.
-        let mref = unsafe { MmRef::from_raw(mm.as_raw()) };
         let data = SvmNotifierData {
             svm: core::ptr::from_ref(self),
             start,
         };
         let n = KBox::pin_init(
-            IntervalNotifier::new(&mref, start, NOTIFIER_SIZE, self.passes, data),
+            IntervalNotifier::new(&mm, start, NOTIFIER_SIZE, self.passes, data),
             GFP_KERNEL,
         )?;
         drop(mm);
@@ -827,8 +826,7 @@ impl Svm {
         drop(notifiers);
         // A queued collection runs now (and drops its reference, never the last: the
         // caller holds one).
-        // SAFETY: The work item is embedded in `self`, which is alive.
-        unsafe { bindings::flush_work(Work::<Svm>::raw_get(&self.gc_work)) };
+        crate::reclaim_queue::flush_work(&self.gc_work);
         let ranges = {
             let mut ns = self.nlock.lock();
             ns.dead = true;
@@ -964,7 +962,7 @@ impl SvmNotifierData {
         if ns.dead {
             return Begin::Nothing;
         }
-        let unmap = inv.event() == bindings::mmu_notifier_event_MMU_NOTIFY_UNMAP;
+        let unmap = inv.is_unmap();
         let mut p = Pending::new(start, end);
         let mut any = false;
         let mut gc = false;

@@ -312,14 +312,50 @@ unsafe impl Sync for Device {}
 unsafe impl Sync for Device<Bound> {}
 
 /// A queue interrupt callback.
-pub(crate) type Callback = unsafe extern "C" fn(*mut bindings::virtqueue);
+/// The C virtqueue a [`Callback`] is called with.
+pub(crate) type RawVirtqueue = bindings::virtqueue;
+
+/// A virtqueue callback (interrupt context).
+pub(crate) type Callback = unsafe extern "C" fn(*mut RawVirtqueue);
+
+/// A handle that can reset a bound virtio device from any context that may sleep, e.g. a
+/// work item an MMU notifier waits for (the driver's reset of last resort).
+///
+/// # Invariants
+///
+/// `self.0` is a virtio device that stays bound while the handle is used (the owner only
+/// resets through it while the device is bound: removal waits for its users).
+pub(crate) struct ResetHandle(NonNull<bindings::virtio_device>);
+
+// SAFETY: A virtio reset may be requested from any thread; the virtio core serialises it.
+unsafe impl Send for ResetHandle {}
+// SAFETY: See `Send`.
+unsafe impl Sync for ResetHandle {}
+
+impl ResetHandle {
+    /// A handle for `dev`.
+    ///
+    /// # Safety
+    ///
+    /// The handle must only be used ([`ResetHandle::reset`]) while `dev` is bound.
+    pub(crate) unsafe fn new<Ctx: DeviceContext>(dev: &Device<Ctx>) -> Self {
+        // SAFETY: `dev.as_raw()` is a valid device pointer (type invariant of `Device`).
+        Self(unsafe { NonNull::new_unchecked(dev.as_raw()) })
+    }
+
+    /// Resets the device: afterwards it touches no memory and raises no interrupt.
+    pub(crate) fn reset(&self) {
+        // SAFETY: By the type invariant the device is bound; a reset is allowed at any time.
+        unsafe { bindings::virtio_reset_device(self.0.as_ptr()) };
+    }
+}
 
 /// Returns the callback context set with [`Device::set_callback_context`] for `vq`.
 ///
 /// # Safety
 ///
 /// `vq` must be the argument of a queue callback.
-pub(crate) unsafe fn callback_context(vq: *mut bindings::virtqueue) -> *const c_void {
+pub(crate) unsafe fn callback_context(vq: *mut RawVirtqueue) -> *const c_void {
     // SAFETY: A callback's queue and its device are live while the callback runs.
     unsafe { (*(*vq).vdev).priv_ }
 }

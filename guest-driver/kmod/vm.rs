@@ -9,14 +9,14 @@ use crate::{
     exec_queue::ExecQueue,
     faults::{FaultRec, FaultRing},
     gpu::{Gpu, GpuAccess},
-    mmu_notifier::{IntervalNotifier, MmRef, Passes},
+    mmu_notifier::{self, IntervalNotifier, Passes},
     pagetable::PageTable,
     svm::{self, Svm},
     userptr::{self, Entry, UserptrData},
     wire, NotifierMode,
 };
 use kernel::{
-    bindings, new_mutex, new_spinlock, new_work,
+    new_mutex, new_spinlock, new_work,
     prelude::*,
     sync::{Arc, LockedBy, Mutex, SpinLock},
     time::{delay::fsleep, Delta, Instant, Monotonic},
@@ -279,11 +279,8 @@ impl Vm {
         }
         // Removes the notifiers (waits for invalidations in progress, which see `dead`).
         drop(entries);
-        // SAFETY: The work items are embedded in `self`, which is alive.
-        unsafe {
-            bindings::flush_work(Work::<Vm>::raw_get(&self.rebind_work));
-            bindings::flush_work(Work::<Vm, 1>::raw_get(&self.fault_work));
-        }
+        crate::reclaim_queue::flush_work(&self.rebind_work);
+        crate::reclaim_queue::flush_work(&self.fault_work);
     }
 
     /// Destroys the VM (VM_DESTROY, file close). Its exec queues are destroyed already.
@@ -337,9 +334,10 @@ impl Vm {
         cpu: usize,
         readonly: bool,
     ) -> Result {
-        let mm = MmRef::current().ok_or(EFAULT)?;
+        let task = kernel::current!();
+        let mm = task.mm().ok_or(EFAULT)?;
         // The binding's notifier is inserted under the VM lock below: set the mm up first.
-        mm.prepare_interval_notifiers()?;
+        mmu_notifier::prepare_interval_notifiers(mm)?;
         let npages = (size / wire::PAGE_SIZE_4K) as usize;
         // Everything a binding needs is allocated here, before any lock.
         let pfns = KVVec::from_elem(0, npages, GFP_KERNEL)?;
@@ -370,7 +368,7 @@ impl Vm {
             n: LockedBy::new(&self.nlock, unstate),
         };
         let up = KBox::pin_init(
-            IntervalNotifier::new(&mm, cpu, size as usize, passes, data),
+            IntervalNotifier::new(mm, cpu, size as usize, passes, data),
             GFP_KERNEL,
         )?;
         let mut entry = Entry {

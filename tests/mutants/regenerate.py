@@ -99,7 +99,7 @@ mut('fork-protection-ignored',"fork's COW protection is ignored",
         if ns.dead {
             return Begin::Nothing;
         }''','''        inv.set_seq();
-        if ns.dead || inv.event() == bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE {
+        if ns.dead || inv.event() == kernel::bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE {
             return Begin::Nothing;
         }'''),
   ('userptr.rs','''        let dead = ns.dead;
