@@ -14,13 +14,20 @@
 //!   device has its own (the key also names the device), so each has its own notifiers.
 //! - *Notifiers* ([`SvmNotifier`]): MMU interval notifiers over large aligned intervals
 //!   (512 MiB, as gpusvm's `notifier_size`), created on the first fault in the interval
-//!   and kept until the object is torn down.
+//!   and removed when the garbage collector has removed their last range (as
+//!   `drm_gpusvm_range_remove` removes an empty notifier). Each range holds a reference on
+//!   its notifier, and so does a fault between `read_begin` and its retry check: a notifier
+//!   is only unlinked once no range lies in its interval, and only freed (removed from the
+//!   mm) when the last reference goes, never under the notifier lock.
 //! - [`Range`]: a CPU VA range mirrored on demand, chunked by what the VMA allows (the
 //!   largest of 2 MiB, 64 KiB, 4 KiB whose aligned chunk around the faulting address lies
 //!   inside the VMA and overlaps no other range and no binding of the faulting VM, as
-//!   drm_gpusvm bounds chunks by the GPU VMA), kept in a list sorted by address (the
-//!   interval tree of gpusvm: ranges never overlap, so a binary search finds them). A
-//!   range belongs to the notifier whose interval contains it.
+//!   drm_gpusvm bounds chunks by the GPU VMA), kept in a vector sorted by address: the
+//!   role of gpusvm's interval tree. Ranges never overlap, so ordering them by start
+//!   orders them by end too, and every lookup (a fault's address, an invalidation's
+//!   first range) is a binary search, O(log n); insertion and removal move the tail
+//!   (`memmove`, no allocation under the notifier lock). A range belongs to the notifier
+//!   whose interval contains it.
 //! - [`Pages`] (`svm_pages.rs`): the device side, one per VM that touched the range
 //!   (notifier sequence, valid and writable flags, invalidations in flight): one range, N
 //!   pages, N GPUs.
@@ -79,8 +86,9 @@
 //! Lifetime: a fault-mode VM takes a reference on the object at creation and gives it
 //! back when it is released (after its ASID is unbound or the device reset, it drops its
 //! pages from every range). The last one removes the object from the
-//! registry and tears it down: notifiers removed (which waits for callbacks in progress),
-//! garbage collector flushed, ranges freed.
+//! registry and tears it down: notifiers unlinked, garbage collector flushed, ranges
+//! freed (with them the last references on the notifiers, whose removal waits for the
+//! callbacks in progress; those see the object dead and do nothing).
 
 use crate::{
     finish_pool,
@@ -92,7 +100,6 @@ use crate::{
     vm::Vm,
     wire, SvmMode,
 };
-use core::ptr::NonNull;
 use kernel::{
     mm::{virt::flags as vmf, Mm},
     new_mutex, new_work,
@@ -128,10 +135,29 @@ const HMM_TRIES: usize = 8;
 
 static RANGES_LIVE: Atomic<u64> = Atomic::new(0);
 static RANGES_COLLECTED: Atomic<u64> = Atomic::new(0);
+static NOTIFIERS_LIVE: Atomic<u64> = Atomic::new(0);
+static NOTIFIERS_PRUNED: Atomic<u64> = Atomic::new(0);
 
-/// Module-wide (live ranges, ranges collected after unmap).
-pub(crate) fn stats() -> (u64, u64) {
-    (RANGES_LIVE.load(Relaxed), RANGES_COLLECTED.load(Relaxed))
+/// Module-wide SVM figures (debugfs `svmgpu/svm_ranges`).
+pub(crate) struct Stats {
+    /// Ranges of every SVM object.
+    pub(crate) ranges: u64,
+    /// Ranges the garbage collector removed after an unmap.
+    pub(crate) ranges_collected: u64,
+    /// Notifiers linked in an SVM object.
+    pub(crate) notifiers: u64,
+    /// Notifiers removed because their last range went (not at teardown).
+    pub(crate) notifiers_pruned: u64,
+}
+
+/// The module-wide SVM figures.
+pub(crate) fn stats() -> Stats {
+    Stats {
+        ranges: RANGES_LIVE.load(Relaxed),
+        ranges_collected: RANGES_COLLECTED.load(Relaxed),
+        notifiers: NOTIFIERS_LIVE.load(Relaxed),
+        notifiers_pruned: NOTIFIERS_PRUNED.load(Relaxed),
+    }
 }
 
 kernel::sync::global_lock! {
@@ -221,8 +247,8 @@ pub(crate) fn release(svm: Arc<Svm>) {
 
 /// The state under [`Svm::lock`].
 struct SvmS {
-    /// Notifiers, never removed before teardown (ranges point to them).
-    notifiers: KVec<Pin<KBox<SvmNotifier>>>,
+    /// The notifiers new ranges use, one per interval (see [`Svm::prune_notifiers`]).
+    notifiers: KVec<Arc<SvmNotifier>>,
     dead: bool,
 }
 
@@ -237,8 +263,8 @@ pub(crate) struct SvmN {
 pub(crate) struct Range {
     start: usize,
     end: usize,
-    /// The notifier whose interval contains the range (lives as long as the object).
-    notifier: NonNull<SvmNotifier>,
+    /// The notifier whose interval contains the range.
+    notifier: Arc<SvmNotifier>,
     /// The CPU unmapped (part of) the range: the garbage collector removes it.
     unmapped: bool,
     /// Bumped by every invalidation that hits the range (under the notifier lock).
@@ -247,22 +273,9 @@ pub(crate) struct Range {
     pages: KVec<Pages>,
 }
 
-// SAFETY: `notifier` points to a notifier owned by the SVM object; it is only dereferenced
-// while the object is alive and before teardown removes the notifiers (ranges are freed
-// at teardown, after that, without using it); the rest is `Send`.
-unsafe impl Send for Range {}
-// SAFETY: See `Send`; all mutation happens under the notifier lock.
-unsafe impl Sync for Range {}
-
 impl Range {
     fn len(&self) -> usize {
         self.end - self.start
-    }
-
-    fn notifier(&self) -> &SvmNotifier {
-        // SAFETY: Notifiers live until teardown, and ranges are only used while the
-        // object is alive (see the type's `Send` comment).
-        unsafe { self.notifier.as_ref() }
     }
 
     fn pages_of(&mut self, vm: &Vm) -> Option<&mut Pages> {
@@ -275,9 +288,13 @@ pub(crate) struct SvmNotifierData {
     svm: *const Svm,
     /// First byte of the interval (`NOTIFIER_SIZE` aligned).
     start: usize,
+    /// Unlinked from the object (no range in its interval): no range may use it any more.
+    /// Set and read under the SVM notifier lock.
+    pruned: Atomic<u32>,
 }
 
-// SAFETY: `svm` points to the object that owns the notifier and outlives it.
+// SAFETY: `svm` points to the object whose ranges and fault paths hold every reference on
+// the notifier: the object outlives it.
 unsafe impl Send for SvmNotifierData {}
 // SAFETY: See `Send`.
 unsafe impl Sync for SvmNotifierData {}
@@ -376,16 +393,14 @@ impl Svm {
     }
 
     /// The notifier of the interval containing `addr`, inserted if needed.
-    fn notifier_for(&self, addr: usize) -> Result<NonNull<SvmNotifier>> {
+    fn notifier_for(&self, addr: usize) -> Result<Arc<SvmNotifier>> {
         let start = addr & !(NOTIFIER_SIZE - 1);
         let mut s = self.lock.lock();
         if s.dead {
             return Err(ENODEV);
         }
-        for n in s.notifiers.iter() {
-            if n.data().start == start {
-                return Ok(NonNull::from(&**n));
-            }
+        if let Some(n) = s.notifiers.iter().find(|n| n.data().start == start) {
+            return Ok(n.clone());
         }
         s.notifiers.reserve(1, GFP_KERNEL)?;
         // An `mm_users` reference for the insertion.
@@ -393,15 +408,50 @@ impl Svm {
         let data = SvmNotifierData {
             svm: core::ptr::from_ref(self),
             start,
+            pruned: Atomic::new(0),
         };
-        let n = KBox::pin_init(
+        let n = Arc::pin_init(
             IntervalNotifier::new(&mm, start, NOTIFIER_SIZE, self.passes, data),
             GFP_KERNEL,
         )?;
         drop(mm);
-        let ptr = NonNull::from(&*n);
-        s.notifiers.push_within_capacity(n).map_err(|_| ENOMEM)?;
-        Ok(ptr)
+        s.notifiers
+            .push_within_capacity(n.clone())
+            .map_err(|_| ENOMEM)?;
+        NOTIFIERS_LIVE.add(1, Relaxed);
+        Ok(n)
+    }
+
+    /// Unlinks the notifiers whose interval holds no range any more (the garbage
+    /// collector's last step, as `drm_gpusvm_range_remove` removes an empty notifier).
+    /// A fault that took one before it was unlinked sees it pruned under the notifier lock
+    /// and takes a new one; the core removes it when its last reference goes, here or in
+    /// that fault, outside the notifier lock.
+    fn prune_notifiers(&self) {
+        let mut s = self.lock.lock();
+        if s.dead {
+            return;
+        }
+        let mut pruned = 0u64;
+        {
+            let ns = self.nlock.lock();
+            for n in s.notifiers.iter() {
+                let (start, end) = n.data().interval();
+                let i = first_ending_after(&ns.ranges, start);
+                if ns.ranges.get(i).is_none_or(|r| r.start >= end) {
+                    n.data().pruned.store(1, Relaxed);
+                    pruned += 1;
+                }
+            }
+        }
+        if pruned == 0 {
+            return;
+        }
+        // Dropped under the object lock, which no notifier callback takes: removal waits
+        // for the callbacks in progress, and those only take the notifier lock.
+        s.notifiers.retain(|n| n.data().pruned.load(Relaxed) == 0);
+        NOTIFIERS_LIVE.add(pruned.wrapping_neg(), Relaxed);
+        NOTIFIERS_PRUNED.add(pruned, Relaxed);
     }
 
     /// Finds the range containing `addr` or creates one (chunked by the VMA, and not
@@ -414,15 +464,15 @@ impl Svm {
         vma: &VmaInfo,
         avoid: &dyn Fn(u64, u64) -> bool,
     ) -> Result<(usize, usize)> {
-        let notifier = self.notifier_for(addr)?;
+        let mut notifier = self.notifier_for(addr)?;
         let nstart = addr & !(NOTIFIER_SIZE - 1);
         // Everything that may be needed, allocated before the notifier lock.
-        let alloc_range = || -> Result<KBox<Range>> {
+        let alloc_range = |notifier: &Arc<SvmNotifier>| -> Result<KBox<Range>> {
             Ok(KBox::new(
                 Range {
                     start: 0,
                     end: 0,
-                    notifier,
+                    notifier: notifier.clone(),
                     unmapped: false,
                     gen: 0,
                     pages: KVec::with_capacity(PAGES_PER_RANGE, GFP_KERNEL)?,
@@ -456,9 +506,16 @@ impl Svm {
                 self.collect();
                 continue;
             }
+            if !found && notifier.data().pruned.load(Relaxed) != 0 {
+                // The garbage collector unlinked the notifier since it was looked up.
+                drop(ns);
+                new_range = None;
+                notifier = self.notifier_for(addr)?;
+                continue;
+            }
             if !found && new_range.is_none() {
                 drop(ns);
-                new_range = Some(alloc_range()?);
+                new_range = Some(alloc_range(&notifier)?);
                 continue;
             }
             if !found {
@@ -617,7 +674,7 @@ impl Svm {
                 else {
                     return Ok(false);
                 };
-                let (n, g) = (r.notifier, r.gen);
+                let (n, g) = (r.notifier.clone(), r.gen);
                 match r.pages_of(vm) {
                     Some(p) if p.valid && (p.writable || !writable) => return Ok(true),
                     Some(p) if p.valid => {
@@ -631,10 +688,9 @@ impl Svm {
                     None => return Ok(false),
                 }
             };
-            // SAFETY: Notifiers live until teardown, which cannot start while the caller
-            // holds the VM lock of a VM using this object.
-            let notifier = unsafe { notifier.as_ref() };
-            let seq = hmm::fault_range(notifier, start, &mut pfns, writable)?;
+            // `notifier` is a reference of this fault's: the range may go meanwhile, the
+            // notifier stays inserted until the retry check below is done.
+            let seq = hmm::fault_range(&notifier, start, &mut pfns, writable)?;
             vm.gpu.race_delay();
             let counts = match vm.nlock.lock().pt.as_ref() {
                 Some(pt) => pt.missing(start as u64, (end - start) as u64),
@@ -656,7 +712,7 @@ impl Svm {
             // range's count is exact: every invalidation of the range bumps it under this
             // lock in its first pass, and one whose first pass ran before `gen0` was read
             // had finished (or `read_begin` waited for it) before the pages were walked.
-            if r.gen != gen0 && r.notifier().read_retry(seq) {
+            if r.gen != gen0 && r.notifier.read_retry(seq) {
                 // Invalidated since read_begin: these pages may be stale (or freed).
                 continue;
             }
@@ -790,6 +846,7 @@ impl Svm {
     /// The garbage collector: removes the ranges the CPU unmapped, once no invalidation
     /// is in flight for them.
     fn collect(&self) {
+        let mut collected = false;
         loop {
             let victim = {
                 let mut ns = self.nlock.lock();
@@ -798,7 +855,7 @@ impl Svm {
                     .iter()
                     .position(|r| r.unmapped && r.pages.iter().all(|p| p.inflight == 0))
                 else {
-                    return;
+                    break;
                 };
                 // The invalidation that marked it unmapped cleared the PTEs and waited for
                 // the TLBs: no device uses its pages any more.
@@ -810,8 +867,13 @@ impl Svm {
             if victim.is_some() {
                 RANGES_LIVE.add(1u64.wrapping_neg(), Relaxed);
                 RANGES_COLLECTED.add(1, Relaxed);
+                collected = true;
             }
+            // Outside the notifier lock: it may hold the last reference on a notifier.
             drop(victim);
+        }
+        if collected {
+            self.prune_notifiers();
         }
     }
 
@@ -822,7 +884,9 @@ impl Svm {
             s.dead = true;
             core::mem::take(&mut s.notifiers)
         };
-        // Removal waits for the callbacks in progress; none starts afterwards.
+        NOTIFIERS_LIVE.add((notifiers.len() as u64).wrapping_neg(), Relaxed);
+        // Ranges may still hold references: those notifiers are removed with the ranges
+        // below (removal waits for the callbacks in progress, which see `dead`).
         drop(notifiers);
         // A queued collection runs now (and drops its reference, never the last: the
         // caller holds one).
@@ -959,7 +1023,9 @@ impl SvmNotifierData {
             }
         }
         inv.set_seq();
-        if ns.dead {
+        // A pruned notifier has no range in its interval and never gets one again (a newer
+        // notifier of the interval serves the ranges there).
+        if ns.dead || this.data().pruned.load(Relaxed) != 0 {
             return Begin::Nothing;
         }
         let unmap = inv.is_unmap();

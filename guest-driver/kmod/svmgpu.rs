@@ -237,8 +237,9 @@ impl DebugfsRoot {
         let dir = KBox::new(kernel::debugfs::Dir::new(c"svmgpu"), GFP_KERNEL)?;
         let ranges = KBox::pin_init(
             dir.read_callback_file(c"svm_ranges", (), &|_: &(), f| {
-                let (live, collected) = svm::stats();
-                writeln!(f, "live {live}\ncollected {collected}")
+                let s = svm::stats();
+                writeln!(f, "live {}\ncollected {}", s.ranges, s.ranges_collected)?;
+                writeln!(f, "notifiers {}\nnotifiers_pruned {}", s.notifiers, s.notifiers_pruned)
             }),
             GFP_KERNEL,
         )

@@ -95,11 +95,12 @@ mut('svm-readonly-mapped-writable','A read-only (or COW-shared) page is mapped w
 mut('fork-protection-ignored',"fork's COW protection is ignored",
  'Both notifiers return at once on MMU_NOTIFY_PROTECTION_PAGE (the event of copy_page_range): after fork the GPU keeps writing the page that is now the child\'s COW copy.',
  [LAT+' only=coherence_after_syscall'],
- [('svm.rs','''        inv.set_seq();
-        if ns.dead {
+ [('svm.rs','''        if ns.dead || this.data().pruned.load(Relaxed) != 0 {
             return Begin::Nothing;
-        }''','''        inv.set_seq();
-        if ns.dead || inv.event() == kernel::bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE {
+        }''','''        if ns.dead
+            || this.data().pruned.load(Relaxed) != 0
+            || inv.event() == kernel::bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE
+        {
             return Begin::Nothing;
         }'''),
   ('userptr.rs','''        let dead = ns.dead;
@@ -136,7 +137,7 @@ mut('finish-pool-fallback-no-wait','The single-pass fallback does not wait',
 mut('svm-populate-no-sequence-check','SVM fault and prefetch commit without the sequence check',
  'populate() (GPU faults and VM_PREFETCH) writes the PTEs without checking that no invalidation hit the range since mmu_interval_read_begin.',
  ['gpus=1 only=revalidation_races_invalidation', 'gpus=2 only=svm_mode_shared'],
- [('svm.rs','''            if r.gen != gen0 && r.notifier().read_retry(seq) {''','''            if false && r.gen != gen0 && r.notifier().read_retry(seq) {''')])
+ [('svm.rs','''            if r.gen != gen0 && r.notifier.read_retry(seq) {''','''            if false && r.gen != gen0 && r.notifier.read_retry(seq) {''')])
 mut('hole1-narrow-flush','Hole 1: the flush after a bind covers the binding only',
  'detach_vm() clears the PTEs of every SVM range overlapping a new binding but invalidates the TLB for the binding\'s range only (the driver at f5648d7).',
  ['gpus=1 only=svm_bind_inside_mirrored_range'],
@@ -241,6 +242,14 @@ mut('exec-skips-revalidation','EXEC submits without revalidating userptr binding
                 && vs.entries.iter().any(|e| {''','''            if false
                 && vs.entries.iter().any(|e| {''')])
 
+mut('svm-notifiers-never-pruned','SVM notifiers stay until teardown',
+ 'The garbage collector removes unmapped ranges but never the notifiers left without a range: every interval the process ever touched keeps a notifier until its last fault-mode VM goes.',
+ ['gpus=1 only=svm_mode_shared'],
+ [('svm.rs','''        if collected {
+            self.prune_notifiers();
+        }''','''        if collected && false {
+            self.prune_notifiers();
+        }''')])
 
 def main():
     check = '--check' in sys.argv[1:]

@@ -38,6 +38,7 @@ const CASES: &[(&str, Case)] = &[
     ("mmap_file_gpu_write_read_back", mmap_file),
     ("mremap_moves_mirror_old_address_faults", mremap_moves),
     ("munmap_then_gpu_access_is_efault", munmap_then_access),
+    ("notifier_removed_with_its_last_range", notifier_removed),
     ("fork_child_reads_parent_gpu_data", fork_child_reads),
     ("fork_cow_gpu_write_stays_in_parent", fork_cow),
     ("mlock_buffer_gpu_fill", mlock_buffer),
@@ -630,6 +631,65 @@ fn munmap_then_access(devs: &[Device]) -> CResult {
     let m2 = Mem::anon(4096)?;
     s.gpu_fill(m2.addr(), 4096, 9)?;
     ensure(all_words(m2.bytes(), 9), || "after renew".into())?;
+    Ok(None)
+}
+
+/// The module-wide SVM figures of debugfs `svmgpu/svm_ranges`, by name.
+fn svm_figure(name: &str) -> Result<u64, String> {
+    let path = "/sys/kernel/debug/svmgpu/svm_ranges";
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .ok_or_else(|| format!("{path} has no {name}: {text:?}"))
+}
+
+/// drm_gpusvm removes a notifier with its last range: a buffer alone in its 512 MiB
+/// notifier interval gets a notifier on its first GPU access, and loses it once munmap's
+/// garbage collection removed its ranges, while the VM lives on (not only at teardown).
+/// Catches a driver that keeps notifiers until the VM goes (every interval a process
+/// ever touched stays in the mm's interval tree, and every invalidation there runs it).
+fn notifier_removed(devs: &[Device]) -> CResult {
+    const INTERVAL: usize = 512 * MIB;
+    let mut s = Svm::new(&devs[0])?;
+    // A whole notifier interval of our own (only 2 MiB of it is touched).
+    let m = Mem::map(
+        INTERVAL,
+        INTERVAL,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        -1,
+    )?;
+    // A first job: the notifiers of the memory every job uses (its batch) exist.
+    let warm = Mem::anon(4096)?;
+    s.gpu_fill(warm.addr(), warm.len, 4)?;
+    let n0 = svm_figure("notifiers")?;
+    s.gpu_fill(m.addr(), 2 * MIB, 5)?;
+    ensure(all_words(&m.bytes()[..2 * MIB], 5), || "fill".into())?;
+    let n1 = svm_figure("notifiers")?;
+    ensure(n1 == n0 + 1, || {
+        format!("notifiers {n0} before the first access to a new interval, {n1} after")
+    })?;
+    let p0 = svm_figure("notifiers_pruned")?;
+    drop(m);
+    let t0 = now_ns();
+    let mut n2 = svm_figure("notifiers")?;
+    while n2 >= n1 && now_ns() - t0 < 2_000_000_000 {
+        sleep_ms(5);
+        n2 = svm_figure("notifiers")?;
+    }
+    let p1 = svm_figure("notifiers_pruned")?;
+    ensure(n2 == n0 && p1 == p0 + 1, || {
+        format!(
+            "after munmap of its only range: notifiers {n1} -> {n2} (want {n0}), \
+             notifiers_pruned {p0} -> {p1}"
+        )
+    })?;
+    // The VM still serves new faults (in a new notifier).
+    let m2 = Mem::anon(64 * 1024)?;
+    s.gpu_fill(m2.addr(), m2.len, 6)?;
+    ensure(all_words(m2.bytes(), 6), || "fill after the prune".into())?;
     Ok(None)
 }
 
