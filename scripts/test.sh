@@ -170,6 +170,23 @@ else
 fi
 
 if [[ $HOST -eq 1 ]]; then
+    # Formatting and lints: the workspace (rustfmt, clippy with the workspace's lints as
+    # errors) and the module (rustfmt with the kernel's configuration; its clippy run is
+    # part of every module build, scripts/build-guest.sh).
+    # (Chained: errexit does not apply inside an `if` condition.)
+    lint() {
+        (cd "$SVMGPU_ROOT" && cargo fmt --all --check \
+            && cargo clippy --workspace --all-targets -- -D warnings \
+            && cd guest-driver/kmod && rustfmt --check svmgpu.rs)
+    }
+    if step "lint: cargo fmt, cargo clippy -D warnings, rustfmt of the module" lint \
+            >"$OUT/lint.log" 2>&1; then
+        results+=("lint: clean")
+    else
+        failed=1; results+=("lint: FAILED (see $OUT/lint.log)")
+        tail -n 30 "$OUT/lint.log" >&2
+    fi
+
     host_suite() {
         (cd "$SVMGPU_ROOT" && cargo test --workspace 2>&1 | tee "$OUT/cargo-test.log")
     }

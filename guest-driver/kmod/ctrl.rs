@@ -395,7 +395,7 @@ impl CtrlQueue {
             )?;
             let r = self.collect(posted, resp_body);
             let retry = matches!(&r, Ok(reply) if reply.status == wire::Status::Resetting.as_u32());
-            if !retry || t0.elapsed().as_millis() >= TIMEOUT_MS as i64 {
+            if !retry || t0.elapsed().as_millis() >= i64::from(TIMEOUT_MS) {
                 return r;
             }
             self.note_resetting_retry();
@@ -483,7 +483,7 @@ impl CtrlQueue {
             if inner.closed || inner.vq.is_none() {
                 return Err(ENODEV);
             }
-            if inner.states.iter().any(|s| *s == SlotState::Free) {
+            if inner.states.contains(&SlotState::Free) {
                 return Ok(());
             }
             match self.done.wait_timeout(&mut inner, remaining) {

@@ -336,7 +336,7 @@ impl File {
         if a.pad != 0 {
             return Err(EINVAL);
         }
-        vm::check_bind_range(a.va, a.size, uapi::SVMGPU_MAX_BIND_SIZE as u64)?;
+        vm::check_bind_range(a.va, a.size, u64::from(uapi::SVMGPU_MAX_BIND_SIZE))?;
         match a.op {
             uapi::SVMGPU_VM_BIND_OP_MAP_USERPTR => {
                 if a.flags & !uapi::SVMGPU_VM_BIND_F_READONLY != 0
@@ -377,7 +377,7 @@ impl File {
         if a.flags & !uapi::SVMGPU_VM_PREFETCH_F_WRITE != 0 {
             return Err(EINVAL);
         }
-        vm::check_bind_range(a.start, a.size, uapi::SVMGPU_MAX_BIND_SIZE as u64)?;
+        vm::check_bind_range(a.start, a.size, u64::from(uapi::SVMGPU_MAX_BIND_SIZE))?;
         let gpu = Self::gpu(file);
         let vm = Self::objs(file).lock().vm(a.vm_id)?;
         if !vm.fault_mode {
@@ -405,7 +405,7 @@ impl File {
             || a.batch_len % 8 != 0
             || a.batch_len == 0
             || a.batch_len > uapi::SVMGPU_MAX_BATCH_LEN
-            || a.batch_va.saturating_add(a.batch_len as u64) > 1u64 << wire::VA_BITS
+            || a.batch_va.saturating_add(u64::from(a.batch_len)) > 1u64 << wire::VA_BITS
         {
             return Err(EINVAL);
         }
@@ -431,7 +431,7 @@ impl File {
         let q = Self::objs(file).lock().queue(a.queue_id)?;
         let ms = (a.timeout_ns as u64)
             .div_ceil(1_000_000)
-            .min(u32::MAX as u64) as u32;
+            .min(u64::from(u32::MAX)) as u32;
         let jiffies = if a.timeout_ns == 0 {
             0
         } else {

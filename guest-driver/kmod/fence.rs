@@ -347,7 +347,7 @@ impl Fences {
             return None;
         }
         let waited = s.progress.elapsed().as_nanos() as u64;
-        if waited < timeout_ms as u64 * 1_000_000 {
+        if waited < u64::from(timeout_ms) * 1_000_000 {
             return None;
         }
         s.pending[..s.npending]

@@ -71,13 +71,13 @@ impl Invalidation<'_> {
     /// First byte of the invalidated CPU range.
     #[allow(dead_code)]
     pub(crate) fn start(&self) -> usize {
-        self.range.start as usize
+        self.range.start
     }
 
     /// End (exclusive) of the invalidated CPU range.
     #[allow(dead_code)]
     pub(crate) fn end(&self) -> usize {
-        self.range.end as usize
+        self.range.end
     }
 
     /// Whether the callback may sleep. If not, it must return `false` / [`Start::Retry`]
@@ -89,7 +89,7 @@ impl Invalidation<'_> {
 
     /// The `enum mmu_notifier_event` of the invalidation (unmap, protection change...).
     pub(crate) fn event(&self) -> u32 {
-        self.range.event as u32
+        self.range.event
     }
 
     /// Publishes the invalidation's sequence number: afterwards
@@ -258,14 +258,14 @@ impl<T: IntervalOps> IntervalNotifier<T> {
     /// `seq` must not be used. Call it under the notifier lock.
     pub(crate) fn read_retry(&self, seq: u64) -> bool {
         // SAFETY: The notifier is inserted (type invariant).
-        unsafe { bindings::mmu_interval_read_retry(self.as_raw(), seq as _) }
+        unsafe { bindings::mmu_interval_read_retry(self.as_raw(), seq as usize) }
     }
 
     /// Like [`IntervalNotifier::read_retry`], without the lock (an early, racy check).
     #[allow(dead_code)]
     pub(crate) fn check_retry(&self, seq: u64) -> bool {
         // SAFETY: The notifier is inserted (type invariant).
-        unsafe { bindings::mmu_interval_check_retry(self.as_raw(), seq as _) }
+        unsafe { bindings::mmu_interval_check_retry(self.as_raw(), seq as usize) }
     }
 
     /// # Safety
@@ -276,6 +276,12 @@ impl<T: IntervalOps> IntervalNotifier<T> {
         unsafe { &*kernel::container_of!(Opaque::cast_from(sub), Self, raw) }
     }
 
+    /// `mmu_interval_notifier_ops::invalidate` (single pass).
+    ///
+    /// # Safety
+    ///
+    /// Called by the core only: `sub` is an inserted notifier whose ops table is ours (so
+    /// it is the `raw` field of a live `Self`), `range` is valid for the call.
     unsafe extern "C" fn invalidate_cb(
         sub: *mut bindings::mmu_interval_notifier,
         range: *const bindings::mmu_notifier_range,
@@ -293,6 +299,11 @@ impl<T: IntervalOps> IntervalNotifier<T> {
         T::invalidate(this, &inv)
     }
 
+    /// `mmu_interval_notifier_ops::invalidate_start` (first pass).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::invalidate_cb`]; `finish` points to the core's output pointer.
     unsafe extern "C" fn invalidate_start_cb(
         sub: *mut bindings::mmu_interval_notifier,
         range: *const bindings::mmu_notifier_range,
@@ -321,6 +332,12 @@ impl<T: IntervalOps> IntervalNotifier<T> {
         }
     }
 
+    /// `mmu_interval_notifier_ops::invalidate_finish` (second pass).
+    ///
+    /// # Safety
+    ///
+    /// Called by the core only, with an item [`Self::invalidate_start_cb`] returned (its
+    /// `notifier` field set by the core), once.
     unsafe extern "C" fn invalidate_finish_cb(finish: *mut bindings::mmu_interval_notifier_finish) {
         // SAFETY: The core passes back an item returned by `invalidate_start_cb`, with its
         // `notifier` set to our notifier.

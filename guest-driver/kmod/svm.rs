@@ -957,6 +957,9 @@ impl Pending {
     }
 }
 
+// `Started` is moved once, into the core's finish slot: boxing it would allocate in the
+// notifier's first pass.
+#[allow(clippy::large_enum_variant)]
 enum Begin {
     Retry,
     Nothing,

@@ -80,13 +80,10 @@
 //! pages' guest-physical addresses (spec "Addresses"), so nothing is DMA-mapped or
 //! unmapped.
 
-use kernel::ffi::{c_char, c_int};
-use kernel::{
-    bindings, driver,
-    prelude::*,
-    sync::atomic::{Atomic, Relaxed},
-};
+use choice_param::{choice_param, Choice, ChoiceParam};
+use kernel::{driver, prelude::*, sync::atomic::Atomic};
 
+mod choice_param;
 mod ctrl;
 mod drm_driver;
 mod events;
@@ -105,7 +102,14 @@ mod userptr;
 mod virtio;
 mod vm;
 #[path = "../../spec/src/wire.rs"]
-#[allow(dead_code, unreachable_pub, missing_docs)]
+// Shared with the device's crate, a library whose public API clippy leaves alone (its
+// `to_bytes(&self)` on `Copy` types).
+#[allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::wrong_self_convention
+)]
 mod wire;
 
 module! {
@@ -131,89 +135,40 @@ pub(crate) enum NotifierMode {
     TwoPass,
 }
 
-impl NotifierMode {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            NotifierMode::Single => "single",
-            NotifierMode::TwoPass => "twopass",
+impl Choice for NotifierMode {
+    const NAMES: &'static [&'static str] = &["single", "twopass"];
+
+    fn from_index(index: usize) -> Self {
+        match index {
+            0 => NotifierMode::Single,
+            _ => NotifierMode::TwoPass,
         }
     }
 }
 
-/// 0 = single, 1 = twopass.
-static NOTIFIER_MODE: Atomic<u32> = Atomic::new(1);
+impl NotifierMode {
+    pub(crate) fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+}
+
+static NOTIFIER_MODE: ChoiceParam<NotifierMode> = ChoiceParam::new(NotifierMode::TwoPass as usize);
+choice_param!(
+    "svmgpu",
+    "notifier_mode",
+    NOTIFIER_MODE: NotifierMode,
+    "How userptr invalidations stop the devices: single (one pass per notifier) or twopass (default)"
+);
 
 /// The notifier mode in effect (read at probe).
 pub(crate) fn notifier_mode() -> NotifierMode {
-    match NOTIFIER_MODE.load(Relaxed) {
-        0 => NotifierMode::Single,
-        _ => NotifierMode::TwoPass,
-    }
+    NOTIFIER_MODE.get()
 }
 
 /// Whether the AUDIT feature is accepted.
 pub(crate) fn audit() -> bool {
     module_parameters::audit.value()
 }
-
-unsafe extern "C" fn notifier_mode_set(
-    val: *const c_char,
-    _kp: *const bindings::kernel_param,
-) -> c_int {
-    if val.is_null() {
-        return -(bindings::EINVAL as c_int);
-    }
-    // SAFETY: The module loader passes a NUL-terminated string.
-    let s = unsafe { CStr::from_char_ptr(val) }.to_bytes();
-    let s = s.strip_suffix(b"\n").unwrap_or(s);
-    let v = match s {
-        b"single" => 0,
-        b"twopass" => 1,
-        _ => return -(bindings::EINVAL as c_int),
-    };
-    NOTIFIER_MODE.store(v, Relaxed);
-    0
-}
-
-unsafe extern "C" fn notifier_mode_get(
-    buf: *mut c_char,
-    _kp: *const bindings::kernel_param,
-) -> c_int {
-    let name = notifier_mode().name().as_bytes();
-    // SAFETY: sysfs passes a buffer of PAGE_SIZE bytes; we write at most 9.
-    unsafe {
-        core::ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), name.len());
-        *buf.add(name.len()) = b'\n' as c_char;
-        *buf.add(name.len() + 1) = 0;
-    }
-    (name.len() + 1) as c_int
-}
-
-static NOTIFIER_MODE_OPS: bindings::kernel_param_ops = bindings::kernel_param_ops {
-    flags: 0,
-    set: Some(notifier_mode_set),
-    get: Some(notifier_mode_get),
-    free: None,
-};
-
-// `notifier_mode=single|twopass`: a string parameter, which the `module!` macro does not
-// offer; registered the way the macro registers its own (readable in sysfs).
-#[link_section = "__param"]
-#[used(compiler)]
-static __SVMGPU_NOTIFIER_MODE_PARAM: kernel::module_param::KernelParam =
-    kernel::module_param::KernelParam::new(bindings::kernel_param {
-        name: kernel::str::as_char_ptr_in_const_context(c"notifier_mode"),
-        // `__this_module` is constructed by the kernel at load time and lives until the
-        // module is unloaded.
-        mod_: (&raw const bindings::__this_module).cast_mut(),
-        ops: &NOTIFIER_MODE_OPS,
-        perm: 0o444,
-        level: -1,
-        flags: 0,
-        __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
-            arg: core::ptr::null_mut(),
-        },
-    });
 
 /// The module's debugfs directory `svmgpu/` (devices add `virtioN/` under it), published
 /// for probe while [`DebugfsRoot`] lives.
@@ -236,10 +191,14 @@ impl DebugfsRoot {
     fn new() -> Result<Self> {
         let dir = KBox::new(kernel::debugfs::Dir::new(c"svmgpu"), GFP_KERNEL)?;
         let ranges = KBox::pin_init(
-            dir.read_callback_file(c"svm_ranges", (), &|_: &(), f| {
+            dir.read_callback_file(c"svm_ranges", (), &|(): &(), f| {
                 let s = svm::stats();
                 writeln!(f, "live {}\ncollected {}", s.ranges, s.ranges_collected)?;
-                writeln!(f, "notifiers {}\nnotifiers_pruned {}", s.notifiers, s.notifiers_pruned)
+                writeln!(
+                    f,
+                    "notifiers {}\nnotifiers_pruned {}",
+                    s.notifiers, s.notifiers_pruned
+                )
             }),
             GFP_KERNEL,
         )
@@ -281,88 +240,41 @@ pub(crate) enum SvmMode {
     Shared,
 }
 
-impl SvmMode {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            SvmMode::Single => "single",
-            SvmMode::PerDevice => "per_device",
-            SvmMode::Shared => "shared",
-        }
-    }
+impl Choice for SvmMode {
+    const NAMES: &'static [&'static str] = &["single", "per_device", "shared"];
 
-    /// The `SVMGPU_SVM_*` value.
-    pub(crate) fn uapi(self) -> u32 {
-        match self {
-            SvmMode::Single => 0,
-            SvmMode::PerDevice => 1,
-            SvmMode::Shared => 2,
+    fn from_index(index: usize) -> Self {
+        match index {
+            0 => SvmMode::Single,
+            1 => SvmMode::PerDevice,
+            _ => SvmMode::Shared,
         }
     }
 }
 
-/// The `SVMGPU_SVM_*` value of `svm_mode` (default shared).
-static SVM_MODE: Atomic<u32> = Atomic::new(2);
+impl SvmMode {
+    pub(crate) fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// The `SVMGPU_SVM_*` value (the names' order).
+    pub(crate) fn uapi(self) -> u32 {
+        self as u32
+    }
+}
+
+static SVM_MODE: ChoiceParam<SvmMode> = ChoiceParam::new(SvmMode::Shared as usize);
+choice_param!(
+    "svmgpu",
+    "svm_mode",
+    SVM_MODE: SvmMode,
+    "How SVM invalidations stop the devices: single, per_device or shared (default)"
+);
 
 /// The SVM mode in effect (fixed while the module is loaded: the parameter is read-only).
 pub(crate) fn svm_mode() -> SvmMode {
-    match SVM_MODE.load(Relaxed) {
-        0 => SvmMode::Single,
-        1 => SvmMode::PerDevice,
-        _ => SvmMode::Shared,
-    }
+    SVM_MODE.get()
 }
-
-unsafe extern "C" fn svm_mode_set(val: *const c_char, _kp: *const bindings::kernel_param) -> c_int {
-    if val.is_null() {
-        return -(bindings::EINVAL as c_int);
-    }
-    // SAFETY: The module loader passes a NUL-terminated string.
-    let s = unsafe { CStr::from_char_ptr(val) }.to_bytes();
-    let s = s.strip_suffix(b"\n").unwrap_or(s);
-    let v = match s {
-        b"single" => SvmMode::Single,
-        b"per_device" => SvmMode::PerDevice,
-        b"shared" => SvmMode::Shared,
-        _ => return -(bindings::EINVAL as c_int),
-    };
-    SVM_MODE.store(v.uapi(), Relaxed);
-    0
-}
-
-unsafe extern "C" fn svm_mode_get(buf: *mut c_char, _kp: *const bindings::kernel_param) -> c_int {
-    let name = svm_mode().name().as_bytes();
-    // SAFETY: sysfs passes a buffer of PAGE_SIZE bytes; we write at most 12.
-    unsafe {
-        core::ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), name.len());
-        *buf.add(name.len()) = b'\n' as c_char;
-        *buf.add(name.len() + 1) = 0;
-    }
-    (name.len() + 1) as c_int
-}
-
-static SVM_MODE_OPS: bindings::kernel_param_ops = bindings::kernel_param_ops {
-    flags: 0,
-    set: Some(svm_mode_set),
-    get: Some(svm_mode_get),
-    free: None,
-};
-
-// `svm_mode=single|per_device|shared`, registered like `notifier_mode`.
-#[link_section = "__param"]
-#[used(compiler)]
-static __SVMGPU_SVM_MODE_PARAM: kernel::module_param::KernelParam =
-    kernel::module_param::KernelParam::new(bindings::kernel_param {
-        name: kernel::str::as_char_ptr_in_const_context(c"svm_mode"),
-        // As for `notifier_mode`.
-        mod_: (&raw const bindings::__this_module).cast_mut(),
-        ops: &SVM_MODE_OPS,
-        perm: 0o444,
-        level: -1,
-        flags: 0,
-        __bindgen_anon_1: bindings::kernel_param__bindgen_ty_1 {
-            arg: core::ptr::null_mut(),
-        },
-    });
 
 /// The module's `WQ_MEM_RECLAIM` workqueue (GPU fault service, resets, the virtio reset of
 /// last resort, rebinds), published for the devices while [`Reclaim`] lives.

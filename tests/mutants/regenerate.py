@@ -149,7 +149,7 @@ mut('hole1-narrow-flush','Hole 1: the flush after a bind covers the binding only
 mut('hole2-close-before-reset','Hole 2: removal closes the control queue before the reset',
  'unbind() fails every waiter first and resets the device afterwards (the driver at f5648d7): a notifier in that window returns while the device still runs jobs.',
  [LAT+' only=unbind_stops_device_before_notifiers_return'],
- [('gpu.rs','''        dev.reset();
+ [('gpu/probe.rs','''        dev.reset();
         // 2. Refuse new work; retire the device's buffers; fail every fence and waiter.
         gpu.shutdown();
         // 3. Unregister the render node: waits for ioctls in flight (which now fail fast).
@@ -197,7 +197,7 @@ mut('hole4-streaming-dma','Hole 4: SVM pages reach the device as streaming DMA a
                 )
             };
         }'''),
-  ('gpu.rs','''impl Gpu {
+  ('gpu/mod.rs','''impl Gpu {
     /// The test hook''','''impl Gpu {
     pub(crate) fn dma_device(&self) -> &device::Device {
         &self.dma_dev

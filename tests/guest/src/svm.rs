@@ -70,6 +70,15 @@ pub fn mode_shared(env: &Env, name: &str, k: &mut K) {
 
 fn reload(mode: &str) -> TResult {
     run("rmmod", &["svmgpu"])?;
+    // A name the parameter does not know is refused, and the module stays unloaded.
+    for bad in ["svm_mode=bogus", "svm_mode=Shared", "notifier_mode=two"] {
+        ensure(run("insmod", &[MODULE_PATH, bad]).is_err(), || {
+            format!("insmod svmgpu.ko {bad} succeeded")
+        })?;
+        ensure(!std::path::Path::new("/sys/module/svmgpu").exists(), || {
+            format!("svmgpu is loaded after insmod {bad}")
+        })?;
+    }
     run("insmod", &[MODULE_PATH, &format!("svm_mode={mode}")])?;
     let p = ctx(
         "parameter",
