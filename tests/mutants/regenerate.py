@@ -152,10 +152,14 @@ mut('hole2-close-before-reset','Hole 2: removal closes the control queue before 
  [('gpu/probe.rs','''        dev.reset();
         // 2. Refuse new work; retire the device's buffers; fail every fence and waiter.
         gpu.shutdown();
+        //    (The test hook `race_delay_us` widens the window after this step: whatever
+        //    waited for the device returns now, which is only sound because step 1 ran.)
+        gpu.race_delay();
         // 3. Unregister the render node: waits for ioctls in flight (which now fail fast).
         drop(this.drm.lock().take());
         // 4. Wait for workers and remaining users of the device.
         gpu.wait_users();''','''        gpu.shutdown();
+        gpu.race_delay();
         drop(this.drm.lock().take());
         gpu.wait_users();
         dev.reset();''')])

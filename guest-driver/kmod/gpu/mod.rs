@@ -155,10 +155,12 @@ pub(crate) struct Gpu {
     pub(crate) job_timeout_ms: Atomic<u32>,
     /// Seqno of the last driver `RESET` that completed (see [`Gpu::reset_and_recover`]).
     reset_seqno: Atomic<u64>,
-    /// A test hook (debugfs `race_delay_us`, 0 by default): how long a revalidation or
-    /// SVM fault sleeps between `hmm_range_fault` and taking the notifier lock, so that a
-    /// guest test can make a CPU invalidation land in that window every time and check
-    /// that the commit notices it (`mmu_interval_read_retry`).
+    /// A test hook (debugfs `race_delay_us`, 0 by default) that widens race windows so
+    /// that a guest test hits them every time: how long a revalidation or SVM fault sleeps
+    /// between `hmm_range_fault` and taking the notifier lock (a CPU invalidation lands
+    /// there; the commit must notice it, `mmu_interval_read_retry`), and how long removal
+    /// sleeps after failing every waiter (a notifier returns there; the device must be
+    /// stopped already).
     race_delay_us: Atomic<u32>,
     pub(crate) recovery: Recovery,
     #[pin]
@@ -213,7 +215,8 @@ impl Drop for GpuAccess<'_> {
 
 impl Gpu {
     /// The test hook `race_delay_us` (debugfs): sleeps that long, if set. Called between
-    /// `hmm_range_fault` and the notifier lock (no lock of the notifier path held).
+    /// `hmm_range_fault` and the notifier lock (no lock of the notifier path held), and
+    /// in removal after the waiters were failed.
     pub(crate) fn race_delay(&self) {
         let us = self.race_delay_us.load(Relaxed);
         if us > 0 {

@@ -742,7 +742,7 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
 }
 
 /// Sets the driver's test hook `race_delay_us` of `d` (debugfs).
-fn set_race_delay(d: &Device, us: u32) -> TResult {
+pub fn set_race_delay(d: &Device, us: u32) -> TResult {
     let bus = ctx("DEVICE_QUERY", d.query(false))?.bus_index;
     let path = format!("/sys/kernel/debug/svmgpu/virtio{bus}/race_delay_us");
     std::fs::write(&path, format!("{us}\n")).map_err(|e| format!("{path}: {e}"))

@@ -394,6 +394,10 @@ pub fn unbind_stops_device_before_notifiers_return(env: &Env, name: &str, k: &mu
                     Err(e) => Err(format!("WAIT: {e}")),
                 },
             )?;
+            // The driver's test hook: removal sleeps 20 ms after failing the waiters (a
+            // driver that resets the device only later leaves it running that long after
+            // the notifiers returned).
+            crate::coherence::set_race_delay(d, 20_000)?;
             let unbind_path = format!("{DRIVER_DIR}/unbind");
             let delay = 5 + (7 * round) % 50;
             let t = std::thread::spawn({
