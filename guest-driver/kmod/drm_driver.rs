@@ -7,6 +7,7 @@ use crate::{
     exec_queue::ExecQueue,
     fence::Client,
     gpu::Gpu,
+    handles::{Destroy, Handles},
     virtio,
     vm::{self, Vm},
     wire, NotifierMode,
@@ -86,41 +87,37 @@ pub(crate) fn register<'bound>(
     unsafe { drm::Registration::new(bound.as_ref(), drm, (), 0) }
 }
 
+/// A file's objects, by handle. The queues are declared first: closing the file drops
+/// (destroys) them before the VMs they run on.
+#[pin_data]
 struct Objs {
-    vms: KVec<(u32, Arc<Vm>)>,
-    queues: KVec<(u32, Arc<ExecQueue>)>,
-    next_id: u32,
+    #[pin]
+    queues: Handles<ExecQueue>,
+    #[pin]
+    vms: Handles<Vm>,
 }
 
-impl Objs {
-    fn vm(&self, id: u32) -> Result<Arc<Vm>> {
-        self.vms
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, v)| v.clone())
-            .ok_or(ENOENT)
-    }
-
-    fn queue(&self, id: u32) -> Result<Arc<ExecQueue>> {
-        self.queues
-            .iter()
-            .find(|(i, _)| *i == id)
-            .map(|(_, q)| q.clone())
-            .ok_or(ENOENT)
-    }
-
-    fn new_id(&mut self) -> u32 {
-        self.next_id = self.next_id.wrapping_add(1).max(1);
-        self.next_id
+impl Destroy for Vm {
+    fn destroy(&self) {
+        Vm::destroy(self)
     }
 }
 
-/// An open render node: the client's VMs and exec queues.
-#[pin_data(PinnedDrop)]
+impl Destroy for ExecQueue {
+    fn destroy(&self) {
+        ExecQueue::destroy(self)
+    }
+}
+
+/// An open render node: the client's VMs and exec queues (destroyed with the file, when
+/// `objs` is dropped).
+#[pin_data]
 pub(crate) struct File {
     gpu: Arc<Gpu>,
     /// Hang accounting of this client (banned after repeated hangs).
     client: Arc<Client>,
+    /// The handle tables; the mutex makes check-then-insert and check-then-remove atomic
+    /// (a queue is created only on a live VM, a VM is destroyed only without queues).
     #[pin]
     objs: Mutex<Objs>,
 }
@@ -136,33 +133,15 @@ impl drm::file::DriverFile for File {
                 gpu,
                 client,
                 objs <- new_mutex!(
-                    Objs {
-                        vms: KVec::new(),
-                        queues: KVec::new(),
-                        next_id: 0
-                    },
+                    pin_init!(Objs {
+                        queues <- Handles::new(),
+                        vms <- Handles::new(),
+                    }),
                     "svmgpu_file"
                 ),
             }),
             GFP_KERNEL,
         )
-    }
-}
-
-#[pinned_drop]
-impl PinnedDrop for File {
-    fn drop(self: Pin<&mut Self>) {
-        let (vms, queues) = {
-            let mut o = self.objs.lock();
-            (core::mem::take(&mut o.vms), core::mem::take(&mut o.queues))
-        };
-        for (_, q) in queues.iter() {
-            q.destroy();
-        }
-        drop(queues);
-        for (_, vm) in vms.iter() {
-            vm.destroy();
-        }
     }
 }
 
@@ -234,16 +213,8 @@ impl File {
         let gpu = Self::gpu(file);
         let acc = gpu.enter()?;
         let vm = Vm::create(gpu, &acc, a.flags & uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0)?;
-        let mut o = Self::objs(file).lock();
-        if let Err(e) = o.vms.reserve(1, GFP_KERNEL) {
-            drop(o);
-            vm.destroy();
-            return Err(e.into());
-        }
-        let id = o.new_id();
-        // Within the capacity just reserved.
-        let _ = o.vms.push_within_capacity((id, vm));
-        a.vm_id = id;
+        // On failure (out of memory or ids) the VM is destroyed.
+        a.vm_id = Self::objs(file).lock().vms.insert(vm)?;
         Ok(0)
     }
 
@@ -256,22 +227,16 @@ impl File {
         if a.pad != 0 {
             return Err(EINVAL);
         }
-        let vm = {
-            let mut o = Self::objs(file).lock();
-            let i = o
-                .vms
-                .iter()
-                .position(|(id, _)| *id == a.vm_id)
-                .ok_or(ENOENT)?;
-            if o.queues
-                .iter()
-                .any(|(_, q)| Arc::ptr_eq(&q.vm, &o.vms[i].1))
-            {
+        let entry = {
+            let o = Self::objs(file).lock();
+            let vm = o.vms.get(a.vm_id)?;
+            if o.queues.any(|q| Arc::ptr_eq(&q.vm, &vm)) {
                 return Err(EBUSY);
             }
-            o.vms.remove(i).map_err(|_| ENOENT)?.1
+            o.vms.remove(a.vm_id)
         };
-        vm.destroy();
+        // Destroyed here, without the table lock.
+        drop(entry);
         Ok(0)
     }
 
@@ -285,23 +250,22 @@ impl File {
             return Err(EINVAL);
         }
         let gpu = Self::gpu(file);
-        let vm = Self::objs(file).lock().vm(a.vm_id)?;
+        let vm = Self::objs(file).lock().vms.get(a.vm_id)?;
         let _acc = gpu.enter()?;
         let q = ExecQueue::create(
             &vm,
             a.flags & uapi::SVMGPU_EXEC_QUEUE_LONG_RUNNING != 0,
             &file.inner().get_ref().client,
         )?;
-        let mut o = Self::objs(file).lock();
-        // The VM may have been destroyed meanwhile (its id is gone): undo.
-        if o.vm(a.vm_id).is_err() || o.queues.reserve(1, GFP_KERNEL).is_err() {
+        let o = Self::objs(file).lock();
+        // The VM may have been destroyed meanwhile (its handle gone, or given to a new VM):
+        // undo.
+        if !o.vms.get(a.vm_id).is_ok_and(|v| Arc::ptr_eq(&v, &vm)) {
             drop(o);
             q.destroy();
             return Err(ENOENT);
         }
-        let id = o.new_id();
-        let _ = o.queues.push_within_capacity((id, q));
-        a.queue_id = id;
+        a.queue_id = o.queues.insert(q)?;
         Ok(0)
     }
 
@@ -314,16 +278,9 @@ impl File {
         if a.pad != 0 {
             return Err(EINVAL);
         }
-        let q = {
-            let mut o = Self::objs(file).lock();
-            let i = o
-                .queues
-                .iter()
-                .position(|(id, _)| *id == a.queue_id)
-                .ok_or(ENOENT)?;
-            o.queues.remove(i).map_err(|_| ENOENT)?.1
-        };
-        q.destroy();
+        let entry = Self::objs(file).lock().queues.remove(a.queue_id);
+        // Destroyed here, without the table lock.
+        drop(entry.ok_or(ENOENT)?);
         Ok(0)
     }
 
@@ -346,7 +303,7 @@ impl File {
                     return Err(EINVAL);
                 }
                 let gpu = Self::gpu(file);
-                let vm = Self::objs(file).lock().vm(a.vm_id)?;
+                let vm = Self::objs(file).lock().vms.get(a.vm_id)?;
                 let acc = gpu.enter()?;
                 vm.bind_userptr(
                     &acc,
@@ -360,7 +317,7 @@ impl File {
                 if a.flags != 0 || a.userptr != 0 {
                     return Err(EINVAL);
                 }
-                let vm = Self::objs(file).lock().vm(a.vm_id)?;
+                let vm = Self::objs(file).lock().vms.get(a.vm_id)?;
                 vm.unbind(a.va, a.size)?;
             }
             _ => return Err(EINVAL),
@@ -379,7 +336,7 @@ impl File {
         }
         vm::check_bind_range(a.start, a.size, u64::from(uapi::SVMGPU_MAX_BIND_SIZE))?;
         let gpu = Self::gpu(file);
-        let vm = Self::objs(file).lock().vm(a.vm_id)?;
+        let vm = Self::objs(file).lock().vms.get(a.vm_id)?;
         if !vm.fault_mode {
             return Err(EINVAL);
         }
@@ -410,7 +367,7 @@ impl File {
             return Err(EINVAL);
         }
         let gpu = Self::gpu(file);
-        let q = Self::objs(file).lock().queue(a.queue_id)?;
+        let q = Self::objs(file).lock().queues.get(a.queue_id)?;
         if q.fences.client.banned() {
             return Err(ECANCELED);
         }
@@ -428,7 +385,7 @@ impl File {
         if a.flags != 0 || a.timeout_ns < 0 {
             return Err(EINVAL);
         }
-        let q = Self::objs(file).lock().queue(a.queue_id)?;
+        let q = Self::objs(file).lock().queues.get(a.queue_id)?;
         let ms = (a.timeout_ns as u64)
             .div_ceil(1_000_000)
             .min(u64::from(u32::MAX)) as u32;

@@ -1321,8 +1321,7 @@ impl IntervalOps for SvmNotifierData {
     }
 
     fn invalidate_finish(this: &SvmNotifier, finish: FinishRef) {
-        let p = this.data().svm().pool.put(finish);
-        if let Some(p) = p {
+        if let Some(p) = finish.into_inner() {
             p.count(true);
             Self::complete(this, p);
         }

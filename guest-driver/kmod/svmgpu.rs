@@ -40,7 +40,8 @@
 //! this order; the notifier locks are taken from reclaim and lockdep is told so at VM
 //! creation, see [`mmu_notifier::as_in_reclaim`]):
 //!
-//! 1. per open file, the object table (a mutex; only lookups and insertions);
+//! 1. per open file, the handle tables (a mutex: lookups, insertions, removals; an object
+//!    is destroyed under it only when its handle could not be allocated);
 //! 2. per VM, the *VM lock* (mutex; the gpu_vm lock of the VM_BIND locking document):
 //!    bindings and their scratch state, revalidation, exec, GPU fault resolution, the
 //!    rebind worker, prefetch; held around `hmm_range_fault` and `GFP_KERNEL` allocations;
@@ -92,7 +93,9 @@ mod faults;
 mod fence;
 mod finish_pool;
 mod gpu;
+mod handles;
 mod hmm;
+mod id_table;
 mod mmu_notifier;
 mod pagetable;
 mod reclaim_queue;

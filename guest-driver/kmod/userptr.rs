@@ -426,17 +426,11 @@ impl IntervalOps for UserptrData {
 
     fn invalidate_finish(this: &Userptr, finish: FinishRef) {
         // `get` always stores a state before handing a slot out.
-        let p = this
-            .data()
-            .vm
-            .gpu
-            .finish_pool
-            .put(finish)
-            .unwrap_or_else(|| {
-                let mut p = Pending::new();
-                p.failed = true;
-                p
-            });
+        let p = finish.into_inner().unwrap_or_else(|| {
+            let mut p = Pending::new();
+            p.failed = true;
+            p
+        });
         Self::complete(this, p);
     }
 }

@@ -11,7 +11,7 @@ usage() { echo "Usage: kunit-check.sh CONSOLE_LOG [KMOD_DIR]"; }
 log=$1
 kmod=${2:-$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/../.." && pwd)/guest-driver/kmod}
 [[ -f $log ]] || { echo "kunit-check: $log missing" >&2; exit 1; }
-declared=$(grep -ho '#\[kunit_tests([A-Za-z0-9_]*)\]' "$kmod"/*.rs | sed 's/.*(\(.*\))]/\1/' | sort -u)
+declared=$(grep -rho --include='*.rs' '#\[kunit_tests([A-Za-z0-9_]*)\]' "$kmod" | sed 's/.*(\(.*\))]/\1/' | sort -u)
 [[ -n $declared ]] || { echo "kunit-check: no #[kunit_tests(...)] in $kmod" >&2; exit 1; }
 # KTAP result lines of the kernel log: "[ time] <indent>ok|not ok N name".
 results=$(sed -n -E 's/^\[ *[0-9]+\.[0-9]+\] ( *)((not )?ok [0-9]+ .*)$/\1\2/p' "$log")

@@ -30,11 +30,7 @@ impl Gpu {
                 self.ctrl.command_done(c.seqno, c.status, c.value)
             }
             Some(wire::CompletionKind::JobDone) => {
-                let f = self
-                    .ctxs
-                    .lock()
-                    .get(c.ctx_id as usize)
-                    .and_then(|f| f.clone());
+                let f = self.ctxs.lock().get(c.ctx_id).cloned();
                 match f.map(|f| f.job_done(c.seqno, c.status)) {
                     Some(DoneKind::Accepted) => {}
                     Some(DoneKind::Duplicate) => inc(&r.job_done_duplicate),

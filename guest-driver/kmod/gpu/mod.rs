@@ -27,6 +27,7 @@ use crate::{
     events::RxQueue,
     faults::{FaultRec, FaultRing},
     fence::Fences,
+    id_table::IdTable,
     userptr::FinishPool,
     virtio,
     vm::Vm,
@@ -44,12 +45,6 @@ use kernel::{
     uapi,
     workqueue::{self, impl_has_delayed_work, impl_has_work, DelayedWork, Work, WorkItem},
 };
-
-struct VmTable {
-    vms: KVec<Option<Arc<Vm>>>,
-    /// ASIDs reserved (a VM being created, or published in `vms`).
-    used: KVec<bool>,
-}
 
 struct Access {
     users: u32,
@@ -118,10 +113,10 @@ pub(crate) struct Gpu {
     complq: RxQueue,
     /// Context id → the fences of its exec queue (complq routing; allocation of ids).
     #[pin]
-    ctxs: SpinLockIrq<KVec<Option<Arc<Fences>>>>,
+    ctxs: SpinLockIrq<IdTable<Arc<Fences>>>,
     /// ASID → its VM (fault routing; allocation of ASIDs; removal).
     #[pin]
-    vms: Mutex<VmTable>,
+    vms: Mutex<IdTable<Arc<Vm>>>,
     #[pin]
     faults: SpinLockIrq<FaultRing>,
     #[pin]
@@ -267,16 +262,13 @@ impl Gpu {
 
     /// Allocates a context id for a queue whose jobs complete into `fences`.
     pub(crate) fn alloc_ctx(&self, fences: Arc<Fences>) -> Result<u32> {
-        let mut ctxs = self.ctxs.lock();
-        let id = ctxs.iter().position(|c| c.is_none()).ok_or(ENOSPC)?;
-        ctxs[id] = Some(fences);
-        Ok(id as u32)
+        self.ctxs.lock().insert(fences)
     }
 
     /// Frees a context id.
     pub(crate) fn free_ctx(&self, id: u32) {
         // Dropped outside the IRQ-safe lock.
-        let old = self.ctxs.lock().get_mut(id as usize).and_then(|c| c.take());
+        let old = self.ctxs.lock().release(id);
         drop(old);
     }
 
@@ -284,19 +276,14 @@ impl Gpu {
     /// lock: it allocates and sends commands) and publishes the result.
     pub(crate) fn install_vm(&self, make: impl FnOnce(u32) -> Result<Arc<Vm>>) -> Result<Arc<Vm>> {
         self.recover_initiated();
-        let asid = {
-            let mut t = self.vms.lock();
-            let a = t.used.iter().position(|u| !u).ok_or(ENOSPC)?;
-            t.used[a] = true;
-            a as u32
-        };
+        let asid = self.vms.lock().reserve()?;
         match make(asid) {
             Ok(vm) => {
-                self.vms.lock().vms[asid as usize] = Some(vm.clone());
+                self.vms.lock().publish(asid, vm.clone());
                 Ok(vm)
             }
             Err(e) => {
-                self.vms.lock().used[asid as usize] = false;
+                self.vms.lock().release(asid);
                 Err(e)
             }
         }
@@ -305,13 +292,10 @@ impl Gpu {
     /// Frees the ASID of `vm` (if it still owns it) and returns the table's reference.
     pub(crate) fn uninstall_vm(&self, vm: &Vm) -> Option<Arc<Vm>> {
         let mut t = self.vms.lock();
-        let a = vm.asid as usize;
-        let owns = matches!(t.vms.get(a), Some(Some(v)) if core::ptr::eq(&**v, vm));
-        if !owns {
+        if !t.get(vm.asid).is_some_and(|v| core::ptr::eq(&**v, vm)) {
             return None;
         }
-        t.used[a] = false;
-        t.vms[a].take()
+        t.release(vm.asid)
     }
 
     // ---- page faults (faults.rs) ----------------------------------------------------------
@@ -323,20 +307,12 @@ impl Gpu {
 
     /// The VM bound to `asid`, if any.
     pub(crate) fn vm_of(&self, asid: u32) -> Option<Arc<Vm>> {
-        self.vms
-            .lock()
-            .vms
-            .get(asid as usize)
-            .and_then(|v| v.clone())
+        self.vms.lock().get(asid).cloned()
     }
 
     /// Tells the fences of context `ctx_id` that a fault of theirs failed with `err`.
     pub(crate) fn set_fault_errno(&self, ctx_id: u32, err: Error) {
-        let fences = self
-            .ctxs
-            .lock()
-            .get(ctx_id as usize)
-            .and_then(|c| c.clone());
+        let fences = self.ctxs.lock().get(ctx_id).cloned();
         if let Some(fences) = fences {
             fences.set_fault_errno(err.to_errno());
         }

@@ -8,13 +8,14 @@ use super::{
     dispatch::{compl_callback, ctrl_callback, event_callback},
     fault_ring_size,
     recovery::{HangRing, LastReset, Recovery, ResetEvents, HANG_SLOTS, WATCHDOG_MS, WEDGE_NONE},
-    Access, Gpu, Stats, VmTable, JOB_TIMEOUT_MS,
+    Access, Gpu, Stats, JOB_TIMEOUT_MS,
 };
 use crate::{
     ctrl::CtrlQueue,
     drm_driver::{self, SvmgpuDrm},
     events::RxQueue,
     faults::FaultRing,
+    id_table::IdTable,
     reclaim_queue::{flush_delayed_work, flush_work},
     userptr::FinishPool,
     virtio, wire,
@@ -107,15 +108,8 @@ impl GpuDriver {
         let bound: &virtio::Device<device::Bound> = dev;
         let dma_dev: ARef<device::Device> = bound.dma_device().into();
 
-        let mut ctxs = KVec::new();
-        for _ in 0..config.max_contexts.min(4096) {
-            ctxs.push(None, GFP_KERNEL)?;
-        }
-        let mut vms = KVec::new();
-        for _ in 0..config.num_asids.min(4096) {
-            vms.push(None, GFP_KERNEL)?;
-        }
-        let used = KVec::from_elem(false, vms.len(), GFP_KERNEL)?;
+        let ctxs = IdTable::new(config.max_contexts.min(4096) as usize)?;
+        let vms = IdTable::new(config.num_asids.min(4096) as usize)?;
         let fault_cap = fault_ring_size(&config);
 
         let gpu = Arc::pin_init(
@@ -131,7 +125,7 @@ impl GpuDriver {
                 eventq <- RxQueue::new(wire::EVENT_SIZE, EVENT_BUFS)?,
                 complq <- RxQueue::new(wire::COMPLETION_SIZE, COMPL_BUFS)?,
                 ctxs <- new_spinlock_irq!(ctxs, "svmgpu_ctxs"),
-                vms <- new_mutex!(VmTable { vms, used }, "svmgpu_vms"),
+                vms <- new_mutex!(vms, "svmgpu_vms"),
                 faults <- new_spinlock_irq!(FaultRing::new(fault_cap)?, "svmgpu_faults"),
                 fault_work <- new_work!("svmgpu_fault_work"),
                 reset_work <- new_work!("svmgpu_reset_work"),
@@ -321,7 +315,7 @@ impl Gpu {
         let _ = self.complq.detach();
         self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
-        for f in ctxs.iter().flatten() {
+        for f in ctxs.iter() {
             f.lose(ENODEV.to_errno());
         }
     }
@@ -347,11 +341,9 @@ impl Gpu {
         }
         let vms = {
             let mut t = self.vms.lock();
-            for v in t.vms.iter_mut() {
-                if let Some(vm) = v.take() {
-                    // Within the reserved capacity: at most `num_asids` entries.
-                    let _ = out.push_within_capacity(vm);
-                }
+            for vm in t.take_all() {
+                // Within the reserved capacity: at most `num_asids` entries.
+                let _ = out.push_within_capacity(vm);
             }
             out
         };

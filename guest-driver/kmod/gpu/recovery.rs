@@ -252,7 +252,7 @@ impl Gpu {
         let _ = self.complq.detach();
         self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
-        for f in ctxs.iter().flatten() {
+        for f in ctxs.iter() {
             f.lose(EIO.to_errno());
         }
     }
@@ -267,14 +267,14 @@ impl Gpu {
         self.ctrl.reset_done();
         {
             let ctxs = self.ctxs.lock();
-            for f in ctxs.iter().flatten() {
+            for f in ctxs.iter() {
                 f.lose(EIO.to_errno());
             }
         }
         self.faults.lock().clear();
         self.hangs.lock().len = 0;
         let t = self.vms.lock();
-        for vm in t.vms.iter().flatten() {
+        for vm in t.iter() {
             vm.clear_faults();
             if vm.rebind_asid().is_err() {
                 inc(&self.recovery.rebind_failures);
@@ -330,11 +330,7 @@ impl Gpu {
     /// after [`crate::fence::HANG_BAN_LIMIT`]), and destroys the context, which frees the
     /// engine; if `CTX_DESTROY` does not answer, resets the device.
     fn handle_hang(self: &Arc<Self>, ctx_id: u32, job: Option<u64>, timeout: bool) {
-        let f = self
-            .ctxs
-            .lock()
-            .get(ctx_id as usize)
-            .and_then(|f| f.clone());
+        let f = self.ctxs.lock().get(ctx_id).cloned();
         let hung = f.as_ref().and_then(|f| f.hang(job));
         let (Some(f), Some(seqno)) = (f, hung) else {
             if !timeout {
@@ -378,11 +374,7 @@ impl Gpu {
     /// The context `ctx_id` made progress (a fault raised or resolved): its jobs are not
     /// hung (any context: IRQ-safe locks only).
     pub(crate) fn ctx_progress(&self, ctx_id: u32) {
-        let f = self
-            .ctxs
-            .lock()
-            .get(ctx_id as usize)
-            .and_then(|f| f.clone());
+        let f = self.ctxs.lock().get(ctx_id).cloned();
         if let Some(f) = f {
             f.progress();
         }
@@ -392,11 +384,12 @@ impl Gpu {
     /// the job timeout (the `ENGINE_HANG` event may have been lost, or never sent).
     pub(super) fn watchdog(self: &Arc<Self>) {
         let timeout = self.job_timeout_ms.load(Relaxed);
-        let n = self.ctxs.lock().len();
-        for id in 0..n {
-            let f = self.ctxs.lock().get(id).and_then(|f| f.clone());
+        let n = self.ctxs.lock().limit();
+        // Ids are at most 4096 (the table's limit).
+        for id in 0..n as u32 {
+            let f = self.ctxs.lock().get(id).cloned();
             if let Some(seqno) = f.and_then(|f| f.overdue(timeout)) {
-                self.handle_hang(id as u32, Some(seqno), true);
+                self.handle_hang(id, Some(seqno), true);
             }
         }
     }
