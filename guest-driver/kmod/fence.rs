@@ -24,7 +24,7 @@
 
 use crate::wire;
 use kernel::{
-    bindings, new_condvar, new_spinlock_irq,
+    new_condvar, new_spinlock_irq,
     prelude::*,
     sync::{
         atomic::{Atomic, Relaxed},
@@ -427,7 +427,9 @@ impl Fences {
 
 /// `j` jiffies in nanoseconds.
 pub(crate) fn jiffies_to_ns(j: Jiffies) -> u64 {
-    (j as u64).saturating_mul(1_000_000_000) / u64::from(bindings::CONFIG_HZ)
+    // One second is `HZ` jiffies.
+    let hz = kernel::time::msecs_to_jiffies(1000).max(1);
+    (j as u64).saturating_mul(1_000_000_000) / hz as u64
 }
 
 impl crate::ctrl::SeqnoHook for Fences {

@@ -15,6 +15,11 @@
 //! `&mut self`, and the owner keeps the queue under a lock that the queue's interrupt
 //! callback takes too. Adding buffers uses `GFP_ATOMIC` and never sleeps, so it may be
 //! called under spinlocks and from MMU-notifier context.
+//!
+//! The queues' memory is freed by [`Device::del_vqs`], which the types make safe: it takes
+//! the [`Reset`] that only [`Device::reset`] returns (the device no longer uses the rings),
+//! and the [`Queues`] set that every [`Virtqueue`] holds a reference to, so it frees the
+//! rings only when no handle is left that could touch them.
 
 use core::{
     ffi::{c_int, c_uint, c_void},
@@ -28,6 +33,7 @@ use kernel::{
     driver,
     error::{from_result, to_result},
     prelude::*,
+    sync::Arc,
     types::Opaque,
     ThisModule,
 };
@@ -219,11 +225,13 @@ impl<'a> Device<Core<'a>> {
 
     /// Finds the device's queues. Each entry is a name and an optional callback, which runs
     /// in hard-interrupt context with the queue; [`callback_context`] gives the context of
-    /// [`Device::set_callback_context`].
+    /// [`Device::set_callback_context`]. The [`Queues`] set is what [`Device::del_vqs`]
+    /// takes back.
     pub(crate) fn find_vqs<const N: usize>(
         &self,
         specs: &[(&'static CStr, Option<Callback>); N],
-    ) -> Result<[Virtqueue; N]> {
+    ) -> Result<(Queues, [Virtqueue; N])> {
+        let set = Arc::new(QueueSet, GFP_KERNEL)?;
         let mut infos: [bindings::virtqueue_info; N] = [bindings::virtqueue_info {
             name: core::ptr::null(),
             callback: None,
@@ -246,9 +254,21 @@ impl<'a> Device<Core<'a>> {
         })?;
         let mut out = [const { None }; N];
         for (slot, vq) in out.iter_mut().zip(vqs) {
-            *slot = Some(Virtqueue(NonNull::new(vq).ok_or(ENODEV)?));
+            *slot = NonNull::new(vq).map(|vq| Virtqueue {
+                vq,
+                _set: set.clone(),
+            });
         }
-        Ok(out.map(|v| v.expect("all queues were just set")))
+        if out.iter().any(Option::is_none) {
+            drop(out);
+            let reset = self.reset();
+            self.del_vqs(reset, Queues(set))?;
+            return Err(ENODEV);
+        }
+        Ok((
+            Queues(set),
+            out.map(|v| v.expect("all queues were just checked")),
+        ))
     }
 
     /// Tells the device the driver is ready (DRIVER_OK); queues may run from now on.
@@ -257,18 +277,48 @@ impl<'a> Device<Core<'a>> {
         unsafe { bindings::virtio_device_ready(self.as_raw()) };
     }
 
-    /// Resets the device: afterwards it touches no buffer and raises no interrupt.
-    pub(crate) fn reset(&self) {
+    /// Resets the device: afterwards it touches no buffer and raises no interrupt. The
+    /// returned proof is what [`Device::del_vqs`] asks for.
+    pub(crate) fn reset(&self) -> Reset<'_> {
         // SAFETY: The device is live; a reset is allowed at any point in probe and unbind.
         unsafe { bindings::virtio_reset_device(self.as_raw()) };
+        Reset(PhantomData)
     }
 
-    /// Deletes the queues found by [`Device::find_vqs`]; only after [`Device::reset`].
-    pub(crate) fn del_vqs(&self) {
-        // SAFETY: The device was reset, so no callback runs and the queues are idle.
+    /// Deletes the queues found by [`Device::find_vqs`] after the device was reset.
+    ///
+    /// Fails with `EBUSY`, and leaves the queues allocated, if a [`Virtqueue`] handle is
+    /// still alive: freeing the rings under it would let safe code touch freed memory.
+    pub(crate) fn del_vqs(&self, _reset: Reset<'_>, queues: Queues) -> Result {
+        if Arc::into_unique_or_drop(queues.0).is_none() {
+            dev_err!(
+                self,
+                "a virtqueue handle outlives its device; queues not deleted\n"
+            );
+            return Err(EBUSY);
+        }
+        // SAFETY: The device was reset (the `Reset` proof), so no callback runs and the
+        // device no longer reads the rings; no `Virtqueue` is left (the set was unique).
         unsafe { bindings::virtio_del_vqs(self.as_raw()) };
+        Ok(())
     }
 }
+
+/// Proof that a device was reset by [`Device::reset`] since the proof was made: the device
+/// touches no buffer and raises no interrupt.
+#[must_use = "the proof is needed to delete the queues"]
+pub(crate) struct Reset<'a>(PhantomData<&'a ()>);
+
+/// The set of a device's queues, as [`Device::find_vqs`] found them.
+///
+/// # Invariants
+///
+/// Every [`Virtqueue`] of the set holds a reference to the same `Arc`, so the set's
+/// reference is unique only when no queue handle is left.
+pub(crate) struct Queues(Arc<QueueSet>);
+
+/// What a [`Queues`] set and its handles share.
+struct QueueSet;
 
 // SAFETY: `Device` is a transparent wrapper of a type that doesn't depend on its generic
 // argument.
@@ -361,7 +411,15 @@ pub(crate) unsafe fn callback_context(vq: *mut RawVirtqueue) -> *const c_void {
 }
 
 /// One virtqueue. Not `Clone`: whoever owns it serialises its use.
-pub(crate) struct Virtqueue(NonNull<bindings::virtqueue>);
+///
+/// # Invariants
+///
+/// `vq` is a queue of a device whose queues are not deleted while `_set` lives (see
+/// [`Queues`]).
+pub(crate) struct Virtqueue {
+    vq: NonNull<bindings::virtqueue>,
+    _set: Arc<QueueSet>,
+}
 
 // SAFETY: A virtqueue may be used from any thread as long as uses are serialised, which
 // `&mut self` on every operation guarantees.
@@ -391,10 +449,11 @@ impl Virtqueue {
             bindings::sg_init_one(&mut sg_in, inb.as_mut_ptr().cast(), inb.len() as u32);
         }
         let mut sgs = [&raw mut sg_out, &raw mut sg_in];
-        // SAFETY: The queue is live and we hold `&mut self`; GFP_ATOMIC never sleeps.
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`; GFP_ATOMIC never sleeps.
         to_result(unsafe {
             bindings::virtqueue_add_sgs(
-                self.0.as_ptr(),
+                self.vq.as_ptr(),
                 sgs.as_mut_ptr(),
                 1,
                 1,
@@ -417,10 +476,11 @@ impl Virtqueue {
         let mut sg: bindings::scatterlist = unsafe { core::mem::zeroed() };
         // SAFETY: The buffer is in the linear map and lives as long as the chain.
         unsafe { bindings::sg_init_one(&mut sg, inb.as_mut_ptr().cast(), inb.len() as u32) };
-        // SAFETY: The queue is live and we hold `&mut self`; GFP_ATOMIC never sleeps.
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`; GFP_ATOMIC never sleeps.
         to_result(unsafe {
             bindings::virtqueue_add_inbuf(
-                self.0.as_ptr(),
+                self.vq.as_ptr(),
                 &mut sg,
                 1,
                 token as *mut c_void,
@@ -431,27 +491,31 @@ impl Virtqueue {
 
     /// Notifies the device of new chains.
     pub(crate) fn kick(&mut self) {
-        // SAFETY: The queue is live and we hold `&mut self`.
-        unsafe { bindings::virtqueue_kick(self.0.as_ptr()) };
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`.
+        unsafe { bindings::virtqueue_kick(self.vq.as_ptr()) };
     }
 
     /// Takes the next used chain: its token and how many bytes the device wrote.
     pub(crate) fn get_buf(&mut self) -> Option<(usize, u32)> {
         let mut len = 0u32;
-        // SAFETY: The queue is live and we hold `&mut self`.
-        let token = unsafe { bindings::virtqueue_get_buf(self.0.as_ptr(), &mut len) };
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`.
+        let token = unsafe { bindings::virtqueue_get_buf(self.vq.as_ptr(), &mut len) };
         (!token.is_null()).then_some((token as usize, len))
     }
 
     /// Disables callbacks while draining.
     pub(crate) fn disable_cb(&mut self) {
-        // SAFETY: The queue is live and we hold `&mut self`.
-        unsafe { bindings::virtqueue_disable_cb(self.0.as_ptr()) };
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`.
+        unsafe { bindings::virtqueue_disable_cb(self.vq.as_ptr()) };
     }
 
     /// Re-enables callbacks; `false` if chains arrived meanwhile (drain again).
     pub(crate) fn enable_cb(&mut self) -> bool {
-        // SAFETY: The queue is live and we hold `&mut self`.
-        unsafe { bindings::virtqueue_enable_cb(self.0.as_ptr()) }
+        // SAFETY: The queue is live (type invariant: its set is not deleted) and we hold
+        // `&mut self`.
+        unsafe { bindings::virtqueue_enable_cb(self.vq.as_ptr()) }
     }
 }

@@ -183,6 +183,14 @@ fn inc(c: &Atomic<u64>) {
 
 /// Proof that the device is bound (removal waits until every guard is gone): DMA
 /// allocations and mappings may be made.
+///
+/// Why not `Devres`/`Revocable`: their guard ([`kernel::revocable::RevocableGuard`]) is an
+/// RCU read-side section, so its holder may not sleep, and `Devres::access` needs a
+/// `&Device<Bound>` that an ioctl or a work item does not have. A `GpuAccess` is held
+/// across what sleeps: page-table allocation, DMA mapping, `hmm_range_fault`, a control
+/// command's round trip. Removal therefore marks the device dead (new `enter` calls fail
+/// with `ENODEV`), fails every waiter, and then waits for the last guard, a sleeping
+/// revocation that the RCU-based types do not offer.
 pub(crate) struct GpuAccess<'a> {
     gpu: &'a Gpu,
 }

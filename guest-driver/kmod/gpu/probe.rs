@@ -44,6 +44,9 @@ pub(crate) struct BoundGpu<'bound> {
     drm: Mutex<Option<drm::Registration<'bound, SvmgpuDrm>>>,
     /// debugfs `svmgpu/virtioN/` and its files (removed with the binding).
     _debugfs: Option<DebugFs>,
+    /// The device's queues, deleted at unbind after the reset.
+    #[pin]
+    queues: Mutex<Option<virtio::Queues>>,
 }
 
 static ID_TABLE: virtio::IdTable = virtio::IdTable::new(wire::VIRTIO_ID_SVMGPU);
@@ -76,7 +79,7 @@ fn read_config<C: device::DeviceContext>(
 }
 
 impl GpuDriver {
-    fn setup(dev: &virtio::Device<Core<'_>>) -> Result<Arc<Gpu>> {
+    fn setup(dev: &virtio::Device<Core<'_>>) -> Result<(Arc<Gpu>, virtio::Queues)> {
         let (raw, config) = read_config(dev)?;
         if dev.features() & (1 << VIRTIO_F_ACCESS_PLATFORM) != 0 {
             // The spec's address model: the device uses guest-physical addresses (page
@@ -187,27 +190,32 @@ impl GpuDriver {
         // SAFETY: `gpu` is kept alive by `Bound` until `unbind`, which resets the device and
         // deletes the queues before dropping it.
         unsafe { dev.set_callback_context(Arc::as_ptr(&gpu).cast()) };
-        let [ctrlq, eventq, complq] = dev.find_vqs(&[
+        let (queues, [ctrlq, eventq, complq]) = dev.find_vqs(&[
             (c"control", Some(ctrl_callback as virtio::Callback)),
             (c"event", Some(event_callback as virtio::Callback)),
             (c"complete", Some(compl_callback as virtio::Callback)),
         ])?;
         gpu.ctrl.attach(ctrlq);
-        let fail = |e: Error| {
-            dev.reset();
-            gpu.ctrl.detach();
-            gpu.eventq.detach();
-            gpu.complq.detach();
-            dev.del_vqs();
-            e
-        };
-        gpu.eventq.attach(eventq).map_err(fail)?;
-        gpu.complq.attach(complq).map_err(fail)?;
-        dev.ready();
-
         let t0 = Instant::<Monotonic>::now();
-        let info = gpu.get_info().map_err(fail)?;
-        let info = wire::GetInfoResp::decode(&info).ok_or(EIO).map_err(fail)?;
+        let started = (|| {
+            gpu.eventq.attach(eventq)?;
+            gpu.complq.attach(complq)?;
+            dev.ready();
+            let info = gpu.get_info()?;
+            wire::GetInfoResp::decode(&info).ok_or(EIO)
+        })();
+        let info = match started {
+            Ok(info) => info,
+            Err(e) => {
+                let reset = dev.reset();
+                let _ = gpu.ctrl.detach();
+                let _ = gpu.eventq.detach();
+                let _ = gpu.complq.detach();
+                // Fails (leaving the rings allocated) only if a queue handle survived.
+                let _ = dev.del_vqs(reset, queues);
+                return Err(e);
+            }
+        };
         dev_info!(
             dev,
             "GET_INFO: spec {:#x} index {} engines {} commands completed {} ({} ns); features {:#x}; notifiers {}\n",
@@ -219,7 +227,7 @@ impl GpuDriver {
             gpu.features,
             gpu.notifier_mode.name()
         );
-        Ok(gpu)
+        Ok((gpu, queues))
     }
 }
 
@@ -238,20 +246,29 @@ impl virtio::Driver for GpuDriver {
     fn probe<'bound>(
         dev: &'bound virtio::Device<Core<'_>>,
     ) -> impl PinInit<Self::Data<'bound>, Error> + 'bound {
-        let setup = || -> Result<(Arc<Gpu>, drm::Registration<'bound, SvmgpuDrm>)> {
-            let gpu = Self::setup(dev)?;
-            let fail = |e: Error| {
-                dev.reset();
-                gpu.shutdown();
-                dev.del_vqs();
-                e
-            };
-            let reg = drm_driver::register(dev, gpu.clone()).map_err(fail)?;
-            Ok((gpu, reg))
+        type Setup<'bound> = (
+            Arc<Gpu>,
+            virtio::Queues,
+            drm::Registration<'bound, SvmgpuDrm>,
+        );
+        let setup = || -> Result<Setup<'bound>> {
+            let (gpu, queues) = Self::setup(dev)?;
+            match drm_driver::register(dev, gpu.clone()) {
+                Ok(reg) => Ok((gpu, queues, reg)),
+                Err(e) => {
+                    let reset = dev.reset();
+                    gpu.shutdown();
+                    let _ = dev.del_vqs(reset, queues);
+                    Err(e)
+                }
+            }
         };
-        let res = setup();
+        let (res, queues, reg) = match setup() {
+            Ok((gpu, queues, reg)) => (Ok(gpu), Some(queues), Some(reg)),
+            Err(e) => (Err(e), None, None),
+        };
         let dbg = match &res {
-            Ok((gpu, _)) => {
+            Ok(gpu) => {
                 let _ = workqueue::system()
                     .enqueue_delayed::<_, 2>(gpu.clone(), msecs_to_jiffies(WATCHDOG_MS));
                 DebugFs::new(gpu).ok()
@@ -259,12 +276,10 @@ impl virtio::Driver for GpuDriver {
             Err(_) => None,
         };
         try_pin_init!(BoundGpu {
-            gpu: match &res {
-                Ok((gpu, _)) => gpu.clone(),
-                Err(e) => Err(*e)?,
-            },
-            drm <- new_mutex!(res.ok().map(|r| r.1), "svmgpu_drm_reg"),
+            gpu: res?,
+            drm <- new_mutex!(reg, "svmgpu_drm_reg"),
             _debugfs: dbg,
+            queues <- new_mutex!(queues, "svmgpu_queues"),
         })
     }
 
@@ -272,7 +287,7 @@ impl virtio::Driver for GpuDriver {
         let gpu = &this.gpu;
         // 1. Stop the device first: after a virtio reset it touches no memory and raises
         //    no interrupt, so nothing that waits for it may give up before this.
-        dev.reset();
+        let reset = dev.reset();
         // 2. Refuse new work; retire the device's buffers; fail every fence and waiter.
         gpu.shutdown();
         //    (The test hook `race_delay_us` widens the window after this step: whatever
@@ -291,7 +306,10 @@ impl virtio::Driver for GpuDriver {
         // 6. Release the page tables and DMA mappings of every VM (their files may stay
         //    open; they only see ENODEV).
         gpu.kill_vms();
-        dev.del_vqs();
+        // 7. Free the rings: `shutdown` dropped every queue handle.
+        if let Some(queues) = this.queues.lock().take() {
+            let _ = dev.del_vqs(reset, queues);
+        }
         dev_info!(dev, "removed\n");
     }
 }
