@@ -324,7 +324,7 @@ mod tests {
         let b = o.config_space(5).to_bytes();
         let u32_at = |off: usize| u32::from_le_bytes(b[off..off + 4].try_into().unwrap());
         assert_eq!(&b[0..4], b"SVMG");
-        assert_eq!(u32_at(4), 0x0000_0002);
+        assert_eq!(u32_at(4), 0x0000_0003);
         assert_eq!(u32_at(8), 5);
         assert_eq!(u32_at(12), 3);
         assert_eq!(u32_at(16), 16);

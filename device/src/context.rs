@@ -42,6 +42,11 @@ pub struct ExecState {
     pub depth: usize,
     /// Running time already spent in the current WAIT or DELAY.
     pub partial_ns: u64,
+    /// Bytes of the current bulk instruction (FILL, COPY, CHECKSUM) already processed: it
+    /// continues from there after a fault (spec 6.13.3).
+    pub partial_bytes: u64,
+    /// The current CHECKSUM's running hash over its first `partial_bytes` bytes.
+    pub partial_hash: u64,
     /// Time the job has been on an engine (the job timeout counts it).
     pub ran_ns: u64,
     /// Host time its instructions took, sleeps excluded (a job that burns much of it is
@@ -58,9 +63,18 @@ impl ExecState {
             loops: [(0, 0); LOOP_MAX_DEPTH],
             depth: 0,
             partial_ns: 0,
+            partial_bytes: 0,
+            partial_hash: 0,
             ran_ns: 0,
             cpu_ns: 0,
         }
+    }
+
+    /// Forgets the progress of the instruction at `pc` (the pc moved on).
+    pub fn clear_partial(&mut self) {
+        self.partial_ns = 0;
+        self.partial_bytes = 0;
+        self.partial_hash = 0;
     }
 }
 

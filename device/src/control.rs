@@ -468,7 +468,7 @@ mod tests {
             .chunks(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(words, [0x0000_0002, 1, 4, 8, 16, 32, 2, 0]);
+        assert_eq!(words, [0x0000_0003, 1, 4, 8, 16, 32, 2, 0]);
         assert_eq!(&body[32..40], &0u64.to_le_bytes());
 
         // The next one sees one completed command; errors count as completed too.

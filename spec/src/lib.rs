@@ -2,7 +2,7 @@
 
 //! # svmgpu-spec
 //!
-//! The wire contract of the svmgpu virtual GPU, v0.2: identity, feature bits, config
+//! The wire contract of the svmgpu virtual GPU, v0.3: identity, feature bits, config
 //! space, control requests and responses, events, completion records, the page-table
 //! format and the command-stream ISA.
 //!
@@ -31,9 +31,9 @@ mod tests {
         assert_eq!(VIRTIO_ID_SVMGPU, 0x3e);
         assert_eq!(PCI_VENDOR_ID, 0x1af4);
         assert_eq!(PCI_DEVICE_ID, 0x1040 + VIRTIO_ID_SVMGPU as u16);
-        assert_eq!(SPEC_VERSION, 0x0000_0002);
+        assert_eq!(SPEC_VERSION, 0x0000_0003);
         assert_eq!(spec_version_major(SPEC_VERSION), 0);
-        assert_eq!(spec_version_minor(SPEC_VERSION), 2);
+        assert_eq!(spec_version_minor(SPEC_VERSION), 3);
         assert_eq!(CONFIG_MAGIC.to_le_bytes(), *b"SVMG");
         assert_eq!((QUEUE_CONTROL, QUEUE_EVENT, QUEUE_COMPLETION), (0, 1, 2));
         assert_eq!(NUM_QUEUES, 3);
@@ -85,7 +85,7 @@ mod tests {
         };
         let b = c.to_bytes();
         assert_eq!(&b[0..4], b"SVMG");
-        assert_eq!(&b[4..8], &[2, 0, 0, 0]);
+        assert_eq!(&b[4..8], &[3, 0, 0, 0]);
         assert_eq!(&b[8..12], &[3, 0, 0, 0]);
         assert_eq!(&b[32..40], &0x0020_1000u64.to_le_bytes());
         assert_eq!(&b[40..44], &48u32.to_le_bytes());

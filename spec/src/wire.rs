@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //
-// svmgpu wire definitions, spec v0.2.
+// svmgpu wire definitions, spec v0.3.
 //
 // The normative contract is spec/svmgpu.md; this file follows it. Every number here must
 // match a number there.
@@ -26,7 +26,7 @@ pub const PCI_DEVICE_ID: u16 = 0x107e;
 /// Major version of this spec.
 pub const SPEC_VERSION_MAJOR: u16 = 0;
 /// Minor version of this spec.
-pub const SPEC_VERSION_MINOR: u16 = 2;
+pub const SPEC_VERSION_MINOR: u16 = 3;
 /// `(major << 16) | minor`, as found in the config space `version` field and in GET_INFO.
 pub const SPEC_VERSION: u32 = spec_version(SPEC_VERSION_MAJOR, SPEC_VERSION_MINOR);
 
