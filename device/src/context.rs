@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use svmgpu_spec::{Status, JOB_QUEUE_DEPTH, LOOP_MAX_DEPTH};
 
+use crate::fault::FaultTimes;
+
 /// A submitted job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Job {
@@ -140,6 +142,9 @@ pub struct Context {
     pub ops: VecDeque<CtxOp>,
     /// Asks the engine running it to stop at the next instruction boundary.
     pub attention: Arc<Attention>,
+    /// Its access waited on a fault answered RESUME and has not been retried yet: when the
+    /// fault went through its stages (counted when an engine takes the context up again).
+    pub resumed: Option<FaultTimes>,
 }
 
 /// A request to the engine running a context to stop at the next instruction boundary. An
@@ -207,6 +212,7 @@ impl Context {
             error: None,
             ops: VecDeque::new(),
             attention: Arc::new(Attention::default()),
+            resumed: None,
         }
     }
 

@@ -486,7 +486,7 @@ mod tests {
     fn get_stats() {
         let g = gpu();
         g.handle_request(&req(0x77, 0, 0, &[]), 16);
-        let r = g.handle_request(&req(2, 0, 9, &[]), 16 + 208).0;
+        let r = g.handle_request(&req(2, 0, 9, &[]), 16 + 232).0;
         assert_eq!(header(&r).status, 0);
         assert_eq!(header(&r).seqno, 9);
         assert_eq!(r.bytes().len(), 16 + StatsResp::SIZE);
@@ -495,7 +495,14 @@ mod tests {
         assert_eq!(s.commands_failed, 1);
         // A driver of an older minor version gets the counters it knows (spec 6.4.2): whole
         // counters only, as many as fit, never fewer than v0.1's 24.
-        for (cap, body) in [(192, 192), (199, 192), (200, 200), (208, 208), (4096, 208)] {
+        for (cap, body) in [
+            (192, 192),
+            (199, 192),
+            (200, 200),
+            (208, 208),
+            (232, 232),
+            (4096, 232),
+        ] {
             let r = g.handle_request(&req(2, 0, 10, &[]), 16 + cap).0;
             assert_eq!(header(&r).status, 0, "{cap}");
             assert_eq!(r.bytes().len(), 16 + body, "{cap}");

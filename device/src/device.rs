@@ -42,7 +42,7 @@ use vm_memory::{
 
 use crate::config::{DeviceOptions, OptionsError};
 use crate::context::{Attention, Context, CtxOp, ExecState, Job, Stall};
-use crate::fault::{FaultReport, FaultTable, Raised, Waiter};
+use crate::fault::{FaultReport, FaultTable, FaultTimes, Raised, Waiter};
 use crate::inject::{Field, Injector, Kind, RecKind, Subject};
 use crate::mmu::audit::InvalLog;
 use crate::mmu::tlb::Eviction;
@@ -771,6 +771,9 @@ impl Device {
                 },
             };
             c.running = Some(e);
+            if let Some(t) = c.resumed.take() {
+                self.count_retry(&t);
+            }
             // An injected hang strikes when a job starts.
             let hang = fresh
                 && self.inject.active(Kind::EngineHang)
@@ -802,6 +805,26 @@ impl Device {
             return Some(pick);
         }
         None
+    }
+
+    /// An access that waited on a fault answered RESUME is retried now: the fault-service
+    /// statistics (spec 6.18).
+    fn count_retry(&self, t: &FaultTimes) {
+        let now = Instant::now();
+        let ns = |a: Instant, b: Instant| {
+            u64::try_from(b.saturating_duration_since(a).as_nanos()).unwrap_or(u64::MAX)
+        };
+        // An event never delivered (the reply came first: an injected or guessed one)
+        // counts as delivered when it was raised.
+        let delivered = t.delivered.unwrap_or(t.raised).min(t.replied);
+        self.stats.inc(Counter::FaultsRetried);
+        self.stats.add(Counter::FaultRetryNs, ns(t.raised, now));
+        self.stats
+            .add(Counter::FaultDriverNs, ns(delivered, t.replied));
+        self.stats
+            .add_extra(Extra::FaultDeliverNs, ns(t.raised, delivered));
+        self.stats
+            .add_extra(Extra::FaultResumeNs, ns(t.replied, now));
     }
 
     /// Takes back a context from engine `e` after its slice.
@@ -870,7 +893,7 @@ impl Device {
             engine,
             fault,
         };
-        match st.faults.raise(w, report, coalesce) {
+        match st.faults.raise(w, report, coalesce, Instant::now()) {
             Raised::New(fid) => {
                 c.stall = Stall::Fault(fid);
                 self.post_fault(st, fid, id, report);
@@ -1051,7 +1074,7 @@ impl Device {
             if !alive {
                 continue;
             }
-            let stall = match st.faults.raise(w, report, coalesce) {
+            let stall = match st.faults.raise(w, report, coalesce, Instant::now()) {
                 Raised::New(fid) => {
                     self.post_fault(st, fid, w.ctx, report);
                     Stall::Fault(fid)
@@ -1502,6 +1525,11 @@ impl Device {
         let Some(o) = st.faults.take(fault_id) else {
             return false;
         };
+        let times = FaultTimes {
+            raised: o.raised,
+            delivered: self.outbox.take_delivered(fault_id),
+            replied: Instant::now(),
+        };
         self.outbox.withdraw_fault(fault_id);
         for w in &o.waiters {
             let Some(c) = st.contexts.get_mut(&w.ctx).filter(|c| c.uid == w.uid) else {
@@ -1512,6 +1540,7 @@ impl Device {
             }
             c.stall = Stall::None;
             if resume {
+                c.resumed = Some(times);
                 self.make_runnable(&mut st, w.ctx);
             } else if let Some(x) = c.exec {
                 let f = Failure {

@@ -4,6 +4,7 @@
 //! faults, coalescing of accesses to one page, and the queue of faults waiting for a slot.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
 
 use crate::mmu::Fault;
 
@@ -34,6 +35,20 @@ pub struct Outstanding {
     pub report: FaultReport,
     /// Contexts whose access waits on it (more than one only with coalescing).
     pub waiters: Vec<Waiter>,
+    /// When it was raised (the fault-service statistics).
+    pub raised: Instant,
+}
+
+/// When a fault answered RESUME went through its stages (spec 6.18): what the statistics
+/// need once the access is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultTimes {
+    /// Raised (the access failed).
+    pub raised: Instant,
+    /// Its PAGE_FAULT event was delivered, if it was.
+    pub delivered: Option<Instant>,
+    /// Its FAULT_REPLY was accepted.
+    pub replied: Instant,
 }
 
 /// Result of [`FaultTable::raise`].
@@ -72,8 +87,14 @@ impl FaultTable {
         self.outstanding.len()
     }
 
-    /// Raises (or attaches, or defers) the fault of `w`'s access.
-    pub fn raise(&mut self, w: Waiter, report: FaultReport, coalesce: bool) -> Raised {
+    /// Raises (or attaches, or defers) the fault of `w`'s access, at `now`.
+    pub fn raise(
+        &mut self,
+        w: Waiter,
+        report: FaultReport,
+        coalesce: bool,
+        now: Instant,
+    ) -> Raised {
         if coalesce {
             let page = report.fault.va >> 12;
             let same = self
@@ -97,6 +118,7 @@ impl FaultTable {
             Outstanding {
                 report,
                 waiters: vec![w],
+                raised: now,
             },
         );
         Raised::New(id)
@@ -174,10 +196,14 @@ mod tests {
     #[test]
     fn raise_coalesce_defer_forget() {
         let mut t = FaultTable::new(2);
-        assert_eq!(t.raise(w(1), report(0x1000), true), Raised::New(1));
-        assert_eq!(t.raise(w(2), report(0x1ff8), true), Raised::Attached(1));
-        assert_eq!(t.raise(w(3), report(0x1ff8), false), Raised::New(2));
-        assert_eq!(t.raise(w(4), report(0x5000), true), Raised::Deferred);
+        let now = Instant::now();
+        assert_eq!(t.raise(w(1), report(0x1000), true, now), Raised::New(1));
+        assert_eq!(
+            t.raise(w(2), report(0x1ff8), true, now),
+            Raised::Attached(1)
+        );
+        assert_eq!(t.raise(w(3), report(0x1ff8), false, now), Raised::New(2));
+        assert_eq!(t.raise(w(4), report(0x5000), true, now), Raised::Deferred);
         assert_eq!(t.next_deferred(), None);
         let o = t.take(1).unwrap();
         assert_eq!(o.waiters, vec![w(1), w(2)]);
@@ -188,12 +214,12 @@ mod tests {
         assert_eq!(t.forget(3), Vec::<u64>::new());
         t.clear();
         assert_eq!(
-            t.raise(w(1), report(0), false),
+            t.raise(w(1), report(0), false, now),
             Raised::New(3),
             "ids are not reused"
         );
         assert_eq!(t.allocate_id(), 4);
         assert_eq!(t.take(4), None, "an allocated id is never outstanding");
-        assert_eq!(t.raise(w(1), report(0), false), Raised::New(5));
+        assert_eq!(t.raise(w(1), report(0), false, now), Raised::New(5));
     }
 }

@@ -28,7 +28,7 @@
 //! a duplicate is one more record per record, and takes no slot of its own: the original's
 //! slot comes back when the original is delivered.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
@@ -101,6 +101,11 @@ struct Backlog {
     held_back: Option<(Held, Instant)>,
     eventq: Option<VringRwLock>,
     complq: Option<VringRwLock>,
+    /// When the PAGE_FAULT event of each outstanding fault was delivered (the fault-service
+    /// statistics, spec 6.18): taken by the fault's reply, removed when it is withdrawn.
+    /// At most `event_cap` entries (only injected events, whose ids are never replied to,
+    /// could leave entries behind; beyond the cap a delivery is not timed).
+    delivered: HashMap<u64, Instant>,
 }
 
 impl std::fmt::Debug for Backlog {
@@ -155,6 +160,7 @@ impl Outbox {
                 held_back: None,
                 eventq: None,
                 complq: None,
+                delivered: HashMap::new(),
             }),
             delivery: Mutex::new(()),
             pending: AtomicBool::new(false),
@@ -198,6 +204,7 @@ impl Outbox {
         b.lost = 0;
         b.completions.clear();
         b.held_back = None;
+        b.delivered.clear();
         self.budget.clear();
         if virtio {
             b.eventq = None;
@@ -255,6 +262,13 @@ impl Outbox {
         let gone = before - b.events.len();
         // The first was the fault's own event; more are injected duplicates.
         b.droppable = b.droppable.saturating_sub(gone.saturating_sub(1));
+        b.delivered.remove(&fault_id);
+    }
+
+    /// When the PAGE_FAULT event of fault `fault_id` was delivered (first delivery), if it
+    /// was; forgets it (the fault is being answered).
+    pub fn take_delivered(&self, fault_id: u64) -> Option<Instant> {
+        self.lock().delivered.remove(&fault_id)
     }
 
     /// Drops an event of generation `gen` as if the backlog were full (`event-overflow`):
@@ -456,6 +470,11 @@ impl Outbox {
                         b.events.pop_front();
                         if droppable(&ev) {
                             b.droppable = b.droppable.saturating_sub(1);
+                        }
+                        if let Event::PageFault(f) = ev {
+                            if b.delivered.len() < b.event_cap {
+                                b.delivered.entry(f.fault_id).or_insert_with(Instant::now);
+                            }
                         }
                     }
                 }

@@ -74,9 +74,12 @@ counters! {
     AuditChecks => audit_checks,
     UnflushedEntries => unflushed_entries,
     NarrowFlushEntries => narrow_flush_entries,
+    FaultsRetried => faults_retried,
+    FaultRetryNs => fault_retry_ns,
+    FaultDriverNs => fault_driver_ns,
 }
 
-/// Number of counters (26 in spec v0.2).
+/// Number of counters (29 in spec v0.3).
 pub const NUM_COUNTERS: usize = StatsResp::SIZE / 8;
 
 /// Device-side counters that GET_STATS does not carry (growing its body would break drivers
@@ -92,6 +95,12 @@ pub enum Extra {
     /// Translations used without being cached: their TLB set was full and never evicts
     /// (`--tlb-no-evict`).
     TlbFillsUncached,
+    /// Of `fault_retry_ns`, the part from the raising of each fault to the delivery of its
+    /// PAGE_FAULT event (the device's event posting).
+    FaultDeliverNs,
+    /// Of `fault_retry_ns`, the part from the acceptance of each FAULT_REPLY to the retry
+    /// (the device waking an engine and taking the context up again).
+    FaultResumeNs,
 }
 
 impl Extra {
@@ -100,6 +109,8 @@ impl Extra {
         Extra::AuditMismatches,
         Extra::FaultsCoalesced,
         Extra::TlbFillsUncached,
+        Extra::FaultDeliverNs,
+        Extra::FaultResumeNs,
     ];
 
     /// Its JSON name.
@@ -108,6 +119,8 @@ impl Extra {
             Extra::AuditMismatches => "audit_mismatches",
             Extra::FaultsCoalesced => "faults_coalesced",
             Extra::TlbFillsUncached => "tlb_fills_uncached",
+            Extra::FaultDeliverNs => "fault_deliver_ns",
+            Extra::FaultResumeNs => "fault_resume_ns",
         }
     }
 }
@@ -223,7 +236,7 @@ mod tests {
 
     #[test]
     fn counters_match_wire_order() {
-        assert_eq!(NUM_COUNTERS, 26);
+        assert_eq!(NUM_COUNTERS, 29);
         assert_eq!(Counter::ALL.len(), NUM_COUNTERS);
         let s = Stats::new();
         for (i, &c) in Counter::ALL.iter().enumerate() {
@@ -243,6 +256,10 @@ mod tests {
         assert_eq!(
             StatsResp::OFFSET_NARROW_FLUSH_ENTRIES,
             Counter::NarrowFlushEntries as usize * 8
+        );
+        assert_eq!(
+            StatsResp::OFFSET_FAULT_DRIVER_NS,
+            Counter::FaultDriverNs as usize * 8
         );
     }
 
@@ -266,7 +283,8 @@ mod tests {
         let j = serde_json::to_string(&s).unwrap();
         assert!(
             j.ends_with(
-                "\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\"engines\":[]}"
+                "\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\
+                 \"fault_deliver_ns\":0,\"fault_resume_ns\":0,\"engines\":[]}"
             ),
             "{j}"
         );

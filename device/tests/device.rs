@@ -601,16 +601,43 @@ fn a_bulk_instruction_finishes_while_every_fault_unmaps_the_rest() {
             Insn::End,
         ],
     );
+    // How long the faults were with "the driver" at least: from the event seen to the reply
+    // sent (each includes an invalidation round trip).
+    let mut held = Duration::ZERO;
+    let t0 = Instant::now();
     for p in 0..pages {
         let f = r.d.wait_fault();
+        let seen = Instant::now();
         assert_eq!(f.va, DATA_VA + p * 4096, "fault {p} is on the next page");
         churn(&mut r, pages, Some(p));
+        held += seen.elapsed();
         assert_eq!(r.d.reply(f.fault_id, FaultAction::Resume), Status::Ok);
     }
     assert_eq!(r.d.wait_job(s), 0);
+    let total = t0.elapsed();
     assert_eq!(r.d.read_u64(r.batch + 0x8000), fnv1a64(&bytes));
     let st = r.d.stats();
     assert_eq!((st.page_faults, st.faults_resumed), (pages, pages));
+    // The fault-service counters (spec 6.18): every resumed fault was retried, the driver's
+    // part holds at least what the test spent on each, and the parts add up.
+    assert_eq!(st.faults_retried, pages);
+    let ns = |d: Duration| d.as_nanos() as u64;
+    assert!(
+        st.fault_driver_ns >= ns(held),
+        "driver part {} ns < {} ns held",
+        st.fault_driver_ns,
+        ns(held)
+    );
+    assert!(st.fault_retry_ns > st.fault_driver_ns && st.fault_retry_ns <= ns(total));
+    let stats = r.be.gpu.stats();
+    let device_part =
+        stats.get_extra(Extra::FaultDeliverNs) + stats.get_extra(Extra::FaultResumeNs);
+    assert!(
+        (st.fault_driver_ns + device_part).abs_diff(st.fault_retry_ns) <= 3 * pages,
+        "{} + {device_part} != {}",
+        st.fault_driver_ns,
+        st.fault_retry_ns
+    );
 }
 
 #[test]

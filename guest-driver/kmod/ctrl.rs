@@ -34,7 +34,7 @@ use kernel::{
 
 /// Number of commands that can be in flight at once.
 pub(crate) const SLOTS: usize = 64;
-/// Largest request or response a slot carries (GET_STATS answers 208 bytes).
+/// Largest request or response a slot carries (GET_STATS answers 232 bytes).
 pub(crate) const BUF_SIZE: usize = 256;
 /// Asynchronous commands that can be incomplete at once (the spec's limit).
 pub(crate) const ASYNC_SLOTS: usize = wire::MAX_ASYNC_OUTSTANDING as usize;

@@ -183,7 +183,7 @@ mod tests {
             ),
             (0, 8, 12)
         );
-        assert_eq!(StatsResp::SIZE, 26 * 8);
+        assert_eq!(StatsResp::SIZE, 29 * 8);
         assert_eq!(STATS_V0_1_SIZE, 24 * 8);
         assert_eq!(StatsResp::OFFSET_COMMANDS_COMPLETED, 0);
         assert_eq!(StatsResp::OFFSET_PAGE_FAULTS, 48);
@@ -192,6 +192,9 @@ mod tests {
         assert_eq!(StatsResp::OFFSET_AUDIT_CHECKS, 184);
         assert_eq!(StatsResp::OFFSET_UNFLUSHED_ENTRIES, 192);
         assert_eq!(StatsResp::OFFSET_NARROW_FLUSH_ENTRIES, 200);
+        assert_eq!(StatsResp::OFFSET_FAULTS_RETRIED, 208);
+        assert_eq!(StatsResp::OFFSET_FAULT_RETRY_NS, 216);
+        assert_eq!(StatsResp::OFFSET_FAULT_DRIVER_NS, 224);
     }
 
     #[test]
@@ -228,7 +231,7 @@ mod tests {
         assert_eq!(Opcode::GetInfo.request_body_size(), 0);
         assert_eq!(Opcode::GetInfo.response_body_size(), 40);
         assert_eq!(Opcode::TlbInvalidate.request_body_size(), 24);
-        assert_eq!(Opcode::GetStats.response_body_size(), 208);
+        assert_eq!(Opcode::GetStats.response_body_size(), 232);
         assert_eq!(Opcode::GetStats.min_response_body_size(), 192);
         assert_eq!(Opcode::GetInfo.min_response_body_size(), 40);
 

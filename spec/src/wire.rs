@@ -618,10 +618,10 @@ wire_struct! {
 pub const STATS_V0_1_SIZE: usize = 192;
 
 wire_struct! {
-    /// GET_STATS response body (26 counters, 208 bytes). Counters are monotonic from
+    /// GET_STATS response body (29 counters, 232 bytes). Counters are monotonic from
     /// backend start; neither RESET nor a virtio reset clears them. Append-only: a newer
     /// minor version adds counters at the end.
-    StatsResp, 208, {
+    StatsResp, 232, {
         /// Control requests answered (any status).
         commands_completed: u64 = OFFSET_COMMANDS_COMPLETED @ 0,
         /// Control requests answered with a status other than OK.
@@ -680,6 +680,17 @@ wire_struct! {
         /// was accepted, and it completed OK): a flush narrower than the PTE change. Since
         /// v0.2.
         narrow_flush_entries: u64 = OFFSET_NARROW_FLUSH_ENTRIES @ 200,
+        /// Accesses retried after a RESUME: an engine took up a context again whose access
+        /// waited on a fault answered RESUME. Since v0.3.
+        faults_retried: u64 = OFFSET_FAULTS_RETRIED @ 208,
+        /// Of `faults_retried`, the total time in ns from the raising of each fault (the
+        /// failed access) to its retry: the end-to-end service time of a fault as the
+        /// device sees it. Since v0.3.
+        fault_retry_ns: u64 = OFFSET_FAULT_RETRY_NS @ 216,
+        /// Of `fault_retry_ns`, the part from the delivery of each fault's PAGE_FAULT event
+        /// to the acceptance of its FAULT_REPLY: the time the fault spent with the driver.
+        /// Since v0.3.
+        fault_driver_ns: u64 = OFFSET_FAULT_DRIVER_NS @ 224,
     }
 }
 
