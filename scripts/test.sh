@@ -36,6 +36,8 @@ INJECT_SUITE=(
 # The injection kinds the default run also runs on the debug kernel (one per family:
 # TLB invalidation, preemption, hang, reset).
 DEBUG_INJECT="tlb_inval_drop preempt_delay engine_hang device_reset"
+# QMP stop/cont rounds of the pause guest (pause_run below).
+PAUSE_ROUNDS=5
 
 usage() {
     cat <<EOF
@@ -64,8 +66,11 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --out DIR       keep the logs of every guest run in DIR (default: a temp folder)
 
 Besides the KTAP suite per vGPU count, every guest run of --gpus also runs the tests that
-need large device latencies (one guest per count, device latencies 20 ms) and one 2-vGPU
-guest booted with swiotlb=force (the address model).
+need large device latencies (one guest per count, device latencies 20 ms), one 2-vGPU
+guest booted with swiotlb=force (the address model), one 2-vGPU guest whose jobs run while
+the host pauses and continues the VM $PAUSE_ROUNDS times through QMP (run-vm.sh --qmp-hook
+scripts/lib/qmp-pause.sh), and one booted with qemu-configs/svmgpu-2-numa.cfg (guest RAM
+in two regions: bulk instructions across the boundary, and the SVM suite).
 
 Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
 entry's spec, running the guest test inject_NAME (tests/guest/src/inject.rs):
@@ -302,12 +307,15 @@ client_run() {
 # device is started with 20 ms TLB invalidations and preemptions, so that a driver that
 # returns from a notifier early is caught every time.
 LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000 --preempt-latency-ns 20000000"
-latency_tests() {
+# runner_section HEADING: the test names the runner lists under the section of its --help
+# that starts with HEADING.
+runner_section() {
     local bin="$SVMGPU_ROOT/target/guest-static/x86_64-unknown-linux-gnu/release/svmgpu-ktap"
     [[ -x $bin ]] || return 0
-    "$bin" --help 2>/dev/null | awk '/^tests needing large device latencies/ {on = 1; next}
+    "$bin" --help 2>/dev/null | awk -v h="$1" 'index($0, h) == 1 {on = 1; next}
         on && /^  [a-z0-9_]+$/ {print $1; next} on {on = 0}'
 }
+latency_tests() { runner_section "tests needing large device latencies"; }
 latency_suite() {
     local kernel=$1 timeout=$2 n list prefix=latency
     [[ $kernel == debug ]] && prefix=debug-latency
@@ -365,6 +373,77 @@ swiotlb_run() {
     fi
 }
 
+# Pause is not reset (issue 14, section 2): jobs of every kind on 2 vGPUs while the host
+# stops and continues the VM through QMP (QEMU's `stop`/`cont`, the device's rings stopped
+# with GET_VRING_BASE) PAUSE_ROUNDS times. The hook waits for the guest test's start marker
+# and fails if a stop comes after its end marker: every pause falls inside the test. The
+# device must have paused (and resumed) once per round and device.
+pause_run() {
+    local kernel=$1 timeout=$2 label=pause rc=0 list
+    [[ $kernel == debug ]] && label=debug-pause
+    local dir="$OUT/$label"
+    list=$(runner_section "tests needing the host to pause the VM" | paste -sd, -)
+    [[ -n $list ]] || { failed=1; results+=("$label: the runner lists no pause test"); return; }
+    local hook
+    hook="$(printf '%q' "$SVMGPU_ROOT/scripts/lib/qmp-pause.sh") --wait-for 'pause-test: jobs running'"
+    hook+=" --until 'pause-test: jobs done' '' $PAUSE_ROUNDS 500 1000 1000"
+    run() {
+        # shellcheck disable=SC2046
+        "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" \
+            --qmp-hook "$hook" $(kargs "$kernel") \
+            -- /bin/svmgpu-ktap --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+    }
+    step "pause and continue: 2 vGPUs, $PAUSE_ROUNDS QMP stop/cont rounds during the jobs, $kernel kernel" run || rc=$?
+    local summary line stops pauses
+    summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+    stops=$(grep -c 'stopped while the test ran' "$dir/qmp-hook.log" 2>/dev/null || true)
+    if [[ ${stops:-0} -ne $PAUSE_ROUNDS ]] || ! grep -q "$PAUSE_ROUNDS rounds done" "$dir/qmp-hook.log"; then
+        rc=1; summary+=$'\n'"$label: ${stops:-0} of $PAUSE_ROUNDS QMP stops fell inside the test (see $dir/qmp-hook.log)"
+    fi
+    pauses=$(grep -c 'paused (rings stopped)' "$dir/device.log" 2>/dev/null || true)
+    if [[ ${pauses:-0} -lt $((2 * PAUSE_ROUNDS)) ]]; then
+        rc=1; summary+=$'\n'"$label: the devices paused ${pauses:-0} times, want at least $((2 * PAUSE_ROUNDS)) (see $dir/device.log)"
+    fi
+    echo "$summary"
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary} (QMP stop/cont: ${stops:-0} stops in the test, ${pauses:-0} device pauses)")
+    count "$line"
+    if [[ $rc -ne 0 ]]; then
+        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+}
+
+# Guest RAM of two regions (issue 14, section 3): qemu-configs/svmgpu-2-numa.cfg (2 vGPUs,
+# two memory backends meeting at guest-physical 512 MiB) and the runner's test for it,
+# which places pages of both regions next to each other (and, when it owns them, the two
+# frames on either side of the boundary) and has every device run bulk instructions over
+# them; the SVM suite in the default mode runs there too.
+regions_run() {
+    local kernel=$1 timeout=$2 label=two-regions rc=0 list
+    [[ $kernel == debug ]] && label=debug-two-regions
+    local dir="$OUT/$label"
+    list=$(runner_section "tests needing guest RAM in two regions" | paste -sd, -)
+    [[ -n $list ]] || { failed=1; results+=("$label: the runner lists no two-region test"); return; }
+    run() {
+        # shellcheck disable=SC2046
+        "$SVMGPU_ROOT/scripts/run-vm.sh" --config "$SVMGPU_ROOT/qemu-configs/svmgpu-2-numa.cfg" \
+            --out "$dir" --timeout "$timeout" $(kargs "$kernel") \
+            -- /bin/svmgpu-ktap --only "$list,svm_mode_shared" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+    }
+    step "guest RAM in two regions (qemu-configs/svmgpu-2-numa.cfg), 2 vGPUs, $kernel kernel" run || rc=$?
+    local summary line
+    summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+    echo "$summary"
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary} (two RAM regions)")
+    count "$line"
+    if [[ $rc -ne 0 ]]; then
+        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+}
+
 # Mutation testing (scripts/mutants.sh): --quick kills three seeded driver bugs.
 mutants_run() {
     local rc=0
@@ -390,6 +469,8 @@ if [[ $GUEST -eq 1 ]]; then
     for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done
     latency_suite "$MAIN_KERNEL" "$T_SUITE"
     swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
+    pause_run "$MAIN_KERNEL" "$T_SUITE"
+    regions_run "$MAIN_KERNEL" "$T_SUITE"
     [[ -n $MUTANTS_ARGS ]] && mutants_run
 fi
 [[ $CLIENT -eq 1 ]] && client_run "$MAIN_KERNEL"

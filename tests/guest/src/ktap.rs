@@ -23,6 +23,16 @@ impl Outcome {
     }
 }
 
+impl From<Result<(), String>> for Outcome {
+    /// `Ok` passes, `Err(why)` fails.
+    fn from(r: Result<(), String>) -> Self {
+        match r {
+            Ok(()) => Outcome::Pass,
+            Err(why) => Outcome::Fail(why),
+        }
+    }
+}
+
 /// Writes one KTAP document (or one nested level of it).
 pub struct Ktap<W: Write> {
     out: W,

@@ -9,6 +9,8 @@ mod gpu;
 mod holes;
 mod inject;
 mod ktap;
+mod pause;
+mod regions;
 mod soak;
 mod svm;
 mod tests;
@@ -60,6 +62,14 @@ fn main() {
                 for t in tests::LATENCY {
                     println!("  {}", t.0);
                 }
+                println!("tests needing the host to pause the VM (only with --only; scripts/test.sh runs them with run-vm.sh --qmp-hook 'scripts/lib/qmp-pause.sh --wait-for ... --until ...'):");
+                for t in tests::PAUSE {
+                    println!("  {}", t.0);
+                }
+                println!("tests needing guest RAM in two regions (only with --only; scripts/test.sh runs them with run-vm.sh --config qemu-configs/svmgpu-2-numa.cfg):");
+                for t in tests::CONFIG {
+                    println!("  {}", t.0);
+                }
                 return;
             }
             _ => {
@@ -81,6 +91,8 @@ fn main() {
                     .iter()
                     .chain(tests::INJECT.iter())
                     .chain(tests::LATENCY.iter())
+                    .chain(tests::PAUSE.iter())
+                    .chain(tests::CONFIG.iter())
                     .find(|t| t.0 == o)
                 {
                     Some(t) => sel.push(t),

@@ -60,6 +60,20 @@ pub const LATENCY: &[(&str, Test)] = &[
     ),
 ];
 
+/// Tests that need the host to pause and continue the VM while they run (QMP `stop`/`cont`
+/// through `run-vm.sh --qmp-hook`, see `pause.rs`): scripts/test.sh runs them in a guest of
+/// their own; run only with `--only NAME`.
+pub const PAUSE: &[(&str, Test)] =
+    &[("jobs_survive_vm_pause", crate::pause::jobs_survive_vm_pause)];
+
+/// Tests for a hand-written QEMU configuration: `bulk_instructions_across_ram_regions` needs
+/// guest RAM in two regions meeting at 512 MiB (`run-vm.sh --config
+/// qemu-configs/svmgpu-2-numa.cfg`, see `regions.rs`); run only with `--only NAME`.
+pub const CONFIG: &[(&str, Test)] = &[(
+    "bulk_instructions_across_ram_regions",
+    crate::regions::bulk_instructions_across_ram_regions,
+)];
+
 pub const ALL: &[(&str, Test)] = &[
     ("driver_binds_all_devices", driver_binds_all_devices),
     ("config_matches_backend", config_matches_backend),
