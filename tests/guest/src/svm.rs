@@ -50,6 +50,10 @@ const CASES: &[(&str, Case)] = &[
     ("readonly_mapping_gpu_write_is_eacces", readonly_mapping),
     ("multiple_gpu_reads_after_cpu_updates", multiple_reads),
     ("migration_churn_threads_dontneed", churn_dontneed),
+    (
+        "unpaced_mprotect_churn_checksum_every_gpu",
+        unpaced_mprotect_churn,
+    ),
     ("mixed_bind_and_svm_in_one_vm", mixed_bind_svm),
     ("prefetch_populates_ahead_of_use", prefetch),
     ("teardown_with_live_ranges", teardown),
@@ -887,8 +891,9 @@ fn cpu_gpu_race(devs: &[Device]) -> CResult {
                     }
                     _ => {}
                 }
+                // No pacing: the GPU must make progress against a CPU that never rests
+                // (restartable bulk instructions, spec 6.13.3).
                 i += 1;
-                std::thread::sleep(std::time::Duration::from_millis(2));
             }
             Ok(())
         });
@@ -1090,11 +1095,9 @@ fn churn_dontneed(devs: &[Device]) -> CResult {
                 let stop = &stop;
                 sc.spawn(move || -> TResult {
                     let part = len / 2;
+                    // No pacing: the pages go away again as fast as the CPU can drop them.
                     while !stop.load(Ordering::Relaxed) {
                         dontneed(base + t * part as u64, part)?;
-                        // Churn at a rate the GPU can make progress against
-                        // (each fault is a few virtio round trips under TCG).
-                        std::thread::sleep(std::time::Duration::from_millis(3 + t * 2));
                     }
                     Ok(())
                 })
@@ -1132,6 +1135,99 @@ fn churn_dontneed(devs: &[Device]) -> CResult {
     s.gpu_fill(base, len, 0xcc)?;
     ensure(all_words(m.bytes(), 0xcc), || "after churn".into())?;
     check_sums("churn", &s.gpu_sums(base, len)?, m.bytes())?;
+    Ok(None)
+}
+
+/// Forward progress under CPU churn (issue 12): a CPU thread toggles `mprotect` on a 1 MiB
+/// buffer with no pause at all while every GPU at once runs jobs that checksum 256 KiB of
+/// it, and then all of it, in one instruction each (each toggle invalidates the range on
+/// every device that mirrors it). Every job must finish with the right checksum: a bulk
+/// instruction continues from the page that faulted (spec 6.13.3) instead of needing all
+/// its pages (64, then 256: 4 and 16 SVM ranges) mapped at once, which the churn never
+/// allows for long. The churn must really have happened while the jobs ran (toggles and GPU
+/// faults counted), or the case proves nothing.
+fn unpaced_mprotect_churn(devs: &[Device]) -> CResult {
+    const LEN: usize = MIB;
+    /// Bytes checksummed by each job, in order.
+    const JOBS: [usize; 4] = [256 * 1024, 256 * 1024, 256 * 1024, MIB];
+    let mut m = Mem::map(
+        LEN,
+        LEN,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+    )?;
+    fill_cpu(m.bytes_mut(), 0xc4u64);
+    let bytes = m.bytes();
+    let base = m.addr();
+    let faults0: u64 = devs
+        .iter()
+        .map(|d| faults(d).map(|f| f.0))
+        .sum::<Result<u64, String>>()?;
+    let stop = AtomicBool::new(false);
+    let toggles = std::sync::atomic::AtomicU64::new(0);
+    let r: TResult = std::thread::scope(|sc| {
+        let churn = sc.spawn(|| -> TResult {
+            let p = base as *mut libc::c_void;
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: Our mapping; only its protection changes (the data stays).
+                sys("mprotect", unsafe {
+                    libc::mprotect(p, LEN, libc::PROT_READ)
+                })?;
+                // SAFETY: As above.
+                sys("mprotect", unsafe {
+                    libc::mprotect(p, LEN, libc::PROT_READ | libc::PROT_WRITE)
+                })?;
+                toggles.fetch_add(2, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        let gpus: Vec<_> = devs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                sc.spawn(move || -> TResult {
+                    let mut s = Svm::new(d)?;
+                    let res = s.batch.addr() + 32 * 1024;
+                    for (job, &len) in JOBS.iter().enumerate() {
+                        s.run_ok(&[Insn::Checksum {
+                            src: base,
+                            len: len as u64,
+                            dst: res,
+                        }])
+                        .map_err(|e| format!("gpu {i} job {job} ({len} bytes): {e}"))?;
+                        let got = s.batch.read_u64(32 * 1024);
+                        let want = fnv1a64(&bytes[..len]);
+                        ensure(got == want, || {
+                            format!("gpu {i} job {job}: checksum {got:#x}, want {want:#x}")
+                        })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut res = Ok(());
+        for g in gpus {
+            res = res.and(g.join().unwrap_or(Err("GPU thread panicked".into())));
+        }
+        stop.store(true, Ordering::Relaxed);
+        res.and(churn.join().unwrap_or(Err("CPU thread panicked".into())))
+    });
+    r?;
+    let faults1: u64 = devs
+        .iter()
+        .map(|d| faults(d).map(|f| f.0))
+        .sum::<Result<u64, String>>()?;
+    let toggles = toggles.load(Ordering::Relaxed);
+    // Each job faults at least once (its first access to memory the churn keeps
+    // invalidating), and the CPU toggled many times while they ran.
+    let jobs = (JOBS.len() * devs.len()) as u64;
+    ensure(faults1 - faults0 >= jobs && toggles >= 2 * jobs, || {
+        format!(
+            "no churn to speak of: {toggles} toggles, {} GPU faults for {jobs} jobs",
+            faults1 - faults0
+        )
+    })?;
     Ok(None)
 }
 
