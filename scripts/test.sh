@@ -43,7 +43,7 @@ usage() {
     cat <<EOF
 Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
                        [--no-inject] [--inject "NAME..."] [--debug-kernel | --debug-subset | --no-debug]
-                       [--no-client] [--mutants quick|all|none] [--out DIR]
+                       [--no-client] [--mutants quick|all|none] [--runs "suite ..."] [--out DIR]
 
   --host-only     only the checker self-test and cargo test
   --guest-only    only the guest runs (KTAP suites, C client, fault injection, debug kernel)
@@ -63,6 +63,10 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --mutants M     mutation testing after the guest suites (scripts/mutants.sh): quick (the
                   default: three seeded driver bugs), all (every patch of tests/mutants/,
                   ~40 min) or none
+  --runs LIST     only these guest runs of --guest-only/the default (default "$ALL_RUNS"):
+                  suite (the KTAP suite per --gpus count), latency, swiotlb, pause, regions
+                  (described below); e.g. --guest-only --runs "pause regions" --no-client
+                  --no-inject --no-debug --mutants none
   --out DIR       keep the logs of every guest run in DIR (default: a temp folder)
 
 Besides the KTAP suite per vGPU count, every guest run of --gpus also runs the tests that
@@ -78,7 +82,9 @@ $(printf '  %s\n' "${INJECT_SUITE[@]}" | sed 's/|/  /')
 EOF
 }
 
+ALL_RUNS="suite latency swiotlb pause regions"
 HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=subset GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY="" MUTANTS=quick
+RUNS=$ALL_RUNS
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -94,6 +100,7 @@ while [[ $# -gt 0 ]]; do
         --no-client) CLIENT=0; shift ;;
         --mutants) need "$@"; MUTANTS=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
+        --runs) need "$@"; RUNS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -104,6 +111,11 @@ for k in $INJECT_ONLY; do
     [[ $known == *" $k "* ]] || die "--inject: no fault-injection entry '$k' (scripts/test.sh --help lists them)"
 done
 [[ -z $INJECT_ONLY || -n ${INJECT_ONLY// /} ]] || die "--inject: empty list"
+for r in $RUNS; do
+    [[ " $ALL_RUNS " == *" $r "* ]] || die "--runs: no guest run '$r' (one of: $ALL_RUNS)"
+done
+[[ -n ${RUNS// /} ]] || die "--runs: empty list"
+wanted() { [[ " $RUNS " == *" $1 "* ]]; }
 for n in $GPU_COUNTS; do
     [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "--gpus: '$n' is not a vGPU count from 1 to 64"
 done
@@ -466,11 +478,11 @@ INJECT_KINDS=${INJECT_ONLY:-$(all_kinds)}
 if [[ $MAIN_KERNEL == debug ]]; then T_SUITE=1500 T_INJECT=600; else T_SUITE=600 T_INJECT=300; fi
 
 if [[ $GUEST -eq 1 ]]; then
-    for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done
-    latency_suite "$MAIN_KERNEL" "$T_SUITE"
-    swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
-    pause_run "$MAIN_KERNEL" "$T_SUITE"
-    regions_run "$MAIN_KERNEL" "$T_SUITE"
+    if wanted suite; then for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done; fi
+    wanted latency && latency_suite "$MAIN_KERNEL" "$T_SUITE"
+    wanted swiotlb && swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
+    wanted pause && pause_run "$MAIN_KERNEL" "$T_SUITE"
+    wanted regions && regions_run "$MAIN_KERNEL" "$T_SUITE"
     [[ -n $MUTANTS_ARGS ]] && mutants_run
 fi
 [[ $CLIENT -eq 1 ]] && client_run "$MAIN_KERNEL"
