@@ -10,10 +10,10 @@
 //! svmgpu bench-svm-invalidate [--iters N] [--size BYTES]
 //!                                   time CPU invalidations (mprotect) of one SVM range
 //!                                   mirrored on every device (fault-mode VMs, no bind)
-//! svmgpu bench-fault [--iters N] [--contexts C]
-//!                                   GPU fault service time (event to reply) against a
-//!                                   bare command round trip, and fault throughput with
-//!                                   C contexts
+//! svmgpu bench-fault [--iters N] [--contexts C[,C...]]
+//!                                   GPU fault service time (device-timed end to end, and
+//!                                   the driver's split) against a bare command round
+//!                                   trip, and fault throughput with C contexts
 //! ```
 //!
 //! Parsed with clap: `svmgpu COMMAND --help` shows a command's options; a bad value (e.g.
@@ -74,15 +74,16 @@ enum Cmd {
         #[arg(long, default_value_t = 64 * 1024, value_parser = parse_buffer_size)]
         size: usize,
     },
-    /// GPU fault service time (event to reply) against a bare command round trip, and fault
-    /// throughput with C contexts.
+    /// GPU fault service time (device-timed end to end, and the driver's split) against a
+    /// bare command round trip, and fault throughput with C contexts (one line per C).
     BenchFault {
-        /// Faults to time.
-        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Faults to time (0: only the throughput part).
+        #[arg(long, default_value_t = 200)]
         iters: u32,
-        /// Contexts (threads) for the throughput part.
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
-        contexts: u32,
+        /// Contexts (threads) for the throughput part: a comma-separated list, each 1..=64.
+        #[arg(long, default_value = "8", value_delimiter = ',',
+              value_parser = clap::value_parser!(u32).range(1..=64))]
+        contexts: Vec<u32>,
     },
 }
 
@@ -211,16 +212,26 @@ fn main() -> ExitCode {
             }
         }
         Cmd::BenchFault { iters, contexts } => {
-            match bench_fault(&devs, iters as usize, contexts as usize) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("svmgpu: bench-fault: {e}");
-                    ExitCode::FAILURE
+            let mut rc = ExitCode::SUCCESS;
+            if iters > 0 {
+                match bench_fault(&devs, iters as usize) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        eprintln!("svmgpu: bench-fault: {e}");
+                        rc = ExitCode::FAILURE;
+                    }
                 }
             }
+            for c in contexts {
+                match bench_fault_throughput(&devs, c as usize) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => {
+                        eprintln!("svmgpu: bench-fault: throughput with {c} contexts: {e}");
+                        rc = ExitCode::FAILURE;
+                    }
+                }
+            }
+            rc
         }
     }
 }
@@ -484,6 +495,12 @@ pub fn bench_svm_invalidate(devs: &[Device], iters: usize, size: usize) -> std::
     let before: Vec<(u64, u64)> = devs.iter().map(driver).collect();
     let mut times = Vec::with_capacity(iters);
     let mut baseline = Vec::with_capacity(iters);
+    // The devices' own count of completed TLB invalidations, around the timed calls only:
+    // every timed mprotect must have invalidated every device once (a mode that skipped a
+    // device must not look fast), and the baseline none.
+    let mut rtt = Vec::with_capacity(iters);
+    let mut dev_invals = 0u64;
+    let mut baseline_invals = 0u64;
     for it in 0..iters {
         for (i, c) in ctxs.iter_mut().enumerate() {
             let mut b = Batch::new();
@@ -495,15 +512,23 @@ pub fn bench_svm_invalidate(devs: &[Device], iters: usize, size: usize) -> std::
             .end();
             c.run(&b)?;
         }
+        let c0 = device_tlb_invalidations(devs)?;
         let t0 = now_ns();
         data.protect(libc::PROT_READ)?;
         times.push(now_ns() - t0);
+        let c1 = device_tlb_invalidations(devs)?;
         data.protect(libc::PROT_READ | libc::PROT_WRITE)?;
         // Nothing mirrored on the GPUs now: the same call without device work.
+        let c2 = device_tlb_invalidations(devs)?;
         let t2 = now_ns();
         data.protect(libc::PROT_READ)?;
         baseline.push(now_ns() - t2);
+        let c3 = device_tlb_invalidations(devs)?;
         data.protect(libc::PROT_READ | libc::PROT_WRITE)?;
+        dev_invals += c1 - c0;
+        baseline_invals += c3 - c2;
+        // The bare command round trip (GET_INFO) of the same run, for scale.
+        rtt.push(devs[0].query(false)?.round_trip_ns);
     }
     let after: Vec<(u64, u64)> = devs.iter().map(driver).collect();
     let mode = devs[0].query(false)?.svm_mode;
@@ -514,7 +539,10 @@ pub fn bench_svm_invalidate(devs: &[Device], iters: usize, size: usize) -> std::
     let min = times.iter().copied().min().unwrap_or(0);
     Ok(format!(
         "bench=svm_invalidate svm_mode={} devices={} iters={} size={} median_ns={} mean_ns={} \
-         min_ns={} baseline_median_ns={} device_invalidations={} driver_mean_ns_per_device_invalidation={}",
+         min_ns={} baseline_median_ns={} device_invalidations={} \
+         driver_mean_ns_per_device_invalidation={} device_tlb_invalidations={} \
+         expected_tlb_invalidations={} baseline_tlb_invalidations={} \
+         bare_round_trip_median_ns={}",
         svm_mode_name(mode),
         devs.len(),
         iters,
@@ -524,24 +552,47 @@ pub fn bench_svm_invalidate(devs: &[Device], iters: usize, size: usize) -> std::
         min,
         median(&mut baseline),
         invals,
-        inval_ns / invals.max(1)
+        inval_ns / invals.max(1),
+        dev_invals,
+        (iters * devs.len()) as u64,
+        baseline_invals,
+        median(&mut rtt)
     ))
 }
 
-/// GPU fault service time and fault throughput, on fault-mode VMs.
+/// GET_STATS index of `tlb_invalidations` (spec 6.18, offset 88).
+const STAT_TLB_INVALIDATIONS: usize = 11;
+/// GET_STATS indices of the fault-service counters (spec 6.18, since v0.3).
+const STAT_FAULTS_RETRIED: usize = 26;
+const STAT_FAULT_RETRY_NS: usize = 27;
+const STAT_FAULT_DRIVER_NS: usize = 28;
+
+/// The sum over `devs` of the devices' `tlb_invalidations` counters.
+fn device_tlb_invalidations(devs: &[Device]) -> std::io::Result<u64> {
+    let mut n = 0;
+    for d in devs {
+        n += d.query(true)?.stats[STAT_TLB_INVALIDATIONS];
+    }
+    Ok(n)
+}
+
+/// GPU fault service time, on a fault-mode VM of the first device.
 ///
-/// Service: `iters` times, a fresh 4 KiB mapping (one 4 KiB SVM range, populated on the
-/// CPU) is stored to by a job; the driver's DEVICE_QUERY counters give the time from the
-/// PAGE_FAULT event to the completion of its FAULT_REPLY; DEVICE_QUERY's GET_INFO round
-/// trip, measured in the same loop, is the bare command round trip. Throughput: `contexts`
-/// threads, each with its own VM and queue (on the devices in turn), run jobs that store
-/// once into each 64 KiB chunk of fresh 1 MiB mappings (one fault per chunk).
-pub fn bench_fault(devs: &[Device], iters: usize, contexts: usize) -> std::io::Result<String> {
+/// `iters` times, a fresh 4 KiB mapping (one 4 KiB SVM range, populated on the CPU) is
+/// stored to by a job. The device's own counters (GET_STATS, spec 6.18) give the end-to-end
+/// service time, from the failed access to its retry, and of that the part from the
+/// PAGE_FAULT event's delivery to the FAULT_REPLY's acceptance; the driver's DEVICE_QUERY
+/// counters give its split: event to reply sent (`fault_service_ns`) and reply to the
+/// device's answer (`fault_ack_ns`); DEVICE_QUERY's GET_INFO round trip, measured in the
+/// same loop, is the bare command round trip; and the user-visible cost is the job with a
+/// fault minus the same job without.
+pub fn bench_fault(devs: &[Device], iters: usize) -> std::io::Result<String> {
     if devs.is_empty() {
         return Err(std::io::Error::other("no device"));
     }
     let d = &devs[0];
     let mut c = SvmCtx::new(d)?;
+    let s0 = d.query(true)?;
     let mut service = Vec::with_capacity(iters);
     let mut rtt = Vec::with_capacity(iters);
     let mut job_fault = Vec::with_capacity(iters);
@@ -578,12 +629,56 @@ pub fn bench_fault(devs: &[Device], iters: usize, contexts: usize) -> std::io::R
         rtt.push(q1.round_trip_ns);
     }
     drop(c);
-    // Throughput.
+    let s1 = d.query(true)?;
+    let retried = s1.stats[STAT_FAULTS_RETRIED] - s0.stats[STAT_FAULTS_RETRIED];
+    let per = |i: usize| {
+        (s1.stats[i] - s0.stats[i])
+            .checked_div(retried)
+            .unwrap_or(0)
+    };
+    let e2e = per(STAT_FAULT_RETRY_NS);
+    let dev_driver = per(STAT_FAULT_DRIVER_NS);
+    let nf = s1.gpu_faults - s0.gpu_faults;
+    let ack = (s1.fault_ack_ns - s0.fault_ack_ns)
+        .checked_div(nf)
+        .unwrap_or(0);
+    let svc = median(&mut service);
+    let rt = median(&mut rtt);
+    let jf = median(&mut job_fault);
+    let jn = median(&mut job_nofault);
+    Ok(format!(
+        "bench=fault svm_mode={} devices={} iters={} device_faults_retried={} \
+         device_end_to_end_mean_ns={} device_driver_part_mean_ns={} \
+         end_to_end_over_round_trip={:.2} fault_service_median_ns={} fault_ack_mean_ns={} \
+         bare_round_trip_median_ns={} service_over_round_trip={:.2} \
+         job_with_fault_median_ns={} job_without_fault_median_ns={} user_visible_fault_ns={}",
+        svm_mode_name(d.query(false)?.svm_mode),
+        devs.len(),
+        iters,
+        retried,
+        e2e,
+        dev_driver,
+        e2e as f64 / rt.max(1) as f64,
+        svc,
+        ack,
+        rt,
+        svc as f64 / rt.max(1) as f64,
+        jf,
+        jn,
+        jf.saturating_sub(jn)
+    ))
+}
+
+/// Fault throughput: `contexts` threads, each with its own fault-mode VM and queue (on the
+/// devices in turn), run 4 jobs that each store once into every 64 KiB chunk of a fresh
+/// 1 MiB mapping (16 faults per job). Prints the aggregate rate and each device's.
+pub fn bench_fault_throughput(devs: &[Device], contexts: usize) -> std::io::Result<String> {
+    if devs.is_empty() {
+        return Err(std::io::Error::other("no device"));
+    }
     let rounds = 4usize;
-    let f0: u64 = devs
-        .iter()
-        .map(|d| d.query(false).map(|q| q.svm_faults).unwrap_or(0))
-        .sum();
+    let faults = |d: &Device| d.query(false).map(|q| q.svm_faults).unwrap_or(0);
+    let f0: Vec<u64> = devs.iter().map(faults).collect();
     let t0 = now_ns();
     let errors: Vec<String> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..contexts)
@@ -617,29 +712,21 @@ pub fn bench_fault(devs: &[Device], iters: usize, contexts: usize) -> std::io::R
     if let Some(e) = errors.first() {
         return Err(std::io::Error::other(e.clone()));
     }
-    let f1: u64 = devs
-        .iter()
-        .map(|d| d.query(false).map(|q| q.svm_faults).unwrap_or(0))
-        .sum();
-    let svc = median(&mut service);
-    let rt = median(&mut rtt);
+    let f1: Vec<u64> = devs.iter().map(faults).collect();
+    let per_dev: Vec<u64> = f1.iter().zip(&f0).map(|(a, b)| a - b).collect();
+    let total: u64 = per_dev.iter().sum();
+    let rate = |n: u64| n as f64 * 1e9 / dt.max(1) as f64;
+    let per_dev_rates: Vec<String> = per_dev.iter().map(|&n| format!("{:.0}", rate(n))).collect();
     Ok(format!(
-        "bench=fault svm_mode={} devices={} iters={} fault_service_median_ns={} \
-         bare_round_trip_median_ns={} service_over_round_trip={:.2} job_with_fault_median_ns={} \
-         job_without_fault_median_ns={} contexts={} throughput_faults={} throughput_ns={} \
-         faults_per_s={:.0}",
-        svm_mode_name(d.query(false)?.svm_mode),
+        "bench=fault_throughput svm_mode={} devices={} contexts={} throughput_faults={} \
+         throughput_ns={} faults_per_s={:.0} faults_per_s_per_device={}",
+        svm_mode_name(devs[0].query(false)?.svm_mode),
         devs.len(),
-        iters,
-        svc,
-        rt,
-        svc as f64 / rt.max(1) as f64,
-        median(&mut job_fault),
-        median(&mut job_nofault),
         contexts,
-        f1 - f0,
+        total,
         dt,
-        (f1 - f0) as f64 * 1e9 / dt.max(1) as f64
+        rate(total),
+        per_dev_rates.join("/")
     ))
 }
 
@@ -661,6 +748,7 @@ mod tests {
             &["bench-invalidate", "--iters", "0"],
             &["bench-invalidate", "--size", "100"],
             &["bench-fault", "--contexts", "65"],
+            &["bench-fault", "--contexts", "8,0"],
             &["query", "--stat"],
             &["frobnicate"],
             &[],
