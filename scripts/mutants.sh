@@ -28,9 +28,10 @@ lines name (scripts/run-vm.sh --module), stopping at the first run that fails.
 
 A patch starts with a header ahead of its diff:
   Mutant: TITLE            one line, then a free description
-  Kills: gpus=N [device-args=A,B] [kernel-args=A,B] only=TEST
+  Kills: gpus=N [device-args=A,B] [kernel-args=A,B] [inject=SPEC] only=TEST
                            one guest run: N vGPUs, svmgpu-device arguments and guest
-                           kernel arguments (commas become spaces), the guest test to run
+                           kernel arguments (commas become spaces), a fault injection
+                           (run-vm.sh --inject SPEC, commas kept), the guest test to run
 Exit status: 0 if every mutant was killed, 1 if one survived, 2 on a usage or build error.
 EOF
 }
@@ -104,12 +105,13 @@ reset_scratch() {
 # One "Kills:" line: run the guest it describes with module $1; prints what failed
 # ("" if everything passed).
 run_kill() {
-    local ko=$1 spec=$2 dir=$3 gpus=2 dargs="" kargs="" only="" w
+    local ko=$1 spec=$2 dir=$3 gpus=2 dargs="" kargs="" inject="" only="" w
     for w in $spec; do
         case $w in
             gpus=*) gpus=${w#gpus=} ;;
             device-args=*) dargs=${w#device-args=}; dargs=${dargs//,/ } ;;
             kernel-args=*) kargs=${w#kernel-args=}; kargs=${kargs//,/ } ;;
+            inject=*) inject=${w#inject=} ;;
             only=*) only=${w#only=} ;;
             *) echo "bad Kills word: $w"; return 0 ;;
         esac
@@ -118,6 +120,7 @@ run_kill() {
     local args=(--gpus "$gpus" --out "$dir" --timeout 600 --module "$ko")
     [[ -n $dargs ]] && args+=(--device-args "$dargs")
     [[ -n $kargs ]] && args+=(--kernel-args "$kargs")
+    [[ -n $inject ]] && args+=(--inject "$inject")
     local rc=0
     "$SVMGPU_ROOT/scripts/run-vm.sh" "${args[@]}" -- /bin/svmgpu-ktap --only "$only" --out /dev/ttyS1 \
         >"$dir.out" 2>&1 || rc=$?

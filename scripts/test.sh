@@ -317,8 +317,12 @@ client_run() {
 # --help, section "tests needing large device latencies": the end-to-end coherence
 # observations and the unbind window): all of them in one guest per vGPU count, whose
 # device is started with 20 ms TLB invalidations and preemptions, so that a driver that
-# returns from a notifier early is caught every time.
-LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000 --preempt-latency-ns 20000000"
+# returns from a notifier early is caught every time, and with --tlb-no-evict, so that a
+# translation the driver forgot to invalidate stays in the TLB until the GPU uses it again
+# instead of depending on LRU luck, in a TLB of 256 entries that holds every page a test
+# touches (coherence_many_bindings writes 80; mutant 10 survived a loaded machine with the
+# default 64 entries, which evict or bypass the pages whose invalidation it forgets).
+LATENCY_DEVICE_ARGS="--tlb-inval-latency-ns 20000000 --preempt-latency-ns 20000000 --tlb-no-evict --tlb-entries 256"
 # runner_section HEADING: the test names the runner lists under the section of its --help
 # that starts with HEADING.
 runner_section() {

@@ -20,7 +20,7 @@ M = []
 def mut(name, title, why, kills, edits):
     M.append((name, title, why, kills, edits))
 
-LAT='gpus=2 device-args=--tlb-inval-latency-ns=20000000,--preempt-latency-ns=20000000'
+LAT='gpus=2 device-args=--tlb-inval-latency-ns=20000000,--preempt-latency-ns=20000000,--tlb-no-evict,--tlb-entries=256'
 mut('userptr-second-pass-no-wait','The userptr notifier does not wait for the device',
  'complete() drops the TLB_INVALIDATE / CTX_PREEMPT tickets instead of waiting: the notifier returns while the device still translates through the cleared PTEs.',
  [LAT+' only=coherence_after_syscall'],
@@ -121,8 +121,8 @@ mut('svm-unmap-left-to-gc','The garbage collector drops unmapped ranges without 
                 continue;
             }''')])
 mut('finish-pool-fallback-no-wait','The single-pass fallback does not wait',
- 'When the finish pool is empty, the userptr notifier returns Done without completing the invalidation it started.',
- [LAT+' only=coherence_many_bindings'],
+ 'When the finish pool is empty, the userptr notifier returns Done without completing the invalidation it started. The run delays the TLB invalidations of the 16 bindings that find the pool empty (GPU VAs 0x1040000-0x1050000 of coherence_many_bindings) by 300 ms: otherwise they finish with the 64 the second passes wait for, and the mutant is not observable.',
+ [LAT+' inject=tlb-inval-delay:delay_us=300000,va=0x1040000-0x1050000 only=coherence_many_bindings'],
  [('userptr.rs','''                    // No finish item free: fall back to single pass.
                     Err(p) => {
                         gpu.stats.invalidations_single_pass.add(1, Relaxed);
@@ -149,7 +149,7 @@ mut('hole1-narrow-flush','Hole 1: the flush after a bind covers the binding only
 mut('hole2-close-before-reset','Hole 2: removal closes the control queue before the reset',
  'unbind() fails every waiter first and resets the device afterwards (the driver at f5648d7): a notifier in that window returns while the device still runs jobs.',
  [LAT+' only=unbind_stops_device_before_notifiers_return'],
- [('gpu/probe.rs','''        dev.reset();
+ [('gpu/probe.rs','''        let reset = dev.reset();
         // 2. Refuse new work; retire the device's buffers; fail every fence and waiter.
         gpu.shutdown();
         //    (The test hook `race_delay_us` widens the window after this step: whatever
@@ -162,7 +162,7 @@ mut('hole2-close-before-reset','Hole 2: removal closes the control queue before 
         gpu.race_delay();
         drop(this.drm.lock().take());
         gpu.wait_users();
-        dev.reset();''')])
+        let reset = dev.reset();''')])
 mut('hole3-exhaustion-resets','Hole 3: running out of asynchronous entries resets the device',
  'The userptr notifier starts a preemption per binding (no joining) and treats a full command table (EBUSY) as a failure, which resets the device (the driver at f5648d7).',
  ['gpus=1 only=invalidation_flood_is_back_pressure'],

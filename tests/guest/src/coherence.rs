@@ -657,11 +657,16 @@ pub fn many_vms(env: &Env, name: &str, k: &mut K) {
 }
 
 /// `coherence_many_bindings`: 80 userptr bindings of one page each (one notifier each)
-/// over one buffer, a job incrementing a counter in every page, and one `mprotect` of the
-/// whole buffer: more two-pass invalidations at once than the finish pool holds (64), so
-/// some fall back to a single pass, which must wait for the device as well.
+/// over one buffer, one queue per page whose job keeps incrementing a counter in it, and
+/// one `mprotect` of the whole buffer: more two-pass invalidations at once than the finish
+/// pool holds (64), so some fall back to a single pass, which must wait for the device as
+/// well. A job stops at its first access that faults (its page invalidated), so each page
+/// has a job of its own: whichever bindings find the pool empty, their jobs show an early
+/// return.
 pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
     const PAGES: usize = 80;
+    /// Bytes of the batch buffer per job.
+    const SLOT: usize = 256;
     let r = (|| {
         reload(&["notifier_mode=twopass"])?;
         let devs = ctx("enumerate", Device::enumerate())?;
@@ -669,6 +674,7 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
         let obs = observe_ms(&devs);
         let mut s = Setup::new(d, false, false)?;
         let buf = anon(PAGES * 4096)?;
+        let mut queues = Vec::new();
         let r = (|| {
             for p in 0..PAGES as u64 {
                 ctx(
@@ -676,22 +682,31 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
                     d.bind_userptr(s.vm, DATA_VA + p * 4096, 4096, buf + p * 4096, false),
                 )?;
             }
-            let mut b = Batch::new();
+            let mut fences = Vec::new();
             for p in 0..PAGES as u64 {
+                let q = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(s.vm, false))?;
+                queues.push(q);
+                let mut b = Batch::new();
                 b.push(Insn::AtomicAdd {
                     size64: false,
                     va: DATA_VA + p * 4096,
                     value: 1,
                 });
+                b.push(Insn::Delay { ns: DELAY_NS });
+                let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
+                b.push(Insn::Loop {
+                    count: 20_000,
+                    offset: -body,
+                })
+                .end();
+                ensure(b.len_bytes() <= SLOT, || {
+                    "a job's batch outgrew its slot".into()
+                })?;
+                let off = p as usize * SLOT;
+                b.write_to(&mut s.batch_buf.as_mut_slice()[off..off + SLOT]);
+                let len = b.len_bytes() as u32;
+                fences.push(ctx("EXEC", d.exec_retry(q, BATCH_VA + off as u64, len))?);
             }
-            b.push(Insn::Delay { ns: DELAY_NS });
-            let body = i64::try_from(b.len_bytes()).expect("batch length fits i64");
-            b.push(Insn::Loop {
-                count: 20_000,
-                offset: -body,
-            })
-            .end();
-            let f = ctx("EXEC", s.submit(&b))?;
             let read = || -> Vec<u32> {
                 (0..PAGES as u64)
                     .map(|p| {
@@ -704,7 +719,7 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
             let first = read();
             while !read().iter().zip(&first).all(|(n, f)| *n >= f + 2) {
                 ensure(now_ns() - t0 < 20_000_000_000, || {
-                    "the job does not run".into()
+                    "the jobs do not run".into()
                 })?;
                 sleep_ms(1);
             }
@@ -719,14 +734,18 @@ pub fn many_bindings(_env: &Env, name: &str, k: &mut K) {
                     format!("page {p}: the GPU wrote it after mprotect returned ({x} -> {y} within {obs} ms)")
                 })?;
             }
-            match d.wait(s.q, f, 0) {
-                Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
-                Ok(o) if o.error == -libc::EFAULT => Ok(()),
-                other => Err(format!("job state after the observation: {other:?}")),
+            for (q, f) in queues.iter().zip(fences) {
+                match d.wait(*q, f, 0) {
+                    Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                    Ok(o) if o.error == -libc::EFAULT => {}
+                    other => return Err(format!("job state after the observation: {other:?}")),
+                }
             }
+            Ok(())
         })();
-        let _ = d.exec_queue_destroy(s.q);
-        s.q = ctx("EXEC_QUEUE_CREATE", d.exec_queue_create(s.vm, false))?;
+        for q in queues {
+            let _ = d.exec_queue_destroy(q);
+        }
         drop(s);
         munmap(buf, PAGES * 4096);
         r?;
