@@ -16,7 +16,10 @@ module reloaded with svm_mode=MODE) runs --reps times
   svmgpu bench-svm-invalidate   CPU invalidation (mprotect) of one 64 KiB SVM range that
                                 every vGPU mirrors (fault-mode VMs, no bind): median over
                                 --iters, with the no-mirror baseline (the same call with
-                                nothing mirrored) and the devices' own invalidation count
+                                nothing mirrored) and the devices' own invalidation count;
+                                in a guest of N > 1, each repetition is paired with the
+                                same run mirrored on one device only (--devices 1), so the
+                                per-extra-GPU cost compares runs made at the same time
 then, in the guests of the first latency, in svm_mode=shared,
   svmgpu bench-fault            GPU fault service: end to end on the device's clock
                                 (GET_STATS fault_retry_ns), the driver's split, the bare
@@ -88,6 +91,7 @@ for lat in $LATS; do
         script="for m in single per_device shared; do
   rmmod svmgpu && insmod /lib/modules/svmgpu.ko svm_mode=\$m || exit 1
   r=0; while [ \$r -lt $REPS ]; do
+    [ $n -gt 1 ] && { /bin/svmgpu bench-svm-invalidate --iters $ITERS --size 65536 --devices 1 >/dev/ttyS1 || exit 1; }
     /bin/svmgpu bench-svm-invalidate --iters $ITERS --size 65536 >/dev/ttyS1 || exit 1
     r=\$((r + 1))
   done
@@ -105,7 +109,7 @@ done"
         }
         step "guest with $n vGPU(s), TLB latency $lat µs" run_guest \
             || { tail -n 30 "$dir.out" >&2; die "the guest run with $n vGPU(s) at $lat µs failed"; }
-        grep -a '^bench=' "$dir/channel.log" | tr -d '\r' | sed "s/^/lat_us=$lat reps=$REPS /" >>"$RESULTS"
+        grep -a '^bench=' "$dir/channel.log" | tr -d '\r' | sed "s/^/lat_us=$lat reps=$REPS guest_gpus=$n /" >>"$RESULTS"
     done
 done
 

@@ -85,58 +85,77 @@ def main():
     results, docs, command = sys.argv[1], sys.argv[2], sys.argv[3]
     rows = parse(results)
     ok = True
-    inv = defaultdict(list)  # (lat, mode, n) -> rows
+    # (lat, mode, guest N, devices mirrored) -> rows in order. A guest of N > 1 vGPUs runs,
+    # per repetition, the one-device reference (--devices 1) right before the N-device
+    # run: the i-th of each are a pair measured at the same time on the same host load.
+    inv = defaultdict(list)
     for r in rows:
         if r["bench"] == "svm_invalidate":
-            inv[(int(r["lat_us"]), r["svm_mode"], int(r["devices"]))].append(r)
+            g = int(r.get("guest_gpus", r["devices"]))
+            inv[(int(r["lat_us"]), r["svm_mode"], g, int(r["devices"]))].append(r)
     lats = sorted({k[0] for k in inv})
     ns_all = sorted({k[2] for k in inv})
-    # Per point: median and spread over the repetitions of (median - baseline median).
-    net = {}
+
+    def netv(r):
+        return int(r["median_ns"]) - int(r["baseline_median_ns"])
+
     for key, rs in inv.items():
-        vals = [int(r["median_ns"]) - int(r["baseline_median_ns"]) for r in rs]
-        raw = [int(r["median_ns"]) for r in rs]
-        base = [int(r["baseline_median_ns"]) for r in rs]
-        rtt = [int(r.get("bare_round_trip_median_ns", 0)) for r in rs]
-        bad = [r for r in rs if int(r.get("device_tlb_invalidations", -1)) != int(r.get("expected_tlb_invalidations", -2))
-               or int(r.get("baseline_tlb_invalidations", 1)) != 0]
-        for r in bad:
-            ok = False
-            print(f"FAILED: lat {key[0]} us, {key[1]}, N={key[2]}: device invalidations "
-                  f"{r.get('device_tlb_invalidations')} for {r.get('expected_tlb_invalidations')} expected "
-                  f"(iterations x N), baseline {r.get('baseline_tlb_invalidations')} (want 0)")
-        net[key] = dict(med=statistics.median(vals), lo=min(vals), hi=max(vals), reps=len(vals),
-                        raw=statistics.median(raw), base=statistics.median(base),
-                        rtt=statistics.median(rtt), counts_ok=not bad,
-                        iters=int(rs[0]["iters"]))
+        for r in rs:
+            if int(r.get("device_tlb_invalidations", -1)) != int(r.get("expected_tlb_invalidations", -2)) \
+                    or int(r.get("baseline_tlb_invalidations", 1)) != 0:
+                ok = False
+                print(f"FAILED: lat {key[0]} us, {key[1]}, guest of {key[2]}, {key[3]} device(s): device "
+                      f"invalidations {r.get('device_tlb_invalidations')} for {r.get('expected_tlb_invalidations')} "
+                      f"expected (iterations x N), baseline {r.get('baseline_tlb_invalidations')} (want 0)")
+    net = {}  # (lat, mode, n) -> the point
+    for (lat, m, g, d), rs in inv.items():
+        if d != g:
+            continue
+        vals = [netv(r) for r in rs]
+        p = dict(med=statistics.median(vals), lo=min(vals), hi=max(vals), reps=len(vals),
+                 base=statistics.median(int(r["baseline_median_ns"]) for r in rs),
+                 rtt=statistics.median(int(r.get("bare_round_trip_median_ns", 0)) for r in rs),
+                 iters=int(rs[0]["iters"]), one=None, cost=None, clo=None, chi=None)
+        ref = inv.get((lat, m, g, 1)) if g > 1 else None
+        if ref:
+            pairs = list(zip(rs, ref))
+            p["one"] = statistics.median(netv(b) for _, b in pairs)
+            costs = [(netv(a) - netv(b)) / (g - 1) for a, b in pairs]
+            p["cost"], p["clo"], p["chi"] = statistics.median(costs), min(costs), max(costs)
+        net[(lat, m, g)] = p
     print()
     print("Invalidation of one 64 KiB SVM range mirrored on N vGPUs (`mprotect`, guest wall time).")
     print("T = median over the repetitions of (median of the iterations - median of the no-mirror")
-    print("baseline, the same call with nothing mirrored); spread = min-max over the repetitions;")
-    print("per extra GPU = (T(N) - T(1)) / (N - 1); RTT = bare GET_INFO round trip measured in the")
-    print("same guest (median over its modes and repetitions: one slow repetition does not move it).")
+    print("baseline, the same call with nothing mirrored); spread = min-max over the repetitions.")
+    print("T(1) here = the same measured in the same guest right before each N-device repetition,")
+    print("with the range mirrored on one device only; per extra GPU = median over the repetitions")
+    print("of (T(N) - T(1)) / (N - 1) of each pair (spread: min-max). RTT = bare GET_INFO round")
+    print("trip in the same guest (median over its modes and repetitions).")
     cost = {}
     for lat in lats:
         print()
         print(f"TLB invalidation latency {lat} µs:")
         print()
-        print("| N | mode | T (µs) | spread (µs) | reps × iters | baseline (µs) | T(N)/T(1) | per extra GPU (µs) | per extra GPU / RTT | RTT (µs) | device invalidations = iters × N |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| N | mode | T (µs) | spread (µs) | reps × iters | baseline (µs) | T(1) same guest (µs) | T(N)/T(1) | per extra GPU (µs) | spread (µs) | per extra GPU / RTT | RTT (µs) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for n in ns_all:
+            rtt = statistics.median([net[(lat, mm, n)]["rtt"] for mm in MODES if (lat, mm, n) in net] or [0])
             for m in MODES:
                 p = net.get((lat, m, n))
                 if not p:
                     continue
-                one = net.get((lat, m, 1))
-                ratio = p["med"] / one["med"] if one and one["med"] > 0 else None
-                c = (p["med"] - one["med"]) / (n - 1) if one and n > 1 else None
+                c = p["cost"]
                 cost[(lat, m, n)] = c
-                rtt = statistics.median([net[(lat, mm, n)]["rtt"] for mm in MODES if (lat, mm, n) in net])
+                ratio = p["med"] / p["one"] if p["one"] else None
                 rel = c / rtt if c is not None and rtt > 0 else None
+                spread_c = f"{fmt(us(p['clo']))}–{fmt(us(p['chi']))}" if c is not None else "-"
                 print(f"| {n} | {m} | {fmt(us(p['med']))} | {fmt(us(p['lo']))}–{fmt(us(p['hi']))} | "
-                      f"{p['reps']} × {p['iters']} | {fmt(us(p['base']))} | {fmt(ratio, 2)} | "
-                      f"{fmt(us(c)) if c is not None else '-'} | {fmt(rel, 2)} | {fmt(us(rtt))} | "
-                      f"{'yes' if p['counts_ok'] else 'NO'} |")
+                      f"{p['reps']} × {p['iters']} | {fmt(us(p['base']))} | "
+                      f"{fmt(us(p['one'])) if p['one'] is not None else '-'} | {fmt(ratio, 2)} | "
+                      f"{fmt(us(c)) if c is not None else '-'} | {spread_c} | {fmt(rel, 2)} | {fmt(us(rtt))} |")
+    print()
+    print("Device invalidation counts: " + ("every repetition made exactly iterations x N, and 0 in its baseline."
+                                            if ok else "WRONG, see the FAILED lines above."))
     # Faults.
     faults = {int(r["devices"]): r for r in rows if r["bench"] == "fault"}
     if faults:

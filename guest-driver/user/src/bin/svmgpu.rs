@@ -73,6 +73,10 @@ enum Cmd {
         /// Range size in bytes (a multiple of 4096).
         #[arg(long, default_value_t = 64 * 1024, value_parser = parse_buffer_size)]
         size: usize,
+        /// Mirror the range on the first K devices only (default: every device), e.g. 1 for
+        /// the one-GPU reference measured in the same guest as the N-GPU figure.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        devices: Option<u32>,
     },
     /// GPU fault service time (device-timed end to end, and the driver's split) against a
     /// bare command round trip, and fault throughput with C contexts (one line per C).
@@ -199,8 +203,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::BenchSvmInvalidate { iters, size } => {
-            match bench_svm_invalidate(&devs, iters as usize, size) {
+        Cmd::BenchSvmInvalidate {
+            iters,
+            size,
+            devices,
+        } => {
+            let k = devices.map_or(devs.len(), |k| k as usize);
+            if k > devs.len() {
+                eprintln!(
+                    "svmgpu: bench-svm-invalidate: --devices {k}, but {} device(s)",
+                    devs.len()
+                );
+                return ExitCode::from(2);
+            }
+            match bench_svm_invalidate(&devs[..k], iters as usize, size) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS
