@@ -12,9 +12,10 @@ use crate::{
     vm::{self, Vm},
     wire, NotifierMode,
 };
+use core::fmt::Write;
 use kernel::{
     device::{Core, DeviceContext},
-    drm::{self, gem, ioctl, Registered},
+    drm::{self, gem, ioctl, print::Printer, Registered},
     new_mutex,
     prelude::*,
     sync::{atomic::Relaxed, Arc, Mutex},
@@ -59,6 +60,10 @@ impl drm::Driver for SvmgpuDrm {
 
     const INFO: drm::DriverInfo = INFO;
     const FEAT_RENDER: bool = true;
+
+    fn show_fdinfo(_dev: &Dev, file: &DrmFile, p: &mut Printer) {
+        File::show_fdinfo(file, p);
+    }
 
     kernel::declare_drm_ioctls! {
         (SVMGPU_DEVICE_QUERY, drm_svmgpu_device_query, ioctl::RENDER_ALLOW, File::device_query),
@@ -154,6 +159,32 @@ fn copy_bytes(dst: &mut [u8], src: &[u8]) {
 }
 
 impl File {
+    /// The file's usage, in its `fdinfo` (Documentation/gpu/drm-usage-stats.rst):
+    /// `drm-engine-render` is the time its queues had jobs outstanding (from a submission
+    /// to an idle queue until the queue is idle again), summed over its queues, so it grows
+    /// by up to the number of queues per second; `drm-engine-capacity-render` is the
+    /// device's engine count; then the file's completed jobs, VMs and queues.
+    fn show_fdinfo(file: &DrmFile, p: &mut Printer) {
+        let this = file.inner().get_ref();
+        // The client's total first: a period that ends between the two reads is then
+        // missed once (and counted at the next read), never counted twice.
+        let ended = this.client.busy_ns();
+        let jobs = this.client.jobs_done();
+        let objs = this.objs.lock();
+        let (queues, open) = objs.queues.fold((0u32, 0u64), |(n, ns), q| {
+            (n + 1, ns.saturating_add(q.fences.busy_now_ns()))
+        });
+        let vms = objs.vms.fold(0u32, |n, _| n + 1);
+        drop(objs);
+        let engines = this.gpu.config.num_engines;
+        // A printer's output cannot fail in a way the caller could act on.
+        let _ = writeln!(p, "drm-engine-render:\t{} ns", ended.saturating_add(open));
+        let _ = writeln!(p, "drm-engine-capacity-render:\t{engines}");
+        let _ = writeln!(p, "svmgpu-jobs-completed:\t{jobs}");
+        let _ = writeln!(p, "svmgpu-vms:\t{vms}");
+        let _ = writeln!(p, "svmgpu-exec-queues:\t{queues}");
+    }
+
     fn gpu(file: &DrmFile) -> &Arc<Gpu> {
         &file.inner().get_ref().gpu
     }

@@ -39,9 +39,14 @@ pub(crate) const MAX_PENDING: usize = 64;
 /// Hangs of an open file's jobs after which the file is banned (uAPI: `ECANCELED`).
 pub(crate) const HANG_BAN_LIMIT: u32 = 3;
 
-/// Per open file: how many of its jobs hung (shared by its queues' fences).
+/// Per open file (shared by its queues' fences): how many of its jobs hung, and its usage
+/// as `fdinfo` shows it.
 pub(crate) struct Client {
     pub(crate) hangs: Atomic<u32>,
+    /// Time its queues had jobs outstanding, over busy periods that ended, in ns.
+    busy_ns: Atomic<u64>,
+    /// Jobs of its queues that completed (with any status).
+    jobs_done: Atomic<u64>,
 }
 
 impl Client {
@@ -49,6 +54,8 @@ impl Client {
         Ok(Arc::new(
             Client {
                 hangs: Atomic::new(0),
+                busy_ns: Atomic::new(0),
+                jobs_done: Atomic::new(0),
             },
             GFP_KERNEL,
         )?)
@@ -57,6 +64,17 @@ impl Client {
     /// Whether the file is banned (too many hangs).
     pub(crate) fn banned(&self) -> bool {
         self.hangs.load(Relaxed) >= HANG_BAN_LIMIT
+    }
+
+    /// Time its queues had jobs outstanding, over busy periods that ended, in ns (a
+    /// queue's current period is [`Fences::busy_now_ns`]).
+    pub(crate) fn busy_ns(&self) -> u64 {
+        self.busy_ns.load(Relaxed)
+    }
+
+    /// Jobs of its queues that completed.
+    pub(crate) fn jobs_done(&self) -> u64 {
+        self.jobs_done.load(Relaxed)
     }
 }
 
@@ -100,6 +118,8 @@ struct State {
     /// The errno of the next `JOB_FAULT`, when the driver cancelled a page fault of this
     /// queue for a reason more precise than "no mapping" (`EACCES`).
     fault_errno: Option<i32>,
+    /// Since when the queue has had a job outstanding (`None`: idle).
+    busy_since: Option<Instant<Monotonic>>,
 }
 
 /// The outcome of a signalled fence.
@@ -159,6 +179,7 @@ impl Fences {
                     lost: None,
                     hung: false,
                     fault_errno: None,
+                    busy_since: None,
                 },
                 "svmgpu_fences"
             ),
@@ -193,7 +214,9 @@ impl Fences {
             return false;
         }
         if s.npending == 0 {
-            s.progress = Instant::<Monotonic>::now();
+            let now = Instant::<Monotonic>::now();
+            s.progress = now;
+            s.busy_since = Some(now);
         }
         let n = s.npending;
         s.pending[n] = Job { seqno, done: None };
@@ -218,8 +241,27 @@ impl Fences {
             s.npending -= 1;
         }
         Self::retire(&mut s);
+        self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
+    }
+
+    /// Ends the queue's busy period if no job is outstanding any more, adding it to the
+    /// client's busy time.
+    fn end_busy_period(&self, s: &mut State) {
+        if s.npending == 0 {
+            if let Some(t) = s.busy_since.take() {
+                let ns = t.elapsed().as_nanos().max(0) as u64;
+                self.client.busy_ns.fetch_add(ns, Relaxed);
+            }
+        }
+    }
+
+    /// How long the queue's current busy period has lasted, in ns (0 when idle).
+    pub(crate) fn busy_now_ns(&self) -> u64 {
+        let s = self.state.lock();
+        s.busy_since
+            .map_or(0, |t| t.elapsed().as_nanos().max(0) as u64)
     }
 
     /// Retires completed jobs from the front, in seqno order.
@@ -270,7 +312,9 @@ impl Fences {
             return DoneKind::Duplicate;
         }
         job.done = Some(status);
+        self.client.jobs_done.fetch_add(1, Relaxed);
         Self::retire(&mut s);
+        self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
         DoneKind::Accepted
@@ -294,6 +338,7 @@ impl Fences {
             });
         }
         s.npending = 0;
+        self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
     }
@@ -327,6 +372,7 @@ impl Fences {
         // Jobs before the hung one that did complete keep their outcome.
         Self::retire(&mut s);
         s.npending = 0;
+        self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
         Some(hung)

@@ -89,6 +89,18 @@ impl<T: Destroy> Handles<T> {
         self.tree.erase(id as usize)
     }
 
+    /// Folds `f` over the objects of every handle (called under the tree's spinlock: it
+    /// must not sleep).
+    pub(crate) fn fold<A>(&self, init: A, mut f: impl FnMut(A, &T) -> A) -> A {
+        let mut guard = self.tree.lock();
+        let mut it = guard.ma_state(0, usize::MAX);
+        let mut acc = init;
+        while let Some(h) = it.find(usize::MAX) {
+            acc = f(acc, &h.0);
+        }
+        acc
+    }
+
     /// Whether the object of some handle satisfies `f` (called under the tree's
     /// spinlock: it must not sleep).
     pub(crate) fn any(&self, f: impl Fn(&T) -> bool) -> bool {

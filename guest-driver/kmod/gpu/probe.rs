@@ -328,14 +328,7 @@ impl Gpu {
     /// device still runs jobs on.
     fn shutdown(&self) {
         self.access.lock().dead = true;
-        let _ = self.ctrl.detach();
-        let _ = self.eventq.detach();
-        let _ = self.complq.detach();
-        self.ctrl.reset_done();
-        let ctxs = self.ctxs.lock();
-        for f in ctxs.iter() {
-            f.lose(ENODEV.to_errno());
-        }
+        self.retire_device_buffers(ENODEV);
     }
 
     fn wait_users(&self) {

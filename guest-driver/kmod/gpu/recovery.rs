@@ -246,14 +246,19 @@ impl Gpu {
     fn virtio_reset_and_fail(&self) {
         inc(&self.recovery.virtio_resets);
         self.vdev.reset();
-        // The device owns no buffer any more: retire every slot, fail every waiter.
+        self.retire_device_buffers(EIO);
+    }
+
+    /// After a virtio reset (the device owns no buffer any more): drops the queues, retires
+    /// every command slot and fails every waiter, and fails every queue's jobs with `err`.
+    pub(super) fn retire_device_buffers(&self, err: Error) {
         let _ = self.ctrl.detach();
         let _ = self.eventq.detach();
         let _ = self.complq.detach();
         self.ctrl.reset_done();
         let ctxs = self.ctxs.lock();
         for f in ctxs.iter() {
-            f.lose(EIO.to_errno());
+            f.lose(err.to_errno());
         }
     }
 

@@ -130,6 +130,20 @@ impl Device {
         &self.path
     }
 
+    /// This open file's usage as the kernel reports it in `/proc/self/fdinfo/FD`: the DRM
+    /// core's keys (`drm-driver`, `drm-client-id`) and the driver's
+    /// (`drm-engine-render`, `drm-engine-capacity-render`, `svmgpu-*`: guest-driver/README.md),
+    /// as `(key, value)` pairs in the kernel's order.
+    pub fn fdinfo(&self) -> io::Result<Vec<(String, String)>> {
+        let path = format!("/proc/self/fdinfo/{}", self.file.as_raw_fd());
+        let text = std::fs::read_to_string(path)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
     /// Issues `cmd` with a raw pointer argument.
     ///
     /// # Safety

@@ -1352,3 +1352,80 @@ pub fn wait_timeout_survives_signals(_env: &Env, name: &str, k: &mut K) {
     })();
     k.result(name, &outcome(r));
 }
+
+/// The value of `key` in `d`'s fdinfo, as a number (its unit, if any, after a space).
+fn fdinfo_num(info: &[(String, String)], key: &str) -> Result<u64, String> {
+    let v = info
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .ok_or_else(|| format!("fdinfo has no {key}: {info:?}"))?;
+    v.split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("fdinfo {key}: {v:?} is not a number"))
+}
+
+/// `fdinfo_reports_client_usage`: `/proc/self/fdinfo` of a render node shows the DRM
+/// core's keys and the driver's per-client usage (Documentation/gpu/drm-usage-stats.rst):
+/// a 50 ms job adds at least 50 ms to `drm-engine-render` and one completed job; the VM
+/// and queue counts follow the file's objects; another open file of the same device has
+/// its own client id and none of this usage.
+pub fn fdinfo_reports_client_usage(_env: &Env, name: &str, k: &mut K) {
+    per_device(k, name, |d, diags| {
+        let other = ctx("open", Device::open(d.path()))?;
+        let engines = ctx("DEVICE_QUERY", d.query(false))?.config.num_engines;
+        let info = ctx("fdinfo", d.fdinfo())?;
+        let value = |info: &[(String, String)], key: &str| {
+            info.iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        ensure(value(&info, "drm-driver") == "svmgpu", || {
+            format!("drm-driver: {info:?}")
+        })?;
+        let id = fdinfo_num(&info, "drm-client-id")?;
+        ensure(
+            fdinfo_num(&info, "drm-engine-capacity-render")? == u64::from(engines),
+            || format!("engine capacity is not the device's {engines} engines: {info:?}"),
+        )?;
+        let busy0 = fdinfo_num(&info, "drm-engine-render")?;
+        let jobs0 = fdinfo_num(&info, "svmgpu-jobs-completed")?;
+        let mut s = Setup::new(d, false, false)?;
+        let during = ctx("fdinfo", d.fdinfo())?;
+        ensure(
+            fdinfo_num(&during, "svmgpu-vms")? == 1
+                && fdinfo_num(&during, "svmgpu-exec-queues")? == 1,
+            || format!("one VM and one queue expected: {during:?}"),
+        )?;
+        s.run_ok(&batch(&[Insn::Delay { ns: 50_000_000 }]))?;
+        let after = ctx("fdinfo", d.fdinfo())?;
+        let busy = fdinfo_num(&after, "drm-engine-render")? - busy0;
+        ensure(busy >= 50_000_000, || {
+            format!("a 50 ms job added {busy} ns of engine time")
+        })?;
+        ensure(
+            fdinfo_num(&after, "svmgpu-jobs-completed")? == jobs0 + 1,
+            || format!("one completed job expected: {after:?}"),
+        )?;
+        let theirs = ctx("fdinfo", other.fdinfo())?;
+        ensure(fdinfo_num(&theirs, "drm-client-id")? != id, || {
+            "two files share a client id".into()
+        })?;
+        ensure(
+            fdinfo_num(&theirs, "drm-engine-render")? == 0
+                && fdinfo_num(&theirs, "svmgpu-jobs-completed")? == 0
+                && fdinfo_num(&theirs, "svmgpu-vms")? == 0,
+            || format!("another file shows this one's usage: {theirs:?}"),
+        )?;
+        drop(s);
+        let gone = ctx("fdinfo", d.fdinfo())?;
+        ensure(
+            fdinfo_num(&gone, "svmgpu-vms")? == 0 && fdinfo_num(&gone, "svmgpu-exec-queues")? == 0,
+            || format!("objects still counted after their destruction: {gone:?}"),
+        )?;
+        diags.push(format!("a 50 ms job: drm-engine-render +{busy} ns"));
+        Ok(())
+    })
+}

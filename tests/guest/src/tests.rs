@@ -85,6 +85,10 @@ pub const ALL: &[(&str, Test)] = &[
     ("kunit_suites_pass", kunit_suites_pass),
     ("exec_fill_checksum", gpu::exec_fill_checksum),
     (
+        "fdinfo_reports_client_usage",
+        gpu::fdinfo_reports_client_usage,
+    ),
+    (
         "exec_jobs_complete_in_order",
         gpu::exec_jobs_complete_in_order,
     ),
