@@ -10,9 +10,11 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/lib/common.sh"
 
 MUTANTS_DIR="$SVMGPU_ROOT/tests/mutants"
-# --quick: three mutants from different layers (a two-pass notifier that does not wait,
-# hole 1, hole 5), a few minutes in all; CI runs them on every change.
-QUICK=(01-userptr-second-pass-no-wait 12-hole1-narrow-flush 16-hole5-chunk-over-binding)
+# --quick: four mutants from different layers (a two-pass notifier that does not wait,
+# hole 1, hole 5, and the second pass of the drm_gpusvm implementation not waiting), a few
+# minutes in all; CI runs them on every change.
+QUICK=(01-userptr-second-pass-no-wait 12-hole1-narrow-flush 16-hole5-chunk-over-binding
+       20-gpusvm-second-pass-no-wait)
 
 usage() {
     cat <<EOF
@@ -28,9 +30,10 @@ lines name (scripts/run-vm.sh --module), stopping at the first run that fails.
 
 A patch starts with a header ahead of its diff:
   Mutant: TITLE            one line, then a free description
-  Kills: gpus=N [device-args=A,B] [kernel-args=A,B] [inject=SPEC] only=TEST
-                           one guest run: N vGPUs, svmgpu-device arguments and guest
-                           kernel arguments (commas become spaces), a fault injection
+  Kills: gpus=N [device-args=A,B] [kernel-args=A,B] [module-args=A,B] [inject=SPEC] only=TEST
+                           one guest run: N vGPUs, svmgpu-device arguments, guest kernel
+                           arguments and svmgpu.ko parameters (svmgpu-ktap --module-args,
+                           e.g. svm_impl=gpusvm) (commas become spaces), a fault injection
                            (run-vm.sh --inject SPEC, commas kept), the guest test to run
 Exit status: 0 if every mutant was killed, 1 if one survived, 2 on a usage or build error.
 EOF
@@ -105,13 +108,14 @@ reset_scratch() {
 # One "Kills:" line: run the guest it describes with module $1; prints what failed
 # ("" if everything passed).
 run_kill() {
-    local ko=$1 spec=$2 dir=$3 gpus=2 dargs="" kargs="" inject="" only="" w
+    local ko=$1 spec=$2 dir=$3 gpus=2 dargs="" kargs="" margs="" inject="" only="" w
     for w in $spec; do
         case $w in
             gpus=*) gpus=${w#gpus=} ;;
             device-args=*) dargs=${w#device-args=}; dargs=${dargs//,/ } ;;
             kernel-args=*) kargs=${w#kernel-args=}; kargs=${kargs//,/ } ;;
             inject=*) inject=${w#inject=} ;;
+            module-args=*) margs=${w#module-args=}; margs=${margs//,/ } ;;
             only=*) only=${w#only=} ;;
             *) echo "bad Kills word: $w"; return 0 ;;
         esac
@@ -122,7 +126,9 @@ run_kill() {
     [[ -n $kargs ]] && args+=(--kernel-args "$kargs")
     [[ -n $inject ]] && args+=(--inject "$inject")
     local rc=0
-    "$SVMGPU_ROOT/scripts/run-vm.sh" "${args[@]}" -- /bin/svmgpu-ktap --only "$only" --out /dev/ttyS1 \
+    local ktap=(/bin/svmgpu-ktap)
+    [[ -n $margs ]] && ktap+=(--module-args "$margs")
+    "$SVMGPU_ROOT/scripts/run-vm.sh" "${args[@]}" -- "${ktap[@]}" --only "$only" --out /dev/ttyS1 \
         >"$dir.out" 2>&1 || rc=$?
     # What failed: the first failing test (top level) and its first failing case.
     local top inner n

@@ -38,12 +38,25 @@ INJECT_SUITE=(
 DEBUG_INJECT="tlb_inval_drop preempt_delay engine_hang device_reset"
 # QMP stop/cont rounds of the pause guest (pause_run below).
 PAUSE_ROUNDS=5
+# The guest tests that use SVM (fault-mode VMs). With --svm-impl gpusvm (the default runs
+# both) they run again against the driver's second SVM implementation, on the kernel's
+# drm_gpusvm (svmgpu-ktap --module-args svm_impl=gpusvm: every reload of the module by a
+# test keeps it): once per vGPU count, and with them the large-latency tests, the
+# swiotlb=force guest and the fault-injection suite. The first three check that the
+# reload took and audit every device before the SVM cases check the audits.
+GPUSVM_TESTS="driver_binds_all_devices,kunit_suites_pass,devices_share_one_buffer"
+GPUSVM_TESTS+=",fault_mode_populates_on_gpu_fault,fault_mode_unmapped_userptr_is_efault"
+GPUSVM_TESTS+=",userptr_invalidate_race_fault_mode,svm_bind_inside_mirrored_range"
+GPUSVM_TESTS+=",svm_next_to_binding,revalidation_races_invalidation,svm_mode_single"
+GPUSVM_TESTS+=",svm_mode_per_device,svm_mode_shared,module_unload_reload"
+GPUSVM_ARGS="--module-args svm_impl=gpusvm"
 
 usage() {
     cat <<EOF
 Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2 4"]
                        [--no-inject] [--inject "NAME..."] [--debug-kernel | --debug-subset | --no-debug]
-                       [--no-client] [--mutants quick|all|none] [--runs "suite ..."] [--out DIR]
+                       [--no-client] [--mutants quick|all|none] [--runs "suite ..."]
+                       [--svm-impl "native gpusvm"] [--out DIR]
 
   --host-only     only the checker self-test and cargo test
   --guest-only    only the guest runs (KTAP suites, C client, fault injection, debug kernel)
@@ -61,12 +74,17 @@ Usage: scripts/test.sh [--host-only | --guest-only | --inject-only] [--gpus "1 2
   --no-client     skip the C client run (tests/c/svmgpu-client.c on 2 vGPUs, started from a
                   temporary folder through a symlink, the client run from a --share folder)
   --mutants M     mutation testing after the guest suites (scripts/mutants.sh): quick (the
-                  default: three seeded driver bugs), all (every patch of tests/mutants/,
-                  ~40 min) or none
+                  default: four seeded driver bugs, one of them in the gpusvm
+                  implementation), all (every patch of tests/mutants/, ~55 min) or none
   --runs LIST     only these guest runs of --guest-only/the default (default "$ALL_RUNS"):
                   suite (the KTAP suite per --gpus count), latency, swiotlb, pause, regions
                   (described below); e.g. --guest-only --runs "pause regions" --no-client
                   --no-inject --no-debug --mutants none
+  --svm-impl LIST the SVM implementations (module parameter svm_impl) the SVM suites run
+                  against (default "native gpusvm"): native runs the whole guest suite;
+                  gpusvm runs the SVM tests below again on drm_gpusvm (the suite runs), with
+                  the large-latency tests, the swiotlb=force guest, the fault-injection suite
+                  and the debug subset, and the gpusvm mutants
   --out DIR       keep the logs of every guest run in DIR (default: a temp folder)
 
 Besides the KTAP suite per vGPU count, every guest run of --gpus also runs the tests that
@@ -75,6 +93,9 @@ guest booted with swiotlb=force (the address model), one 2-vGPU guest whose jobs
 the host pauses and continues the VM $PAUSE_ROUNDS times through QMP (run-vm.sh --qmp-hook
 scripts/lib/qmp-pause.sh), and one booted with qemu-configs/svmgpu-2-numa.cfg (guest RAM
 in two regions: bulk instructions across the boundary, and the SVM suite).
+
+SVM tests run against svm_impl=gpusvm:
+$(tr , '\n' <<<"$GPUSVM_TESTS" | sed 's/^/  /')
 
 Fault-injection suite: one guest with 2 vGPUs per entry, its device started with the
 entry's spec, running the guest test inject_NAME (tests/guest/src/inject.rs):
@@ -85,6 +106,7 @@ EOF
 ALL_RUNS="suite latency swiotlb pause regions"
 HOST=1 GUEST=1 INJECT=1 CLIENT=1 DEBUG=subset GPU_COUNTS="1 2 4" OUT="" INJECT_ONLY="" MUTANTS=quick
 RUNS=$ALL_RUNS
+SVM_IMPLS="native gpusvm"
 need() { [[ $# -ge 2 ]] || { usage >&2; die "$1 needs a value"; }; }
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -99,6 +121,7 @@ while [[ $# -gt 0 ]]; do
         --debug-subset) DEBUG=subset; shift ;;
         --no-client) CLIENT=0; shift ;;
         --mutants) need "$@"; MUTANTS=$2; shift 2 ;;
+        --svm-impl) need "$@"; SVM_IMPLS=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
         --runs) need "$@"; RUNS=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -120,6 +143,14 @@ for n in $GPU_COUNTS; do
     [[ $n =~ ^[0-9]+$ && $n -ge 1 && $n -le 64 ]] || die "--gpus: '$n' is not a vGPU count from 1 to 64"
 done
 [[ $GUEST -eq 0 || -n ${GPU_COUNTS// /} ]] || die "--gpus: empty list"
+for i in $SVM_IMPLS; do
+    [[ $i == native || $i == gpusvm ]] || die "--svm-impl: '$i' is not native or gpusvm"
+done
+[[ -n ${SVM_IMPLS// /} ]] || die "--svm-impl: empty list"
+GPUSVM=0
+[[ " $SVM_IMPLS " == *" gpusvm "* ]] && GPUSVM=1
+NATIVE=0
+[[ " $SVM_IMPLS " == *" native "* ]] && NATIVE=1
 case $MUTANTS in
     quick) MUTANTS_ARGS=--quick ;;
     all) MUTANTS_ARGS=--all ;;
@@ -242,11 +273,41 @@ guest_suite() {
     [[ $rc -eq 0 ]] || results+=("$label: FAILED (see $OUT/$label.out)")
 }
 
-# inject_suite KERNEL TIMEOUT NAME...: one 2-vGPU guest per injection entry.
+# gpusvm_suite N KERNEL [TIMEOUT]: the SVM tests (GPUSVM_TESTS) on N vGPUs against
+# svm_impl=gpusvm.
+gpusvm_suite() {
+    local n=$1 kernel=$2 timeout=${3:-600} label="gpusvm-guest-$n" rc=0 summary
+    [[ $kernel == debug ]] && label="debug-gpusvm-guest-$n"
+    local dir="$OUT/$label"
+    run() {
+        # shellcheck disable=SC2046
+        "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout "$timeout" $(kargs "$kernel") \
+            -- /bin/svmgpu-ktap $GPUSVM_ARGS --only "$GPUSVM_TESTS" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+    }
+    step "SVM tests against svm_impl=gpusvm, $n vGPU(s), $kernel kernel" run || rc=$?
+    summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
+    if ! grep -q 'svm_impl=gpusvm' "$dir/console.log" 2>/dev/null; then
+        rc=1; summary+=$'\n'"$label: the module was not loaded with svm_impl=gpusvm"
+    fi
+    echo "$summary"
+    if [[ $rc -ne 0 ]]; then
+        failed=1
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+    local line
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary} (svm_impl=gpusvm)")
+    count "$line"
+    [[ $rc -eq 0 ]] || results+=("$label: FAILED (see $OUT/$label.out)")
+}
+
+# inject_suite KERNEL TIMEOUT [--gpusvm] NAME...: one 2-vGPU guest per injection entry
+# (with --gpusvm: against svm_impl=gpusvm).
 inject_suite() {
     local kernel=$1 timeout=$2; shift 2
-    local ip=0 if=0 entry kind spec prefix=inject
-    [[ $kernel == debug ]] && prefix=debug-inject
+    local ip=0 if=0 entry kind spec prefix=inject margs=""
+    if [[ ${1:-} == --gpusvm ]]; then prefix=inject-gpusvm margs=$GPUSVM_ARGS; shift; fi
+    [[ $kernel == debug ]] && prefix=debug-$prefix
     for entry in "${INJECT_SUITE[@]}"; do
         kind=${entry%%|*} spec=${entry#*|}
         [[ " $* " == *" $kind "* ]] || continue
@@ -254,7 +315,7 @@ inject_suite() {
         run() {
             # shellcheck disable=SC2046
             "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" --inject "$spec" \
-                $(kargs "$kernel") -- /bin/svmgpu-ktap --only "inject_$kind" --out /dev/ttyS1 \
+                $(kargs "$kernel") -- /bin/svmgpu-ktap $margs --only "inject_$kind" --out /dev/ttyS1 \
                 >"$OUT/$label.out" 2>&1
         }
         step "fault injection, $kernel kernel: $kind ($spec)" run || rc=$?
@@ -267,7 +328,7 @@ inject_suite() {
             tail -n 40 "$OUT/$label.out" >&2 || true
         fi
     done
-    results+=("$prefix: $ip passed, $if failed, 0 skipped (one guest per fault kind)")
+    results+=("$prefix: $ip passed, $if failed, 0 skipped (one guest per fault kind${margs:+, svm_impl=gpusvm})")
     total_p=$((total_p + ip)); total_f=$((total_f + if))
 }
 
@@ -333,8 +394,9 @@ runner_section() {
 }
 latency_tests() { runner_section "tests needing large device latencies"; }
 latency_suite() {
-    local kernel=$1 timeout=$2 n list prefix=latency
-    [[ $kernel == debug ]] && prefix=debug-latency
+    local kernel=$1 timeout=$2 n list prefix=latency margs=""
+    if [[ ${3:-} == --gpusvm ]]; then prefix=gpusvm-latency margs=$GPUSVM_ARGS; fi
+    [[ $kernel == debug ]] && prefix=debug-$prefix
     list=$(latency_tests | paste -sd, -)
     [[ -n $list ]] || { failed=1; results+=("$prefix: the runner lists no large-latency test"); return; }
     for n in $GPU_COUNTS; do
@@ -343,9 +405,9 @@ latency_suite() {
             # shellcheck disable=SC2046
             "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus "$n" --out "$dir" --timeout "$timeout" \
                 --device-args "$LATENCY_DEVICE_ARGS" $(kargs "$kernel") \
-                -- /bin/svmgpu-ktap --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+                -- /bin/svmgpu-ktap $margs --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
         }
-        step "large-latency tests, $n vGPU(s), $kernel kernel ($LATENCY_DEVICE_ARGS)" run || rc=$?
+        step "large-latency tests, $n vGPU(s), $kernel kernel ($LATENCY_DEVICE_ARGS)${margs:+, svm_impl=gpusvm}" run || rc=$?
         local summary line
         summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
         echo "$summary"
@@ -364,16 +426,17 @@ latency_suite() {
 # addresses, not streaming DMA addresses (which would name bounce buffers).
 SWIOTLB_TESTS="exec_fill_checksum,devices_share_one_buffer,userptr_invalidate_fork_cow,svm_mode_shared"
 swiotlb_run() {
-    local kernel=$1 timeout=$2 label=swiotlb rc=0
-    [[ $kernel == debug ]] && label=debug-swiotlb
+    local kernel=$1 timeout=$2 label=swiotlb rc=0 margs=""
+    if [[ ${3:-} == --gpusvm ]]; then label=gpusvm-swiotlb margs=$GPUSVM_ARGS; fi
+    [[ $kernel == debug ]] && label=debug-$label
     local dir="$OUT/$label"
     run() {
         # shellcheck disable=SC2046
         "$SVMGPU_ROOT/scripts/run-vm.sh" --gpus 2 --out "$dir" --timeout "$timeout" \
             --kernel-args swiotlb=force $(kargs "$kernel") \
-            -- /bin/svmgpu-ktap --only "$SWIOTLB_TESTS" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
+            -- /bin/svmgpu-ktap $margs --only "$SWIOTLB_TESTS" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
     }
-    step "address model: 2 vGPUs, swiotlb=force, $kernel kernel" run || rc=$?
+    step "address model: 2 vGPUs, swiotlb=force, $kernel kernel${margs:+, svm_impl=gpusvm}" run || rc=$?
     local summary line
     summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
     if ! grep -q 'swiotlb=force' "$dir/console.log" 2>/dev/null; then
@@ -460,7 +523,7 @@ regions_run() {
     fi
 }
 
-# Mutation testing (scripts/mutants.sh): --quick kills three seeded driver bugs.
+# Mutation testing (scripts/mutants.sh): --quick kills four seeded driver bugs (one in the gpusvm implementation).
 mutants_run() {
     local rc=0
     step "mutation testing: scripts/mutants.sh ${MUTANTS_ARGS}" \
@@ -482,21 +545,37 @@ INJECT_KINDS=${INJECT_ONLY:-$(all_kinds)}
 if [[ $MAIN_KERNEL == debug ]]; then T_SUITE=1500 T_INJECT=600; else T_SUITE=600 T_INJECT=300; fi
 
 if [[ $GUEST -eq 1 ]]; then
-    if wanted suite; then for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done; fi
-    wanted latency && latency_suite "$MAIN_KERNEL" "$T_SUITE"
-    wanted swiotlb && swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
-    wanted pause && pause_run "$MAIN_KERNEL" "$T_SUITE"
-    wanted regions && regions_run "$MAIN_KERNEL" "$T_SUITE"
+    if [[ $NATIVE -eq 1 ]]; then
+        if wanted suite; then for n in $GPU_COUNTS; do guest_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done; fi
+        wanted latency && latency_suite "$MAIN_KERNEL" "$T_SUITE"
+        wanted swiotlb && swiotlb_run "$MAIN_KERNEL" "$T_SUITE"
+        wanted pause && pause_run "$MAIN_KERNEL" "$T_SUITE"
+        wanted regions && regions_run "$MAIN_KERNEL" "$T_SUITE"
+    fi
+    if [[ $GPUSVM -eq 1 ]]; then
+        if wanted suite; then for n in $GPU_COUNTS; do gpusvm_suite "$n" "$MAIN_KERNEL" "$T_SUITE"; done; fi
+        wanted latency && latency_suite "$MAIN_KERNEL" "$T_SUITE" --gpusvm
+        wanted swiotlb && swiotlb_run "$MAIN_KERNEL" "$T_SUITE" --gpusvm
+    fi
     [[ -n $MUTANTS_ARGS ]] && mutants_run
 fi
 [[ $CLIENT -eq 1 ]] && client_run "$MAIN_KERNEL"
-[[ $INJECT -eq 1 ]] && inject_suite "$MAIN_KERNEL" "$T_INJECT" $INJECT_KINDS
+if [[ $INJECT -eq 1 ]]; then
+    [[ $NATIVE -eq 1 ]] && inject_suite "$MAIN_KERNEL" "$T_INJECT" $INJECT_KINDS
+    [[ $GPUSVM -eq 1 ]] && inject_suite "$MAIN_KERNEL" "$T_INJECT" --gpusvm $INJECT_KINDS
+fi
 if [[ $DEBUG_SUBSET -eq 1 ]]; then
-    [[ $GUEST -eq 1 ]] && guest_suite 2 debug 1500
+    if [[ $GUEST -eq 1 ]]; then
+        [[ $NATIVE -eq 1 ]] && guest_suite 2 debug 1500
+        [[ $GPUSVM -eq 1 ]] && gpusvm_suite 2 debug 1500
+    fi
     if [[ $INJECT -eq 1 ]]; then
         kinds=""
         for k in $DEBUG_INJECT; do [[ " $INJECT_KINDS " == *" $k "* ]] && kinds+="$k "; done
-        [[ -n $kinds ]] && inject_suite debug 600 $kinds
+        if [[ -n $kinds ]]; then
+            [[ $NATIVE -eq 1 ]] && inject_suite debug 600 $kinds
+            [[ $GPUSVM -eq 1 ]] && inject_suite debug 600 --gpusvm $kinds
+        fi
     fi
 fi
 

@@ -233,7 +233,7 @@ impl File {
     }
 
     pub(crate) fn vm_create(
-        _dev: &Dev,
+        dev: &Dev,
         _reg: &(),
         a: &mut uapi::drm_svmgpu_vm_create,
         file: &DrmFile,
@@ -243,7 +243,8 @@ impl File {
         }
         let gpu = Self::gpu(file);
         let acc = gpu.enter()?;
-        let vm = Vm::create(gpu, &acc, a.flags & uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0)?;
+        let fault_mode = a.flags & uapi::SVMGPU_VM_CREATE_FAULT_MODE != 0;
+        let vm = Vm::create(gpu, &acc, fault_mode, dev)?;
         // On failure (out of memory or ids) the VM is destroyed.
         a.vm_id = Self::objs(file).lock().vms.insert(vm)?;
         Ok(0)

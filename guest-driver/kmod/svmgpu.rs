@@ -34,7 +34,9 @@
 //!   collected after unmap, and one *pages* object per device (VM) and range; GPU faults
 //!   at any CPU address of the process, prefetch, and invalidation across devices in
 //!   three modes (`svm_mode=single|per_device|shared`). Its `DOC:` overview has the
-//!   details and its own locking.
+//!   details and its own locking. [`gpusvm_svm`] is the second implementation of the same,
+//!   on the kernel's `drm_gpusvm` (`kernel::drm::gpusvm`), selected with
+//!   `svm_impl=native|gpusvm` ([`svm_impl`]).
 //!
 //! Locking, outermost first (each lock is only ever taken with the ones above it held, in
 //! this order; the notifier locks are taken from reclaim and lockdep is told so at VM
@@ -93,6 +95,7 @@ mod faults;
 mod fence;
 mod finish_pool;
 mod gpu;
+mod gpusvm_svm;
 mod handles;
 mod hmm;
 mod id_table;
@@ -100,6 +103,7 @@ mod mmu_notifier;
 mod pagetable;
 mod reclaim_queue;
 mod svm;
+mod svm_impl;
 mod svm_pages;
 mod userptr;
 mod virtio;
@@ -195,7 +199,7 @@ impl DebugfsRoot {
         let dir = KBox::new(kernel::debugfs::Dir::new(c"svmgpu"), GFP_KERNEL)?;
         let ranges = KBox::pin_init(
             dir.read_callback_file(c"svm_ranges", (), &|(): &(), f| {
-                let s = svm::stats();
+                let s = svm_impl::stats();
                 writeln!(f, "live {}\ncollected {}", s.ranges, s.ranges_collected)?;
                 writeln!(
                     f,
@@ -335,11 +339,12 @@ struct SvmgpuModule {
 
 impl kernel::InPlaceModule for SvmgpuModule {
     fn init(module: &'static ThisModule) -> impl PinInit<Self, Error> {
-        svm::init();
+        svm_impl::init();
         pr_info!(
-            "notifier_mode={} svm_mode={}\n",
+            "notifier_mode={} svm_mode={} svm_impl={}\n",
             notifier_mode().name(),
-            svm_mode().name()
+            svm_mode().name(),
+            svm_impl::svm_impl().name()
         );
         try_pin_init!(Self {
             // Before the driver: probe uses them.

@@ -6,12 +6,13 @@
 
 use crate::{
     ctrl::TicketId,
+    drm_driver::SvmgpuDevice,
     exec_queue::ExecQueue,
     faults::{FaultRec, FaultRing},
     gpu::{Gpu, GpuAccess},
     mmu_notifier::{self, IntervalNotifier, Passes},
     pagetable::PageTable,
-    svm::{self, Svm},
+    svm_impl::SvmRef,
     userptr::{self, Entry, UserptrData},
     wire, NotifierMode,
 };
@@ -81,7 +82,7 @@ pub(crate) struct VState {
     pub(crate) queues: u32,
     pub(crate) dead: bool,
     /// Fault mode: the SVM object of the creating process (one user reference).
-    pub(crate) svm: Option<Arc<Svm>>,
+    pub(crate) svm: Option<SvmRef>,
 }
 
 /// A VM.
@@ -130,10 +131,16 @@ impl WorkItem<1> for Vm {
 }
 
 impl Vm {
-    /// Creates a VM: an ASID bound to an empty page table.
-    pub(crate) fn create(gpu: &Arc<Gpu>, acc: &GpuAccess<'_>, fault_mode: bool) -> Result<Arc<Vm>> {
+    /// Creates a VM: an ASID bound to an empty page table. `drm` is the device's DRM
+    /// device (SVM pages of the `gpusvm` implementation are mapped for it).
+    pub(crate) fn create(
+        gpu: &Arc<Gpu>,
+        acc: &GpuAccess<'_>,
+        fault_mode: bool,
+        drm: &SvmgpuDevice,
+    ) -> Result<Arc<Vm>> {
         let svm = if fault_mode {
-            Some(svm::attach(Arc::as_ptr(gpu) as usize, gpu.svm_mode)?)
+            Some(SvmRef::attach(gpu, drm)?)
         } else {
             None
         };
@@ -195,7 +202,7 @@ impl Vm {
         // The reference was not handed to a VM: creation failed before.
         if let Some(svm) = svm {
             if !handed.get() {
-                svm::release(svm);
+                svm.release();
             }
         }
         if let Ok(vm) = &r {
@@ -267,7 +274,7 @@ impl Vm {
             // The device no longer uses the VM's translations (ASID unbound, or reset):
             // drop its SVM pages and give the object back.
             svm.detach_vm(self, None, false);
-            svm::release(svm);
+            svm.release();
         }
         {
             let mut ns = self.nlock.lock();

@@ -255,6 +255,74 @@ mut('svm-notifiers-never-pruned','SVM notifiers stay until teardown',
             self.prune_notifiers();
         }''')])
 
+# The second SVM implementation (svm_impl=gpusvm, gpusvm_svm.rs on the kernel's
+# drm_gpusvm): the same bugs where it has them, killed by the same tests run against it.
+G='module-args=svm_impl=gpusvm'
+mut('gpusvm-second-pass-no-wait','gpusvm: the second pass does not wait for the devices',
+ 'complete() of the drm_gpusvm notifier takes the tickets and forgets them: the invalidation returns before any device finished its TLB invalidation.',
+ [LAT+' '+G+' only=coherence_after_syscall'],
+ [('gpusvm_svm.rs','''        let ticket = if t.failed { None } else { t.ticket.take() };
+        finish_tlb_invalidate(&t.vm, ticket);''','''        let ticket = if t.failed { None } else { t.ticket.take() };
+        core::mem::forget(ticket);''')])
+mut('gpusvm-one-device-skipped','gpusvm: one device of N is not invalidated',
+ 'The first pass of the shared drm_gpusvm notifier starts (and the second waits for) the TLB invalidation of the first device it tracks only; the others keep their stale translations.',
+ [LAT+' '+G+' only=coherence_after_syscall'],
+ [('gpusvm_svm.rs','''    // Start every device before anyone waits (without sleeping under the lock).
+    for t in p.targets.iter_mut().flatten() {''','''    // Start every device before anyone waits (without sleeping under the lock).
+    for t in p.targets.iter_mut().flatten().take(1) {''')])
+mut('gpusvm-ptes-cleared-no-flush','gpusvm: PTEs cleared, TLB never invalidated',
+ 'The first pass invalidates the drm_gpusvm pages and clears the PTEs but starts no TLB_INVALIDATE: whatever the TLBs hold stays usable.',
+ [LAT+' '+G+' only=coherence_after_syscall'],
+ [('gpusvm_svm.rs','''        match start_tlb_invalidate(&t.vm, t.start, t.end, false) {
+            Ok(tk) => t.ticket = Some(tk),
+            Err(e) if e == EBUSY => t.deferred = true,
+            Err(_) => t.failed = true,
+        }
+    }
+    if gc {''','''        let _ = t;
+    }
+    if gc {''')])
+mut('gpusvm-readonly-mapped-writable','gpusvm: a read-only (or COW-shared) page is mapped writable',
+ 'Pages got without write access (drm_gpusvm_get_pages with read_only: COW pages stay shared) are committed into writable PTEs: the GPU writes memory the CPU protects, or a page a forked child shares.',
+ ['gpus=1 '+G+' only=svm_mode_shared'],
+ [('gpusvm_svm.rs','''                    let r = pt.map(start as u64, &addrs, writable, &mut pre);''','''                    let r = pt.map(start as u64, &addrs, true, &mut pre);'''),
+  ('gpusvm_svm.rs','''        let writable = fl & vmf::WRITE != 0;
+        if write && !writable {
+            return Err(EACCES);
+        }''','''        let writable = fl & vmf::WRITE != 0;''')])
+mut('gpusvm-unmapped-pages-stay-valid','gpusvm: pages got but not yet committed survive an invalidation',
+ 'The first pass skips the pages whose device has no PTEs for them (got by drm_gpusvm_get_pages, not committed yet) instead of unmapping them: they stay valid, and the fault commits the addresses of pages the CPU just freed.',
+ ['gpus=1 '+G+' only=revalidation_races_invalidation', 'gpus=2 '+G+' only=svm_mode_shared'],
+ [('gpusvm_svm.rs','''            if !d.busy() {
+                // The device never mapped these pages: no need to stop it.
+                pg.unmap_locked(g);
+                continue;
+            }''','''            if !d.busy() {
+                continue;
+            }''')])
+mut('gpusvm-unmap-left-to-gc','gpusvm: the garbage collector drops unmapped ranges without invalidating',
+ 'On MMU_NOTIFY_UNMAP the first pass only marks the ranges unmapped (drm_gpusvm_range_set_unmapped) and queues the garbage collector, which removes them without clearing PTEs or invalidating TLBs: the GPU keeps writing the unmapped pages.',
+ [LAT+' '+G+' only=coherence_after_syscall'],
+ [('gpusvm_svm.rs','''        if unmap {
+            inv.set_unmapped(r);
+            gc = true;
+        }''','''        if unmap {
+            inv.set_unmapped(r);
+            gc = true;
+            continue;
+        }''')])
+mut('gpusvm-chunk-over-binding','gpusvm: ranges ignore the VM\'s bindings',
+ 'The GPU VA range given to drm_gpusvm_range_find_or_insert is always the 2 MiB chunk around the fault: a fault next to a binding makes a range that overlaps it and fails with EFAULT, for good.',
+ ['gpus=1 '+G+' only=svm_next_to_binding'],
+ [('gpusvm_svm.rs','''        .find(|r| !avoid(r.start as u64, (r.end - r.start) as u64))''','''        .find(|r| true || !avoid(r.start as u64, (r.end - r.start) as u64))'''),
+  ('gpusvm_svm.rs','''                self.evict(&range)?;
+                continue;''','''                if in_binding(start as u64, (end - start) as u64) {
+                    return Err(EFAULT);
+                }
+                self.evict(&range)?;
+                continue;''')])
+
+
 def main():
     check = '--check' in sys.argv[1:]
     src = os.path.join(ROOT, K)

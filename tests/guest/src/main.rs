@@ -47,10 +47,19 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            "--module-args" => match args.next() {
+                Some(list) => {
+                    util::set_module_args(list.split_whitespace().map(str::to_owned).collect())
+                }
+                None => {
+                    eprintln!("svmgpu-ktap: --module-args needs PARAM=VALUE[ PARAM=VALUE...]");
+                    std::process::exit(2);
+                }
+            },
             "--soak" => soak = args.next().and_then(|v| v.parse().ok()),
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "-h" | "--help" => {
-                println!("usage: svmgpu-ktap [--out FILE] [--only TEST[,TEST...]]\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\ntests:");
+                println!("usage: svmgpu-ktap [--out FILE] [--only TEST[,TEST...]] [--module-args 'PARAM=VALUE ...']\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\n--module-args: reload svmgpu.ko with these parameters first, and add them to every reload\n  by a test that does not set them itself (e.g. 'svm_impl=gpusvm': the SVM tests run on drm_gpusvm)\ntests:");
                 for t in tests::ALL {
                     println!("  {}", t.0);
                 }
@@ -82,6 +91,23 @@ fn main() {
         std::process::exit(soak::run(secs, seed, out));
     }
     let env = tests::Env::new();
+    if !util::module_args().is_empty() {
+        // The module init loaded runs without them: reload it with them, and wait until
+        // every device is bound again.
+        let r = util::run("rmmod", &["svmgpu"])
+            .and_then(|()| util::run("insmod", &[util::MODULE_PATH]));
+        if let Err(e) = r {
+            eprintln!(
+                "svmgpu-ktap: reloading svmgpu.ko with {:?}: {e}",
+                util::module_args()
+            );
+            std::process::exit(2);
+        }
+        let t0 = std::time::Instant::now();
+        while (util::bound_devices() as u32) < env.gpus && t0.elapsed().as_secs() < 10 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
     let selected: Vec<_> = match only.as_deref() {
         None => tests::ALL.iter().collect(),
         Some(list) => {
@@ -111,6 +137,12 @@ fn main() {
     let out: Box<dyn Write> = out;
     // One more result at the end: the devices' audit around every test (audit.rs).
     let mut k = ktap::Ktap::new(out, selected.len() + 1);
+    if !util::module_args().is_empty() {
+        k.diag(&format!(
+            "svmgpu.ko reloaded with {}",
+            util::module_args().join(" ")
+        ));
+    }
     if let Ok(uptime) = std::fs::read_to_string("/proc/uptime") {
         k.diag(&format!(
             "guest uptime at first test: {} s",

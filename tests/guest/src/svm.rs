@@ -75,7 +75,12 @@ pub fn mode_shared(env: &Env, name: &str, k: &mut K) {
 fn reload(mode: &str) -> TResult {
     run("rmmod", &["svmgpu"])?;
     // A name the parameter does not know is refused, and the module stays unloaded.
-    for bad in ["svm_mode=bogus", "svm_mode=Shared", "notifier_mode=two"] {
+    for bad in [
+        "svm_mode=bogus",
+        "svm_mode=Shared",
+        "notifier_mode=two",
+        "svm_impl=drm",
+    ] {
         ensure(run("insmod", &[MODULE_PATH, bad]).is_err(), || {
             format!("insmod svmgpu.ko {bad} succeeded")
         })?;

@@ -44,10 +44,35 @@ pub fn ctx<T>(what: &str, r: io::Result<T>) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// Runs a command; `Err` with its stderr if it fails.
+/// Module parameters every `insmod` of the driver gets in addition to its own
+/// (`svmgpu-ktap --module-args`, e.g. `svm_impl=gpusvm`: every test that reloads the
+/// module keeps the SVM implementation under test).
+static MODULE_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Sets the extra module parameters (once, before any test).
+pub fn set_module_args(args: Vec<String>) {
+    let _ = MODULE_ARGS.set(args);
+}
+
+/// The extra module parameters.
+pub fn module_args() -> &'static [String] {
+    MODULE_ARGS.get().map_or(&[], Vec::as_slice)
+}
+
+/// Runs a command; `Err` with its stderr if it fails. `insmod` of the driver also gets
+/// the parameters of [`set_module_args`] that the call does not set itself.
 pub fn run(cmd: &str, args: &[&str]) -> TResult {
+    let mut args: Vec<&str> = args.to_vec();
+    if cmd == "insmod" && args.first() == Some(&MODULE_PATH) {
+        for extra in module_args() {
+            let name = extra.split('=').next().unwrap_or_default();
+            if !args.iter().any(|a| a.split('=').next() == Some(name)) {
+                args.push(extra);
+            }
+        }
+    }
     let out = Command::new(cmd)
-        .args(args)
+        .args(&args)
         .output()
         .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
