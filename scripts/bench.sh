@@ -126,6 +126,15 @@ done"
         step "guest with $n vGPU(s), TLB latency $lat µs" run_guest \
             || { tail -n 30 "$dir.out" >&2; die "the guest run with $n vGPU(s) at $lat µs failed"; }
         grep -a '^bench=' "$dir/channel.log" | tr -d '\r' | sed "s/^/lat_us=$lat reps=$REPS guest_gpus=$n /" >>"$RESULTS"
+        # The devices' own per-stage timing over the whole guest run (statistics JSON).
+        python3 - "$dir/device-stats.json" "$lat" "$n" >>"$RESULTS" <<'PY'
+import json, sys
+devs = json.load(open(sys.argv[1]))
+keys = ["tlb_invalidations", "tlb_inval_device_ns", "tlb_inval_late_ns", "faults_retried",
+        "fault_retry_ns", "fault_deliver_ns", "fault_driver_ns", "fault_resume_ns"]
+print(f"lat_us={sys.argv[2]} guest_gpus={sys.argv[3]} bench=device "
+      + " ".join(f"{k}={sum(d.get(k, 0) for d in devs)}" for k in keys))
+PY
     done
 done
 

@@ -67,6 +67,9 @@ pub(crate) struct PendingInval {
     scope: Scope,
     seq: u64,
     deadline: Instant,
+    /// When it was accepted (its response in the used ring): the device-side timing of
+    /// invalidations (`tlb_inval_device_ns`, `tlb_inval_late_ns`, JSON only).
+    accepted: Instant,
     /// `OK`, or the failure an injection (`tlb-inval-error`) completes it with.
     status: Status,
 }
@@ -560,6 +563,16 @@ impl Device {
             }
             self.stats.inc(Counter::TlbInvalidations);
             self.stats.add(Counter::TlbEntriesInvalidated, dropped);
+            let done_at = Instant::now();
+            let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            self.stats.add_extra(
+                Extra::TlbInvalDeviceNs,
+                ns(done_at.saturating_duration_since(inv.accepted)),
+            );
+            self.stats.add_extra(
+                Extra::TlbInvalLateNs,
+                ns(done_at.saturating_duration_since(inv.deadline)),
+            );
             let st = self.lock();
             if st.generation == generation {
                 let done = command_done(
@@ -1235,6 +1248,7 @@ impl Device {
             scope,
             seq,
             deadline,
+            accepted: now,
             status,
         });
         self.timer.notify_all();
@@ -1866,6 +1880,7 @@ mod tests {
             scope: Scope::All,
             seq: d.log.accept(),
             deadline: t,
+            accepted: t,
             status: Status::Ok,
         };
         let generation = d.lock().generation;

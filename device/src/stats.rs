@@ -101,6 +101,13 @@ pub enum Extra {
     /// Of `fault_retry_ns`, the part from the acceptance of each FAULT_REPLY to the retry
     /// (the device waking an engine and taking the context up again).
     FaultResumeNs,
+    /// Of the invalidations counted in `tlb_invalidations`, the total time from each one's
+    /// acceptance to its COMMAND_DONE handed to the outbox: the device's part of an
+    /// invalidation (its latency, the timer's lateness, the MMU locks, the TLB scan).
+    TlbInvalDeviceNs,
+    /// Of `tlb_inval_device_ns`, the part after each invalidation's nominal deadline
+    /// (acceptance + latency + injected delay): how late the device completes them.
+    TlbInvalLateNs,
 }
 
 impl Extra {
@@ -111,6 +118,8 @@ impl Extra {
         Extra::TlbFillsUncached,
         Extra::FaultDeliverNs,
         Extra::FaultResumeNs,
+        Extra::TlbInvalDeviceNs,
+        Extra::TlbInvalLateNs,
     ];
 
     /// Its JSON name.
@@ -121,6 +130,8 @@ impl Extra {
             Extra::TlbFillsUncached => "tlb_fills_uncached",
             Extra::FaultDeliverNs => "fault_deliver_ns",
             Extra::FaultResumeNs => "fault_resume_ns",
+            Extra::TlbInvalDeviceNs => "tlb_inval_device_ns",
+            Extra::TlbInvalLateNs => "tlb_inval_late_ns",
         }
     }
 }
@@ -284,7 +295,8 @@ mod tests {
         assert!(
             j.ends_with(
                 "\"audit_mismatches\":0,\"faults_coalesced\":1,\"tlb_fills_uncached\":0,\
-                 \"fault_deliver_ns\":0,\"fault_resume_ns\":0,\"engines\":[]}"
+                 \"fault_deliver_ns\":0,\"fault_resume_ns\":0,\"tlb_inval_device_ns\":0,\
+                 \"tlb_inval_late_ns\":0,\"engines\":[]}"
             ),
             "{j}"
         );

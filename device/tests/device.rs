@@ -1655,4 +1655,18 @@ fn two_pass_invalidation_on_two_devices_overlaps_the_latencies() {
         two >= lat && two < single,
         "two-pass {two:?}, single-pass {single:?}"
     );
+    // The device's own timing of them (JSON-only counters): two invalidations each, each
+    // at least the latency from acceptance to COMMAND_DONE, and exactly the latency plus
+    // how late the timer completed it.
+    for r in [&a, &b] {
+        let stats = r.be.gpu.stats();
+        let device = stats.get_extra(Extra::TlbInvalDeviceNs);
+        let late = stats.get_extra(Extra::TlbInvalLateNs);
+        let nominal = 2 * lat.as_nanos() as u64;
+        assert!(device >= nominal, "{device} ns < {nominal} ns");
+        assert!(
+            (device - late).abs_diff(nominal) <= 2,
+            "device {device} ns - late {late} ns != {nominal} ns"
+        );
+    }
 }

@@ -156,6 +156,26 @@ def main():
     print()
     print("Device invalidation counts: " + ("every repetition made exactly iterations x N, and 0 in its baseline."
                                             if ok else "WRONG, see the FAILED lines above."))
+    # The devices' per-stage profile (statistics JSON of each guest, every run in it).
+    prof = {(int(r["lat_us"]), int(r["guest_gpus"])): r for r in rows if r["bench"] == "device"}
+    if prof:
+        print()
+        print("Device-side profile, per guest (all its runs; the devices' statistics JSON): an")
+        print("invalidation from acceptance to COMMAND_DONE (of which after its nominal deadline),")
+        print("and a fault by stage: raised -> event delivered, delivered -> reply accepted (the")
+        print("driver's part), accepted -> retried. Means in µs.")
+        print()
+        print("| latency (µs) | N | invalidations | accept -> done | of which late | faults | raised -> delivered | with the driver | reply -> retry | driver share |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for (lat, n), r in sorted(prof.items()):
+            ni, nf = int(r["tlb_invalidations"]), int(r["faults_retried"])
+
+            def mean(k, cnt):
+                return fmt(us(int(r[k]) / cnt)) if cnt else "-"
+            share = 100 * int(r["fault_driver_ns"]) / int(r["fault_retry_ns"]) if int(r["fault_retry_ns"]) else None
+            print(f"| {lat} | {n} | {ni} | {mean('tlb_inval_device_ns', ni)} | {mean('tlb_inval_late_ns', ni)} | "
+                  f"{nf} | {mean('fault_deliver_ns', nf)} | {mean('fault_driver_ns', nf)} | "
+                  f"{mean('fault_resume_ns', nf)} | {fmt(share, 1)} % |")
     # Faults.
     faults = {int(r["devices"]): r for r in rows if r["bench"] == "fault"}
     if faults:
