@@ -496,6 +496,12 @@ impl GSvm {
     ) -> Result<usize> {
         let addr = addr & !(SZ_4K - 1);
         let mut hmm_failures = 0;
+        // A read fault maps the range writable when the VMA is, which is only
+        // opportunistic: an `EPERM` from `hmm_range_fault` there means the VMA became
+        // read-only since the lookup (`mprotect` racing), and the range is then mapped
+        // read-only rather than the fault failed (an unpaced mprotect churn made eight
+        // such races in a row fail a read).
+        let mut read_only = false;
         for _ in 0..FAULT_TRIES {
             let vma = self.vma_info(addr, write)?;
             // Unmapped ranges go first, so the view of the ranges is current.
@@ -533,9 +539,10 @@ impl GSvm {
                 Err(e) if e == EFAULT => continue,
                 Err(e) => return Err(e),
             };
-            match self.populate(vm, acc, &range, &pages, vma.writable) {
+            match self.populate(vm, acc, &range, &pages, vma.writable && !read_only) {
                 Ok(true) => return Ok(end),
                 Ok(false) => continue,
+                Err(e) if e == EPERM && !write && !read_only => read_only = true,
                 Err(e) if e == EFAULT || e == EPERM => {
                     hmm_failures += 1;
                     if hmm_failures >= HMM_TRIES {

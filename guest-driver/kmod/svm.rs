@@ -619,6 +619,12 @@ impl Svm {
         // times before it is final (a permanent one, e.g. a file page beyond EOF, fails
         // the same way every time).
         let mut hmm_failures = 0;
+        // A read fault maps the range writable when the VMA is, which is only
+        // opportunistic: an `EPERM` from `hmm_range_fault` there means the VMA became
+        // read-only since the lookup (`mprotect` racing), and the range is then mapped
+        // read-only rather than the fault failed (an unpaced mprotect churn made eight
+        // such races in a row fail a read).
+        let mut read_only = false;
         for _ in 0..FAULT_TRIES {
             let vma = self.vma_info(addr, write)?;
             let (start, end) = self.range_for(vm, addr, &vma, &in_binding)?;
@@ -632,10 +638,11 @@ impl Svm {
                 self.evict(start)?;
                 continue;
             }
-            match self.populate(vm, acc, start, end, vma.writable) {
+            match self.populate(vm, acc, start, end, vma.writable && !read_only) {
                 Ok(true) => return Ok(end),
                 // The range went away (unmapped) or an invalidation raced: again.
                 Ok(false) => continue,
+                Err(e) if e == EPERM && !write && !read_only => read_only = true,
                 Err(e) if e == EFAULT || e == EPERM => {
                     hmm_failures += 1;
                     if hmm_failures >= HMM_TRIES {
