@@ -16,7 +16,6 @@
 use core::{cell::UnsafeCell, mem::ManuallyDrop, ptr::NonNull};
 
 use kernel::{
-    bindings,
     prelude::*,
     sync::{
         atomic::{Acquire, Atomic, Relaxed, Release},
@@ -25,7 +24,7 @@ use kernel::{
     types::Opaque,
 };
 
-use crate::mmu_notifier::FinishItem;
+use crate::mmu_notifier::{FinishItem, FinishLink};
 
 /// Slots per pool (one per concurrent two-pass invalidation).
 pub(crate) const POOL: usize = 64;
@@ -33,7 +32,7 @@ pub(crate) const POOL: usize = 64;
 /// One second-pass state `P`, embedding the core's `struct mmu_interval_notifier_finish`.
 #[repr(C)]
 struct FinishSlot<P> {
-    link: Opaque<bindings::mmu_interval_notifier_finish>,
+    link: Opaque<FinishLink>,
     /// The state, and while the core holds the slot the reference on the pool; both owned
     /// by whoever took the slot (between `get` and the `FinishRef`'s drop).
     pending: UnsafeCell<Option<P>>,
@@ -104,7 +103,7 @@ impl<P: Send> Drop for FinishRef<P> {
 // pool in the slot, so the slot stays allocated while the core holds the pointer;
 // `from_link` recovers the slot with `container_of!` and takes the reference back.
 unsafe impl<P: Send> FinishItem for FinishRef<P> {
-    fn into_link(self) -> NonNull<bindings::mmu_interval_notifier_finish> {
+    fn into_link(self) -> NonNull<FinishLink> {
         let this = ManuallyDrop::new(self);
         // SAFETY: `this.pool` is read once and `this` is never used or dropped again.
         let pool = unsafe { core::ptr::read(&this.pool) };
@@ -117,7 +116,7 @@ unsafe impl<P: Send> FinishItem for FinishRef<P> {
         unsafe { NonNull::new_unchecked(link) }
     }
 
-    unsafe fn from_link(link: NonNull<bindings::mmu_interval_notifier_finish>) -> Self {
+    unsafe fn from_link(link: NonNull<FinishLink>) -> Self {
         // SAFETY: Per the contract, `link` is the `link` field of a `FinishSlot<P>` that
         // `into_link` handed out and that was not recovered since.
         let slot = unsafe {

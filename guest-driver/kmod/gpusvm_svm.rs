@@ -63,14 +63,13 @@ use crate::{
     drm_driver::{SvmgpuDevice, SvmgpuDrm},
     finish_pool::{self, FinishPool},
     gpu::GpuAccess,
-    mmu_notifier::{self, FinishItem},
+    mmu_notifier::{self, FinishItem, FinishLink},
     pagetable::Prealloc,
     vm::Vm,
     wire, SvmMode,
 };
 use core::ptr::NonNull;
 use kernel::{
-    bindings,
     drm::gpusvm::{
         self as gs, Ctx, DriverGpuSvm, GpuSvm, Invalidation, Notifier, NotifierWriteGuard,
         PagesRef, Passes, RangeRef, SvmPages, SvmRange,
@@ -341,11 +340,11 @@ pub(crate) struct GFinish(finish_pool::FinishRef<Pending>);
 
 // SAFETY: `FinishItem` guarantees the same: the link of a live slot, the same slot back.
 unsafe impl gs::Finish for GFinish {
-    fn into_raw(self) -> NonNull<bindings::mmu_interval_notifier_finish> {
+    fn into_raw(self) -> NonNull<FinishLink> {
         self.0.into_link()
     }
 
-    unsafe fn from_raw(ptr: NonNull<bindings::mmu_interval_notifier_finish>) -> Self {
+    unsafe fn from_raw(ptr: NonNull<FinishLink>) -> Self {
         // SAFETY: Per the contract, `ptr` came from `into_raw`, i.e. `into_link`.
         Self(unsafe { finish_pool::FinishRef::from_link(ptr) })
     }

@@ -112,6 +112,10 @@ pub(crate) enum Start<F> {
     Finish(F),
 }
 
+/// The C link of a second-pass state (`struct mmu_interval_notifier_finish`), which a
+/// [`FinishItem`] embeds and hands to the core.
+pub(crate) type FinishLink = bindings::mmu_interval_notifier_finish;
+
 /// An object that carries the state between the two passes.
 ///
 /// # Safety
@@ -121,14 +125,14 @@ pub(crate) enum Start<F> {
 /// on it, which must return the same object.
 pub(crate) unsafe trait FinishItem: Sized {
     /// Hands the object to the core.
-    fn into_link(self) -> NonNull<bindings::mmu_interval_notifier_finish>;
+    fn into_link(self) -> NonNull<FinishLink>;
 
     /// Takes the object back.
     ///
     /// # Safety
     ///
     /// `link` must come from [`FinishItem::into_link`] of this type, and be used once.
-    unsafe fn from_link(link: NonNull<bindings::mmu_interval_notifier_finish>) -> Self;
+    unsafe fn from_link(link: NonNull<FinishLink>) -> Self;
 }
 
 /// The callbacks of an [`IntervalNotifier`].
