@@ -34,8 +34,14 @@
  *   through an MMU interval notifier (munmap, mprotect, madvise, fork/COW, migration...).
  * - EXEC returns a *fence*: a per-queue sequence number, signalled when the job (and
  *   every earlier job of the queue) completed. WAIT waits for one with a timeout and
- *   reports the job's outcome. (The kernel's Rust tree has no dma_fence/syncobj
- *   abstraction yet; these fences are the driver's own, see guest-driver/README.md.)
+ *   reports the job's outcome.
+ * - The same completion is a standard dma_fence (one fence context per exec queue, the
+ *   fence's seqno is the job's fence, its error the outcome WAIT reports), which EXEC
+ *   installs in *out-syncobjs*; EXEC also takes *in-syncobjs* whose fences the job waits
+ *   for (struct drm_svmgpu_sync). The DRM core's syncobj ioctls then work as for any
+ *   GPU: DRM_IOCTL_SYNCOBJ_WAIT / TIMELINE_WAIT, export as a sync_file
+ *   (DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD with DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_EXPORT_SYNC_FILE)
+ *   for poll() or another driver, import, transfer between binary and timeline syncobjs.
  *
  * Every ioctl validates all its arguments: undefined flags and nonzero padding or
  * reserved fields are EINVAL; so is a nonzero @extensions (the create ioctls carry a
@@ -280,6 +286,33 @@ struct drm_svmgpu_vm_bind {
 /* Largest batch (spec: MAX_BATCH_LEN). */
 #define SVMGPU_MAX_BATCH_LEN (1u << 24)
 
+/* struct drm_svmgpu_sync flags. */
+#define SVMGPU_SYNC_SIGNAL (1u << 0) /* out-syncobj: signalled by the job; else in: waited for */
+
+/* Most syncobjs one EXEC takes (in and out together). */
+#define SVMGPU_MAX_SYNCS 64
+
+/**
+ * struct drm_svmgpu_sync - a syncobj an EXEC waits for or signals
+ * @handle: in: a syncobj handle of the calling file (DRM_IOCTL_SYNCOBJ_CREATE).
+ * @flags: in: SVMGPU_SYNC_*.
+ * @point: in: a timeline point (nonzero: the syncobj is used as a timeline), or 0 (a
+ *   binary syncobj: its one fence).
+ *
+ * An in-syncobj (no SVMGPU_SYNC_SIGNAL): the job runs only after the fence it holds (at
+ * @point) signalled, whatever that fence's outcome. The fence must exist when EXEC is
+ * called: a binary syncobj without a fence, or a timeline point not yet submitted, is
+ * EINVAL (as in xe and the drm_sched drivers; wait-before-signal is user space's job).
+ * An out-syncobj (SVMGPU_SYNC_SIGNAL): once the job is queued, its fence replaces the
+ * syncobj's (binary), or is added to the timeline at @point (points should increase: the
+ * DRM core accepts an earlier one, but a timeline query may then report 0).
+ */
+struct drm_svmgpu_sync {
+	__u32 handle;
+	__u32 flags;
+	__u64 point;
+};
+
 /**
  * struct drm_svmgpu_exec - DRM_IOCTL_SVMGPU_EXEC
  * @queue_id: in: the exec queue.
@@ -289,13 +322,23 @@ struct drm_svmgpu_vm_bind {
  * @batch_len: in: bytes, a nonzero multiple of 8, at most SVMGPU_MAX_BATCH_LEN.
  * @pad: zero.
  * @fence: out: the job's fence, for WAIT (increasing per queue).
+ * @syncs: in: user pointer to @num_syncs struct drm_svmgpu_sync (in- and out-syncobjs),
+ *   or 0 with @num_syncs 0.
+ * @num_syncs: in: at most SVMGPU_MAX_SYNCS.
+ * @pad2: zero.
  *
- * Not fault mode: first revalidates every binding of the VM whose CPU pages were
- * invalidated (faulting them in again) and queues the job only if no invalidation
- * raced with that (the VM_BIND locking rules; it retries otherwise).
+ * The call first looks up every syncobj (and the fences of the in-syncobjs), then waits
+ * (interruptibly, without a timeout, before anything else happens) until every in-fence
+ * signalled: the device has no job dependencies, so the driver holds the job back
+ * itself. Then, not fault mode: it revalidates every binding of the VM whose CPU pages
+ * were invalidated (faulting them in again) and queues the job only if no invalidation
+ * raced with that (the VM_BIND locking rules; it retries otherwise). Once the job is
+ * queued, its fence is installed in every out-syncobj; nothing can fail after that.
  *
- * Errors: EINVAL (flags, pad, alignment, length, VA range), ENOENT (no such queue),
- * EFAULT (not fault mode: a binding's CPU range is no longer mapped; unbind it),
+ * Errors: EINVAL (flags, pad, pad2, alignment, length, VA range, @num_syncs, a sync's
+ * flags, an in-syncobj without a fence at @point), ENOENT (no such queue, an unknown
+ * syncobj handle), EFAULT (@syncs unreadable; not fault mode: a binding's CPU range is no
+ * longer mapped, unbind it),
  * EIO (the queue is in the error state after a failed job, or was lost in a device
  * reset: destroy it), ECANCELED (a job of the queue hung: the queue is banned, destroy
  * it; or the file is banned after SVMGPU_HANG_BAN_LIMIT hangs), EBUSY (64 jobs already
@@ -310,6 +353,9 @@ struct drm_svmgpu_exec {
 	__u32 batch_len;
 	__u32 pad;
 	__u64 fence;
+	__u64 syncs;
+	__u32 num_syncs;
+	__u32 pad2;
 };
 
 /**
