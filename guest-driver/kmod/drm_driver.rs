@@ -8,6 +8,7 @@ use crate::{
     fence::Client,
     gpu::Gpu,
     handles::{Destroy, Handles},
+    syncs::Syncs,
     virtio,
     vm::{self, Vm},
     wire, NotifierMode,
@@ -31,7 +32,7 @@ pub(crate) type SvmgpuDevice<Ctx = drm::Normal> = drm::Device<SvmgpuDrm, Ctx>;
 
 const INFO: drm::DriverInfo = drm::DriverInfo {
     major: 0,
-    minor: 1,
+    minor: 2,
     patchlevel: 0,
     name: c"svmgpu",
     desc: c"svmgpu virtual GPU",
@@ -60,6 +61,7 @@ impl drm::Driver for SvmgpuDrm {
 
     const INFO: drm::DriverInfo = INFO;
     const FEAT_RENDER: bool = true;
+    const FEAT_SYNCOBJ: bool = true;
 
     fn show_fdinfo(_dev: &Dev, file: &DrmFile, p: &mut Printer) {
         File::show_fdinfo(file, p);
@@ -151,7 +153,7 @@ impl drm::file::DriverFile for File {
 }
 
 type Dev = SvmgpuDevice<Registered>;
-type DrmFile = drm::File<File>;
+pub(crate) type DrmFile = drm::File<File>;
 
 fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     let n = dst.len().min(src.len());
@@ -390,6 +392,7 @@ impl File {
     ) -> Result<u32> {
         if a.flags != 0
             || a.pad != 0
+            || a.pad2 != 0
             || a.batch_va % 8 != 0
             || a.batch_len % 8 != 0
             || a.batch_len == 0
@@ -403,8 +406,12 @@ impl File {
         if q.fences.client.banned() {
             return Err(ECANCELED);
         }
+        let syncs = Syncs::resolve(file, a.syncs, a.num_syncs)?;
+        syncs.wait()?;
         let acc = gpu.enter()?;
-        a.fence = q.vm.exec(&q, &acc, a.batch_va, a.batch_len)?;
+        let (seqno, fence) = q.vm.exec(&q, &acc, a.batch_va, a.batch_len)?;
+        syncs.signal_with(&fence);
+        a.fence = seqno;
         Ok(0)
     }
 

@@ -2,11 +2,20 @@
 
 //! The driver's job fences.
 //!
-//! The kernel's Rust tree has no `dma_fence` / syncobj abstraction yet, so the fences are
-//! the driver's own: a job's fence is the `seqno` of its `JOB_SUBMIT`. The control queue
-//! hands out seqnos in the order it puts commands on the ring, so the jobs of one exec
-//! queue have increasing seqnos. A fence signals when its job *and every earlier job of the
-//! queue* got a `JOB_DONE`: `completed` is the seqno up to which that holds.
+//! A job's fence is the `seqno` of its `JOB_SUBMIT`. The control queue hands out seqnos in
+//! the order it puts commands on the ring, so the jobs of one exec queue have increasing
+//! seqnos. A fence signals when its job *and every earlier job of the queue* got a
+//! `JOB_DONE`: `completed` is the seqno up to which that holds.
+//!
+//! Each job also has a standard `dma_fence` (kernel patch 0011, `kernel::dma_fence`): the
+//! queue is one fence context, the job's seqno is the fence's, and the fence signals with
+//! the job's outcome (the error `WAIT` reports) at the moment the job's outcome becomes
+//! known here: when it retires in order, or when the queue is lost or hangs. EXEC installs
+//! it in the caller's out-syncobjs. The fence is created in [`Fences::register`], under the
+//! control queue's lock where the seqno is handed out, from memory EXEC allocated before
+//! ([`FenceSlot`]); the pending job owns the only [`UnsignalledFence`], so every job's fence
+//! is signalled exactly once, and a job dropped without an outcome (the queue freed with jobs
+//! pending) signals `-ECANCELED`.
 //!
 //! Nothing a `JOB_DONE` says is trusted blindly (spec 6.6, 6.16.2): every job the device
 //! accepted is recorded in `pending` (under the control queue's lock, before the request
@@ -20,13 +29,16 @@
 //! [`Fences::lose`] / [`Fences::hang`].
 //!
 //! `JOB_DONE` is handled in the complq interrupt callback: the state is under an IRQ-safe
-//! spinlock and waiters sleep on a condition variable.
+//! spinlock and waiters sleep on a condition variable. `dma_fence`s are signalled under
+//! that spinlock (their callbacks run in any context, and never take it).
 
 use crate::wire;
 use kernel::{
+    dma_fence::{Context, Fence, FenceNames, FenceSlot, UnsignalledFence},
     new_condvar, new_spinlock_irq,
     prelude::*,
     sync::{
+        aref::ARef,
         atomic::{Atomic, Relaxed},
         Arc, CondVar, CondVarTimeoutResult, SpinLockIrq,
     },
@@ -78,11 +90,28 @@ impl Client {
     }
 }
 
-#[derive(Clone, Copy)]
 struct Job {
     seqno: u64,
     /// The `JOB_DONE` status, once it arrived.
     done: Option<u32>,
+    /// The job's `dma_fence`, until it is signalled with the job's outcome.
+    fence: Option<UnsignalledFence>,
+}
+
+impl Job {
+    const NONE: Job = Job {
+        seqno: 0,
+        done: None,
+        fence: None,
+    };
+}
+
+/// The names of the job fences.
+struct JobFenceNames;
+
+impl FenceNames for JobFenceNames {
+    const DRIVER_NAME: &'static CStr = c"svmgpu";
+    const TIMELINE_NAME: &'static CStr = c"svmgpu-exec-queue";
 }
 
 /// Why the queue's remaining jobs failed without a `JOB_DONE`.
@@ -131,6 +160,17 @@ pub(crate) struct Outcome {
     pub(crate) status: u32,
 }
 
+impl Outcome {
+    /// The outcome as a `dma_fence` result.
+    fn result(self) -> Result {
+        if self.error == 0 {
+            Ok(())
+        } else {
+            Err(Error::from_errno(self.error))
+        }
+    }
+}
+
 /// What [`Fences::job_done`] made of a `JOB_DONE`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DoneKind {
@@ -160,6 +200,8 @@ pub(crate) struct Fences {
     state: SpinLockIrq<State>,
     #[pin]
     cv: CondVar,
+    /// The `dma_fence` context of the queue's job fences.
+    context: Context,
     /// The open file the queue belongs to (hang accounting, bans).
     pub(crate) client: Arc<Client>,
 }
@@ -172,7 +214,7 @@ impl Fences {
                     floor,
                     submitted: floor,
                     completed: floor,
-                    pending: [Job { seqno: 0, done: None }; MAX_PENDING],
+                    pending: [Job::NONE; MAX_PENDING],
                     npending: 0,
                     progress: Instant::<Monotonic>::now(),
                     error: None,
@@ -184,6 +226,7 @@ impl Fences {
                 "svmgpu_fences"
             ),
             cv <- new_condvar!("svmgpu_fences_cv"),
+            context: Context::new(),
             client,
         })
     }
@@ -206,22 +249,29 @@ impl Fences {
     }
 
     /// Records the seqno of a `JOB_SUBMIT` about to be put on the ring (called under the
-    /// control queue's lock, so before any `JOB_DONE` for it can arrive). Returns false if
-    /// there is no room (the submission must then not be sent).
-    pub(crate) fn register(&self, seqno: u64) -> bool {
+    /// control queue's lock, so before any `JOB_DONE` for it can arrive), and makes the
+    /// job's `dma_fence` in `slot`. Returns the fence, or gives `slot` back if there is no
+    /// room (the submission must then not be sent).
+    fn register(&self, seqno: u64, slot: FenceSlot) -> Result<ARef<Fence>, FenceSlot> {
         let mut s = self.state.lock();
         if s.npending == MAX_PENDING || s.lost.is_some() {
-            return false;
+            return Err(slot);
         }
         if s.npending == 0 {
             let now = Instant::<Monotonic>::now();
             s.progress = now;
             s.busy_since = Some(now);
         }
+        let fence = slot.init::<JobFenceNames>(&self.context, seqno);
+        let shared = fence.fence().clone();
         let n = s.npending;
-        s.pending[n] = Job { seqno, done: None };
+        s.pending[n] = Job {
+            seqno,
+            done: None,
+            fence: Some(fence),
+        };
         s.npending += 1;
-        true
+        Ok(shared)
     }
 
     /// The submission of `seqno` ended: accepted (its fence is returned to user space) or
@@ -237,7 +287,10 @@ impl Fences {
             .position(|j| j.seqno == seqno)
         {
             let n = s.npending;
-            s.pending.copy_within(i + 1..n, i);
+            s.pending[i..n].rotate_left(1);
+            // Never returned to user space, but maybe installed nowhere yet either: its
+            // fence (dropped here) signals -ECANCELED.
+            s.pending[n - 1] = Job::NONE;
             s.npending -= 1;
         }
         Self::retire(&mut s);
@@ -283,14 +336,32 @@ impl Fences {
                 }
                 s.error = Some((seqno, errno, status));
             }
+            Self::signal(s, k);
             k += 1;
         }
         if k > 0 {
             let n = s.npending;
-            s.pending.copy_within(k..n, 0);
+            s.pending[..n].rotate_left(k);
             s.npending -= k;
             s.progress = Instant::<Monotonic>::now();
         }
+    }
+
+    /// Signals the `dma_fence` of pending job `k`, whose outcome is known.
+    fn signal(s: &mut State, k: usize) {
+        let outcome = Self::outcome(s, s.pending[k].seqno);
+        if let (Some(o), Some(fence)) = (outcome, s.pending[k].fence.take()) {
+            fence.signal(o.result());
+        }
+    }
+
+    /// The queue is lost (`s.lost` set): signals the fences of every pending job with
+    /// their outcome, and forgets the jobs.
+    fn drop_pending(s: &mut State) {
+        for k in 0..s.npending {
+            Self::signal(s, k);
+        }
+        s.npending = 0;
     }
 
     /// `JOB_DONE` for `seqno` with `status` (interrupt context).
@@ -337,7 +408,7 @@ impl Fences {
                 rest: errno,
             });
         }
-        s.npending = 0;
+        Self::drop_pending(&mut s);
         self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
@@ -371,7 +442,7 @@ impl Fences {
         s.hung = true;
         // Jobs before the hung one that did complete keep their outcome.
         Self::retire(&mut s);
-        s.npending = 0;
+        Self::drop_pending(&mut s);
         self.end_busy_period(&mut s);
         drop(s);
         self.cv.notify_all();
@@ -478,8 +549,120 @@ pub(crate) fn jiffies_to_ns(j: Jiffies) -> u64 {
     (j as u64).saturating_mul(1_000_000_000) / hz as u64
 }
 
-impl crate::ctrl::SeqnoHook for Fences {
+/// The seqno hook of one job submission: registers the job with its queue's fences and
+/// makes its `dma_fence` from memory allocated before (no allocation under the control
+/// queue's lock).
+pub(crate) struct JobRegistration<'a> {
+    fences: &'a Fences,
+    slot: core::cell::Cell<Option<FenceSlot>>,
+    fence: core::cell::Cell<Option<ARef<Fence>>>,
+}
+
+impl<'a> JobRegistration<'a> {
+    /// Allocates the job's `dma_fence` (may sleep).
+    pub(crate) fn new(fences: &'a Fences) -> Result<Self> {
+        Ok(Self {
+            fences,
+            slot: core::cell::Cell::new(Some(FenceSlot::new(GFP_KERNEL)?)),
+            fence: core::cell::Cell::new(None),
+        })
+    }
+
+    /// The job's `dma_fence`, once the job was registered.
+    pub(crate) fn take_fence(&self) -> Option<ARef<Fence>> {
+        self.fence.take()
+    }
+}
+
+impl crate::ctrl::SeqnoHook for JobRegistration<'_> {
     fn register(&self, seqno: u64) -> bool {
-        Fences::register(self, seqno)
+        let Some(slot) = self.slot.take() else {
+            // One registration per submission attempt.
+            return false;
+        };
+        match self.fences.register(seqno, slot) {
+            Ok(fence) => {
+                self.fence.set(Some(fence));
+                true
+            }
+            Err(slot) => {
+                self.slot.set(Some(slot));
+                false
+            }
+        }
+    }
+}
+
+#[kunit_tests(svmgpu_job_fences)]
+mod tests {
+    use super::*;
+    use crate::ctrl::SeqnoHook;
+
+    /// A queue's fences, and the `dma_fence` of each of its jobs.
+    type Queue = (Pin<KBox<Fences>>, KVec<ARef<Fence>>);
+
+    /// A queue with jobs `seqnos` registered (as the control queue would).
+    fn queue(seqnos: &[u64]) -> Result<Queue> {
+        let fences = KBox::pin_init(Fences::new(10, Client::new()?), GFP_KERNEL)?;
+        let mut out = KVec::new();
+        for &seqno in seqnos {
+            let job = JobRegistration::new(&fences)?;
+            assert!(job.register(seqno));
+            fences.end_submit(seqno, true);
+            out.push(job.take_fence().ok_or(EINVAL)?, GFP_KERNEL)?;
+        }
+        Ok((fences, out))
+    }
+
+    fn status_of(f: &Fence) -> Option<i32> {
+        f.status().map(|r| r.map_or_else(|e| e.to_errno(), |()| 0))
+    }
+
+    #[test]
+    fn job_fences_signal_in_order_with_the_job_outcome() -> Result {
+        let (fences, f) = queue(&[11, 12, 13])?;
+        assert_eq!(f[0].seqno(), 11);
+        assert_eq!(f[0].context(), f[2].context());
+        // 12 completes first (reordered): nothing signals until 11 did.
+        assert!(fences.job_done(12, wire::Status::JobFault.as_u32()) == DoneKind::Accepted);
+        assert_eq!(status_of(&f[0]), None);
+        assert_eq!(status_of(&f[1]), None);
+        assert!(fences.job_done(11, wire::Status::Ok.as_u32()) == DoneKind::Accepted);
+        assert_eq!(status_of(&f[0]), Some(0));
+        assert_eq!(status_of(&f[1]), Some(EFAULT.to_errno()));
+        // Skipped behind the failed job.
+        assert!(fences.job_done(13, wire::Status::JobSkipped.as_u32()) == DoneKind::Accepted);
+        assert_eq!(status_of(&f[2]), Some(ECANCELED.to_errno()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_hang_and_a_loss_signal_every_pending_fence() -> Result {
+        let (fences, f) = queue(&[11, 12, 13])?;
+        assert!(fences.job_done(11, wire::Status::Ok.as_u32()) == DoneKind::Accepted);
+        assert_eq!(fences.hang(None), Some(12));
+        assert_eq!(status_of(&f[0]), Some(0));
+        assert_eq!(status_of(&f[1]), Some(ETIMEDOUT.to_errno()));
+        assert_eq!(status_of(&f[2]), Some(ECANCELED.to_errno()));
+
+        let (fences, f) = queue(&[11, 12])?;
+        fences.lose(EIO.to_errno());
+        assert_eq!(status_of(&f[0]), Some(EIO.to_errno()));
+        assert_eq!(status_of(&f[1]), Some(EIO.to_errno()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_refused_submission_or_a_freed_queue_leaves_no_fence_unsignalled() -> Result {
+        let (fences, f) = queue(&[11])?;
+        let job = JobRegistration::new(&fences)?;
+        assert!(job.register(12));
+        fences.end_submit(12, false);
+        let refused = job.take_fence().ok_or(EINVAL)?;
+        assert_eq!(status_of(&refused), Some(ECANCELED.to_errno()));
+        assert_eq!(status_of(&f[0]), None);
+        drop(fences);
+        assert_eq!(status_of(&f[0]), Some(ECANCELED.to_errno()));
+        Ok(())
     }
 }

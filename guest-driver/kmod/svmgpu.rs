@@ -64,8 +64,9 @@
 //!    wait;
 //! 7. IRQ-safe spinlocks shared with the interrupt callbacks, taken last and never
 //!    around a sleep: the control queue (then a queue's fences, whose seqno hook it
-//!    calls), the receive rings, the context table, the device's fault ring, the hang
-//!    ring, the reset events; and each VM's fault queue (a plain spinlock).
+//!    calls, then a job's `dma_fence`, signalled under the fences' lock), the receive
+//!    rings, the context table, the device's fault ring, the hang ring, the reset events;
+//!    and each VM's fault queue (a plain spinlock).
 //!
 //! Beside that chain, per device: the *reset lock* (mutex), then the VM table (mutex),
 //! then a VM's notifier lock (6: re-binding ASIDs after a reset reads the page-table
@@ -105,6 +106,7 @@ mod reclaim_queue;
 mod svm;
 mod svm_impl;
 mod svm_pages;
+mod syncs;
 mod userptr;
 mod virtio;
 mod vm;

@@ -9,6 +9,7 @@ use crate::{
     drm_driver::SvmgpuDevice,
     exec_queue::ExecQueue,
     faults::{FaultRec, FaultRing},
+    fence::JobRegistration,
     gpu::{Gpu, GpuAccess},
     mmu_notifier::{self, IntervalNotifier, Passes},
     pagetable::PageTable,
@@ -17,9 +18,10 @@ use crate::{
     wire, NotifierMode,
 };
 use kernel::{
+    dma_fence::Fence,
     new_mutex, new_spinlock, new_work,
     prelude::*,
-    sync::{Arc, LockedBy, Mutex, SpinLock},
+    sync::{aref::ARef, Arc, LockedBy, Mutex, SpinLock},
     time::{delay::fsleep, Delta, Instant, Monotonic},
     workqueue::{impl_has_work, Work, WorkItem},
 };
@@ -549,7 +551,7 @@ impl Vm {
         acc: &GpuAccess<'_>,
         batch_va: u64,
         batch_len: u32,
-    ) -> Result<u64> {
+    ) -> Result<(u64, ARef<Fence>)> {
         let mut vs = self.lock.lock();
         if vs.dead {
             return Err(ENODEV);
@@ -568,6 +570,9 @@ impl Vm {
                     })?;
                 }
             }
+            // The job's dma_fence, allocated before the notifier lock under which it is made
+            // (an allocation there could recurse into reclaim, and so into notifiers).
+            let job = JobRegistration::new(&q.fences)?;
             let ns = self.nlock.lock();
             if ns.dead {
                 return Err(ENODEV);
@@ -601,7 +606,7 @@ impl Vm {
                 wire::Opcode::JobSubmit,
                 &body,
                 0,
-                Some(&*q.fences),
+                Some(&job),
                 &registered,
                 false,
             );
@@ -638,10 +643,11 @@ impl Vm {
             let r = r
                 .map_err(|e| if e == ENOBUFS { EBUSY } else { e })
                 .and_then(|reply| reply.ok());
-            if let Ok(seqno) = r {
-                q.fences.end_submit(seqno, true);
-            }
-            return r;
+            let seqno = r?;
+            q.fences.end_submit(seqno, true);
+            // Registered (it was accepted): the hook made the fence.
+            let fence = job.take_fence().ok_or(EIO)?;
+            return Ok((seqno, fence));
         }
         Err(EAGAIN)
     }
