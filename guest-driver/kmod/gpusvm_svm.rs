@@ -65,8 +65,9 @@ use crate::{
     gpu::GpuAccess,
     mmu_notifier::{self, FinishItem, FinishLink},
     pagetable::Prealloc,
+    svm_invalidation::{start_tlb_invalidate, Pending, Target, MAX_TARGETS},
     vm::Vm,
-    wire, SvmMode,
+    SvmMode,
 };
 use core::ptr::NonNull;
 use kernel::{
@@ -96,8 +97,6 @@ const NOTIFIER_SIZE: usize = 512 << 20;
 static CHUNKS: [c_ulong; 3] = [SZ_2M, SZ_64K, SZ_4K];
 /// The CPU address space a `drm_gpusvm` mirrors (x86-64 user space).
 const MM_RANGE: usize = 1 << 47;
-/// Devices (VMs) one pending invalidation tracks; more are invalidated synchronously.
-const MAX_TARGETS: usize = 16;
 /// Fault retries against racing invalidations before `EAGAIN`.
 const FAULT_TRIES: usize = 64;
 /// `hmm_range_fault` failures (`EFAULT`) before the fault fails.
@@ -829,88 +828,6 @@ impl GSvm {
 }
 
 // ---- invalidation ---------------------------------------------------------------------------
-
-/// One device (VM) an invalidation started on.
-struct Target {
-    vm: Arc<Vm>,
-    ticket: Option<crate::ctrl::Ticket>,
-    /// The first pass could not start the command without sleeping (back-pressure): the
-    /// second pass starts it.
-    deferred: bool,
-    /// The command could not be started: reset the device.
-    failed: bool,
-    start: u64,
-    end: u64,
-}
-
-/// The first pass's state, carried to the second.
-pub(crate) struct Pending {
-    targets: [Option<Target>; MAX_TARGETS],
-    /// More VMs were hit than `targets` holds: their pages carry `token`.
-    overflow: bool,
-    /// Pages marked by another overflowing invalidation were hit.
-    conflict: bool,
-    /// Names this invalidation in the pages it could not track (never 0).
-    token: u64,
-    start: usize,
-    end: usize,
-    t0: Instant<Monotonic>,
-}
-
-/// Source of [`Pending::token`].
-static TOKENS: Atomic<u64> = Atomic::new(1);
-
-impl Pending {
-    fn new(start: usize, end: usize) -> Self {
-        Self {
-            targets: [const { None }; MAX_TARGETS],
-            overflow: false,
-            conflict: false,
-            token: TOKENS.fetch_add(1, Relaxed),
-            start,
-            end,
-            t0: Instant::<Monotonic>::now(),
-        }
-    }
-
-    /// Counts the invalidation on every device it stops, as one of `two` passes or one.
-    fn count(&self, two: bool) {
-        for t in self.targets.iter().flatten() {
-            let s = &t.vm.gpu.stats;
-            if two {
-                s.invalidations_two_pass.add(1, Relaxed);
-            } else {
-                s.invalidations_single_pass.add(1, Relaxed);
-            }
-        }
-    }
-
-    fn is_target(&self, vm: &Arc<Vm>) -> bool {
-        self.targets
-            .iter()
-            .flatten()
-            .any(|t| Arc::ptr_eq(&t.vm, vm))
-    }
-}
-
-/// Starts a `TLB_INVALIDATE` of `[start, end)` on the VM's device.
-fn start_tlb_invalidate(
-    vm: &Vm,
-    start: u64,
-    end: u64,
-    may_sleep: bool,
-) -> Result<crate::ctrl::Ticket> {
-    let body = wire::TlbInvalidateReq {
-        asid: vm.asid,
-        flags: 0,
-        va: start,
-        size: end - start,
-    }
-    .to_bytes();
-    vm.gpu
-        .ctrl
-        .start(wire::Opcode::TlbInvalidate, &body, may_sleep)
-}
 
 /// Waits for `ticket` (started for `vm`, if any); resets the device unless it completed
 /// `OK`: either way the device no longer holds the invalidated translations afterwards.

@@ -96,9 +96,10 @@ use crate::{
     hmm::{self, HmmPfn},
     mmu_notifier::{self, IntervalNotifier, IntervalOps, Invalidation, Passes, Start},
     pagetable::Prealloc,
+    svm_invalidation::{start_tlb_invalidate, Pending, Target, MAX_TARGETS},
     svm_pages::Pages,
     vm::Vm,
-    wire, SvmMode,
+    SvmMode,
 };
 use kernel::{
     mm::{virt::flags as vmf, Mm},
@@ -126,8 +127,6 @@ type FinishPool = finish_pool::FinishPool<Pending>;
 
 /// Room for pages objects a new range starts with (VMs mirroring it; it grows).
 const PAGES_PER_RANGE: usize = 8;
-/// Devices (VMs) one pending invalidation tracks; more are invalidated synchronously.
-const MAX_TARGETS: usize = 16;
 /// Fault retries against racing invalidations before `EAGAIN`.
 const FAULT_TRIES: usize = 64;
 /// `hmm_range_fault` failures (`EFAULT`) before the fault fails.
@@ -920,50 +919,6 @@ impl Svm {
 
 // ---- invalidation ---------------------------------------------------------------------------
 
-/// One device (VM) an invalidation started on.
-struct Target {
-    vm: Arc<Vm>,
-    ticket: Option<crate::ctrl::Ticket>,
-    /// The first pass could not start the command without sleeping (back-pressure): the
-    /// second pass starts it, outside the notifier lock.
-    deferred: bool,
-    /// The command could not be started: reset the device.
-    failed: bool,
-    start: u64,
-    end: u64,
-}
-
-/// The first pass's state, carried to the second.
-pub(crate) struct Pending {
-    targets: [Option<Target>; MAX_TARGETS],
-    /// More VMs were hit than `targets` holds: their pages carry `token`.
-    overflow: bool,
-    /// Pages marked by another overflowing invalidation were hit: wait for it.
-    conflict: bool,
-    /// Names this invalidation in the pages it could not track (never 0).
-    token: u64,
-    start: usize,
-    end: usize,
-    t0: Instant<Monotonic>,
-}
-
-/// Source of [`Pending::token`].
-static TOKENS: Atomic<u64> = Atomic::new(1);
-
-impl Pending {
-    fn new(start: usize, end: usize) -> Self {
-        Self {
-            targets: [const { None }; MAX_TARGETS],
-            overflow: false,
-            conflict: false,
-            token: TOKENS.fetch_add(1, Relaxed),
-            start,
-            end,
-            t0: Instant::<Monotonic>::now(),
-        }
-    }
-}
-
 // `Started` is moved once, into the core's finish slot: boxing it would allocate in the
 // notifier's first pass.
 #[allow(clippy::large_enum_variant)]
@@ -971,26 +926,6 @@ enum Begin {
     Retry,
     Nothing,
     Started(Pending),
-}
-
-/// Starts a `TLB_INVALIDATE` of `[start, end)` on the VM's device; `may_sleep` as for
-/// [`crate::ctrl::CtrlQueue::start`].
-fn start_tlb_invalidate(
-    vm: &Vm,
-    start: u64,
-    end: u64,
-    may_sleep: bool,
-) -> Result<crate::ctrl::Ticket> {
-    let body = wire::TlbInvalidateReq {
-        asid: vm.asid,
-        flags: 0,
-        va: start,
-        size: end - start,
-    }
-    .to_bytes();
-    vm.gpu
-        .ctrl
-        .start(wire::Opcode::TlbInvalidate, &body, may_sleep)
 }
 
 impl SvmNotifierData {
@@ -1279,20 +1214,6 @@ impl SvmNotifierData {
         // Dropping the VM references here is never the last one for a live VM's pages;
         // a VM released meanwhile only frees memory.
         drop(p);
-    }
-}
-
-impl Pending {
-    /// Counts the invalidation on every device it stops, as one of `two` passes or one.
-    fn count(&self, two: bool) {
-        for t in self.targets.iter().flatten() {
-            let s = &t.vm.gpu.stats;
-            if two {
-                s.invalidations_two_pass.add(1, Relaxed);
-            } else {
-                s.invalidations_single_pass.add(1, Relaxed);
-            }
-        }
     }
 }
 

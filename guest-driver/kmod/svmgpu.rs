@@ -105,6 +105,7 @@ mod pagetable;
 mod reclaim_queue;
 mod svm;
 mod svm_impl;
+mod svm_invalidation;
 mod svm_pages;
 mod syncs;
 mod userptr;
