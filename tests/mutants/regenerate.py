@@ -322,6 +322,31 @@ mut('gpusvm-chunk-over-binding','gpusvm: ranges ignore the VM\'s bindings',
                 self.evict(&range)?;
                 continue;''')])
 
+mut('exec-ignores-in-syncobjs','EXEC does not wait for its in-syncobjs',
+ 'The in-fences are looked up but never waited for: a job that should run after another queue\'s job (its out-syncobj given as the in-syncobj) runs at once, and reads what the earlier job has not written yet.',
+ ['gpus=2 only=in_syncobj_orders_jobs_across_queues'],
+ [('drm_driver.rs','''        syncs.wait()?;
+''','''        let _ = &syncs;
+''')])
+mut('job-fence-error-dropped','A failed job\'s dma_fence signals success',
+ 'The job fence is signalled when the job\'s outcome is known, but without its error: WAIT still reports -EFAULT, while the out-syncobj, its sync_file and every other waiter of the dma_fence see a job that succeeded.',
+ ['gpus=1 only=failed_job_fence_carries_error', 'gpus=1 only=kunit_suites_pass'],
+ [('fence.rs','''            fence.signal(o.result());''','''            let _ = o;
+            fence.signal(Ok(()));''')])
+mut('job-fence-signalled-on-acceptance','A job\'s dma_fence signals when the device accepts the job',
+ 'end_submit() signals the job\'s dma_fence as soon as JOB_SUBMIT is answered, not when the job completes: syncobj waits return, and jobs waiting for it start, while the job is still running.',
+ ['gpus=1 only=out_syncobj_binary_signals_on_completion', 'gpus=2 only=in_syncobj_orders_jobs_across_queues'],
+ [('fence.rs','''        if accepted {
+            s.submitted = s.submitted.max(seqno);
+            return;''','''        if accepted {
+            s.submitted = s.submitted.max(seqno);
+            let n = s.npending;
+            if let Some(j) = s.pending[..n].iter_mut().find(|j| j.seqno == seqno) {
+                if let Some(f) = j.fence.take() {
+                    f.signal(Ok(()));
+                }
+            }
+            return;''')])
 
 def main():
     check = '--check' in sys.argv[1:]
