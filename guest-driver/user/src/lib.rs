@@ -10,7 +10,7 @@ pub mod uapi;
 use std::{
     fs::File,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 pub use svmgpu_spec as spec;
@@ -77,6 +77,13 @@ impl Query {
 pub struct Device {
     file: File,
     path: PathBuf,
+}
+
+impl AsFd for Device {
+    /// The open file (for ioctls this crate does not wrap).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 /// The outcome of a fence.
