@@ -202,9 +202,9 @@ fn first_device(k: &mut K, name: &str, f: impl FnOnce(&Device, &mut K) -> TResul
 
 /// An out-syncobj (binary) gets the job's fence at EXEC, unsignalled while the job runs,
 /// signalled once it completed, with its writes visible; a second EXEC replaces the
-/// fence. On every device.
+/// fence. On every device; DRM_CAP_SYNCOBJ and DRM_CAP_SYNCOBJ_TIMELINE are 1.
 ///
-/// Catches a driver that ignores out-syncobjs (no fence: SYNCOBJ_WAIT EINVAL), installs an
+/// Catches a driver without DRIVER_SYNCOBJ(_TIMELINE), one that ignores out-syncobjs (no fence: SYNCOBJ_WAIT EINVAL), installs an
 /// already signalled fence or signals it when the job is queued or starts (the 0-timeout
 /// wait succeeds; the job's STORE comes 200 ms after its start, so an early signal shows
 /// as a missing STORE), never signals it (the 10 s wait times out), signals it with an
@@ -215,6 +215,13 @@ pub fn out_syncobj_binary_signals_on_completion(_env: &Env, name: &str, k: &mut 
     let mut cases = Vec::new();
     for (i, d) in devs.iter().enumerate() {
         let r = (|| {
+            for (cap, what) in [
+                (uapi::DRM_CAP_SYNCOBJ, "DRM_CAP_SYNCOBJ"),
+                (uapi::DRM_CAP_SYNCOBJ_TIMELINE, "DRM_CAP_SYNCOBJ_TIMELINE"),
+            ] {
+                let v = ctx(what, d.get_cap(cap))?;
+                ensure(v == 1, || format!("{what} is {v}, want 1"))?;
+            }
             let mut s = Setup::new(d, false, false)?;
             s.bind_data(4096)?;
             let mut so = Syncobjs::new(d);
