@@ -204,12 +204,13 @@ fn first_device(k: &mut K, name: &str, f: impl FnOnce(&Device, &mut K) -> TResul
 /// signalled once it completed, with its writes visible; a second EXEC replaces the
 /// fence. On every device; DRM_CAP_SYNCOBJ and DRM_CAP_SYNCOBJ_TIMELINE are 1.
 ///
-/// Catches a driver without DRIVER_SYNCOBJ(_TIMELINE), one that ignores out-syncobjs (no fence: SYNCOBJ_WAIT EINVAL), installs an
-/// already signalled fence or signals it when the job is queued or starts (the 0-timeout
-/// wait succeeds; the job's STORE comes 200 ms after its start, so an early signal shows
-/// as a missing STORE), never signals it (the 10 s wait times out), signals it with an
-/// error for a job that succeeded (sync_file status), or adds the fence only to a syncobj
-/// that had none (the second EXEC leaves the signalled one).
+/// Catches a driver without DRIVER_SYNCOBJ(_TIMELINE), one that ignores out-syncobjs (no
+/// fence: SYNCOBJ_WAIT EINVAL), installs an already signalled fence or signals it when the
+/// job is queued or starts (the 0-timeout wait succeeds; the job's STORE comes 200 ms
+/// after its start, so an early signal shows as a missing STORE), never signals it (the
+/// 10 s wait times out), signals it with an error for a job that succeeded (sync_file
+/// status), or adds the fence only to a syncobj that had none (the second EXEC leaves the
+/// signalled one).
 pub fn out_syncobj_binary_signals_on_completion(_env: &Env, name: &str, k: &mut K) {
     let Some(devs) = devices(k, name) else { return };
     let mut cases = Vec::new();
