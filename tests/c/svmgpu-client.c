@@ -468,6 +468,15 @@ static void syncobjs(int fd)
 		sf = export_sync_file(fd, s_bin);
 		check(sf >= 0 && !readable(sf, 0), "sync_file_not_readable_while_running",
 		      "export: %s, or the sync_file polls readable", sf < 0 ? strerror(errno) : "ok");
+		if (sf >= 0) {
+			struct sync_fence_info fi = { 0 };
+			struct sync_file_info info = {
+				.num_fences = 1, .sync_fence_info = (uint64_t)(uintptr_t)&fi,
+			};
+			if (io(sf, SYNC_IOC_FILE_INFO, &info) == 0)
+				diag("running job: fence of %s on %s, status %d", fi.driver_name,
+				     fi.obj_name, fi.status);
+		}
 		*gate = 1;
 		e = syncobj_wait(fd, s_bin, deadline(10000000000ll));
 		check(e == 0 && data[0] == MAGIC, "syncobj_wait_signals_after_job",
@@ -558,8 +567,6 @@ static void syncobjs(int fd)
 		      "failed_job_fence_error_is_efault",
 		      "EXEC + DRM_IOCTL_SYNCOBJ_WAIT: %s, sync_file info: %s, status %d, fence %d (want %d)",
 		      strerror(e), strerror(e2), info.status, fi.status, -EFAULT);
-		if (e2 == 0)
-			diag("fence of %s on %s", fi.driver_name, fi.obj_name);
 	}
 	if (sf >= 0)
 		close(sf);
