@@ -551,8 +551,9 @@ impl Device {
         Ok(points[0])
     }
 
-    /// DRM_IOCTL_SYNCOBJ_TIMELINE_SIGNAL: signals `(handle, point)` from the CPU (point 0:
-    /// a binary syncobj gets a signalled fence).
+    /// DRM_IOCTL_SYNCOBJ_TIMELINE_SIGNAL: adds an already signalled fence at `(handle,
+    /// point)` (for a binary syncobj use [`Device::syncobj_signal`]: point 0 here adds to
+    /// the syncobj's chain rather than replacing its fence).
     pub fn syncobj_timeline_signal(&self, points: &[(u32, u64)]) -> io::Result<()> {
         let handles: Vec<u32> = points.iter().map(|p| p.0).collect();
         let pts: Vec<u64> = points.iter().map(|p| p.1).collect();
@@ -563,6 +564,16 @@ impl Device {
             flags: 0,
         };
         self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_TIMELINE_SIGNAL, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_SIGNAL: gives binary syncobjs an already signalled fence.
+    pub fn syncobj_signal(&self, handles: &[u32]) -> io::Result<()> {
+        let mut a = uapi::SyncobjArray {
+            handles: handles.as_ptr() as u64,
+            count_handles: u32::try_from(handles.len()).map_err(|_| einval())?,
+            pad: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_SIGNAL, &mut a)
     }
 
     /// DRM_IOCTL_SYNCOBJ_RESET: removes the fence of binary syncobjs.
