@@ -9,7 +9,11 @@
  * fault-mode VM runs a batch (itself in malloc'ed memory, no bind) that fills malloc'ed
  * memory and checksums an mmap'ed buffer the CPU wrote; a second VM (not fault mode) uses
  * userptr bindings for its batch and data; documented errors (EINVAL, ENOENT, EEXIST,
- * EBUSY, job -EFAULT) are checked. Prints KTAP v1 (stdout, or --out FILE); exits 1 on any
+ * EBUSY, job -EFAULT) are checked; job completion through DRM syncobjs (the core's
+ * DRM_IOCTL_SYNCOBJ_* ioctls, raw: no libdrm call): a binary out-syncobj and
+ * DRM_IOCTL_SYNCOBJ_WAIT, a timeline point and DRM_IOCTL_SYNCOBJ_TIMELINE_WAIT, the fence
+ * exported as a sync_file and poll()ed, an in-syncobj ordering two queues, a failed job's
+ * fence error (SYNC_IOC_FILE_INFO). Prints KTAP v1 (stdout, or --out FILE); exits 1 on any
  * failure.
  *
  *   svmgpu-client [--gpus N] [--out FILE]     N: the number of render nodes expected
@@ -18,6 +22,8 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/sync_file.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -25,6 +31,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "svmgpu_drm.h"
@@ -33,7 +40,10 @@
 #define OP_END 0x02
 #define OP_STORE 0x03
 #define OP_FILL 0x04
+#define OP_COPY 0x05
 #define OP_ATOMIC_ADD 0x06
+#define OP_WAIT 0x07 /* sub-op (bits 23:16) 0: EQ */
+#define OP_DELAY 0x09
 #define OP_CHECKSUM 0x0a
 #define F_SIZE64 (1u << 8)
 #define HDR(op, imm) ((uint64_t)(op) | ((uint64_t)(uint32_t)(imm) << 32))
@@ -317,6 +327,269 @@ static void argument_errors(int fd)
 	}
 }
 
+/* ---- syncobjs: job completion as a dma_fence ------------------------------------------- */
+
+#define SYNC_BATCH_VA 0x400000ull
+#define SYNC_DATA_VA 0x500000ull
+#define MAGIC 0x5eedf00du
+
+static int syncobj_create(int fd, uint32_t *h)
+{
+	struct drm_syncobj_create a = { 0 };
+	int e = io(fd, DRM_IOCTL_SYNCOBJ_CREATE, &a);
+	*h = a.handle;
+	return e;
+}
+
+static void syncobj_destroy(int fd, uint32_t h)
+{
+	struct drm_syncobj_destroy a = { .handle = h };
+	io(fd, DRM_IOCTL_SYNCOBJ_DESTROY, &a);
+}
+
+/* DRM syncobj timeouts are absolute CLOCK_MONOTONIC nanoseconds (0: poll only). */
+static int64_t deadline(int64_t rel_ns)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec + rel_ns;
+}
+
+static int syncobj_wait(int fd, uint32_t h, int64_t abs_ns)
+{
+	struct drm_syncobj_wait a = {
+		.handles = (uint64_t)(uintptr_t)&h, .count_handles = 1, .timeout_nsec = abs_ns,
+	};
+	return io(fd, DRM_IOCTL_SYNCOBJ_WAIT, &a);
+}
+
+static int syncobj_timeline_wait(int fd, uint32_t h, uint64_t point, int64_t abs_ns)
+{
+	struct drm_syncobj_timeline_wait a = {
+		.handles = (uint64_t)(uintptr_t)&h, .points = (uint64_t)(uintptr_t)&point,
+		.count_handles = 1, .timeout_nsec = abs_ns,
+	};
+	return io(fd, DRM_IOCTL_SYNCOBJ_TIMELINE_WAIT, &a);
+}
+
+static int exec_syncs(int fd, uint32_t q, uint64_t batch_va, uint32_t len,
+		      struct drm_svmgpu_sync *syncs, uint32_t n, uint64_t *fence)
+{
+	struct drm_svmgpu_exec x = {
+		.queue_id = q, .batch_va = batch_va, .batch_len = len,
+		.syncs = (uint64_t)(uintptr_t)syncs, .num_syncs = n,
+	};
+	int e, tries = 0;
+	while ((e = io(fd, DRM_IOCTL_SVMGPU_EXEC, &x)) == EAGAIN && ++tries < 100)
+		usleep(10000);
+	*fence = x.fence;
+	return e;
+}
+
+static int wait_fence(int fd, uint32_t q, uint64_t fence, int32_t *error)
+{
+	struct drm_svmgpu_wait w = { .queue_id = q, .fence = fence, .timeout_ns = WAIT_NS };
+	int e = io(fd, DRM_IOCTL_SVMGPU_WAIT, &w);
+	*error = w.error;
+	return e;
+}
+
+/* The syncobj's fence as a sync_file (-1 and errno on failure). */
+static int export_sync_file(int fd, uint32_t h)
+{
+	struct drm_syncobj_handle a = {
+		.handle = h, .flags = DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_EXPORT_SYNC_FILE, .fd = -1,
+	};
+	int e = io(fd, DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD, &a);
+	if (e) {
+		errno = e;
+		return -1;
+	}
+	return a.fd;
+}
+
+static int readable(int sf, int timeout_ms)
+{
+	struct pollfd p = { .fd = sf, .events = POLLIN };
+	return poll(&p, 1, timeout_ms) == 1 && (p.revents & POLLIN);
+}
+
+/*
+ * Jobs that must still be running when a check runs wait on a gate word (WAIT EQ 1) that
+ * the client sets afterwards, so no check depends on the guest's speed.
+ */
+static void syncobjs(int fd)
+{
+	uint32_t vm = 0, qa = 0, qb = 0, s_bin = 0, s_tl = 0, s_in = 0, s_err = 0;
+	uint64_t *batch = mmap(NULL, 4 * 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	uint32_t *data = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	volatile uint32_t *gate = (volatile uint32_t *)(batch + 3 * 512);
+	const uint64_t gate_va = SYNC_BATCH_VA + 3 * 4096;
+	struct drm_svmgpu_sync sy[SVMGPU_MAX_SYNCS + 1];
+	uint64_t f = 0, fb = 0, *b;
+	int32_t err = 0, errb = 0;
+	int e, e2, sf;
+	size_t n;
+	if (batch == MAP_FAILED || data == MAP_FAILED) {
+		check(0, "syncobj_vm", "mmap failed");
+		return;
+	}
+	memset(data, 0, 4096);
+	e = vm_create(fd, 0, &vm);
+	e = e ? e : bind(fd, vm, SVMGPU_VM_BIND_OP_MAP_USERPTR, SYNC_BATCH_VA, 4 * 4096, batch);
+	e = e ? e : bind(fd, vm, SVMGPU_VM_BIND_OP_MAP_USERPTR, SYNC_DATA_VA, 4096, data);
+	e = e ? e : queue_create(fd, vm, 0, &qa);
+	e = e ? e : queue_create(fd, vm, 0, &qb);
+	e = e ? e : syncobj_create(fd, &s_bin);
+	e = e ? e : syncobj_create(fd, &s_tl);
+	e = e ? e : syncobj_create(fd, &s_in);
+	e = e ? e : syncobj_create(fd, &s_err);
+	if (!check(e == 0, "syncobj_setup", "VM, bindings, 2 queues, 4 syncobjs: %s", strerror(e)))
+		goto out;
+
+	/* A binary out-syncobj: unsignalled while the job waits on its gate, signalled once
+	 * the job completed (its STORE comes after a 100 ms DELAY: an early signal shows). */
+	*gate = 0;
+	b = batch, n = 0;
+	b[n++] = HDR(OP_WAIT, 0);
+	b[n++] = gate_va;
+	b[n++] = 1;
+	b[n++] = HDR(OP_DELAY, 100000000);
+	b[n++] = HDR(OP_STORE, 0);
+	b[n++] = SYNC_DATA_VA;
+	b[n++] = MAGIC;
+	b[n++] = HDR(OP_END, 0);
+	sy[0] = (struct drm_svmgpu_sync){ .handle = s_bin, .flags = SVMGPU_SYNC_SIGNAL };
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA, n * 8, sy, 1, &f);
+	if (check(e == 0, "exec_with_out_syncobj", "EXEC with an out-syncobj: %s", strerror(e))) {
+		e = syncobj_wait(fd, s_bin, 0);
+		check(e == ETIME, "syncobj_wait_unsignalled_is_etime",
+		      "DRM_IOCTL_SYNCOBJ_WAIT(timeout 0) while the job waits: %s (want ETIME)", strerror(e));
+		sf = export_sync_file(fd, s_bin);
+		check(sf >= 0 && !readable(sf, 0), "sync_file_not_readable_while_running",
+		      "export: %s, or the sync_file polls readable", sf < 0 ? strerror(errno) : "ok");
+		if (sf >= 0) {
+			struct sync_fence_info fi = { 0 };
+			struct sync_file_info info = {
+				.num_fences = 1, .sync_fence_info = (uint64_t)(uintptr_t)&fi,
+			};
+			if (io(sf, SYNC_IOC_FILE_INFO, &info) == 0)
+				diag("running job: fence of %s on %s, status %d", fi.driver_name,
+				     fi.obj_name, fi.status);
+		}
+		*gate = 1;
+		e = syncobj_wait(fd, s_bin, deadline(10000000000ll));
+		check(e == 0 && data[0] == MAGIC, "syncobj_wait_signals_after_job",
+		      "DRM_IOCTL_SYNCOBJ_WAIT(10 s): %s, word %#x (want %#x)", strerror(e), data[0], MAGIC);
+		check(sf >= 0 && readable(sf, 10000), "sync_file_poll_readable_after_job",
+		      "the sync_file does not poll readable after the job");
+		if (sf >= 0)
+			close(sf);
+		e = wait_fence(fd, qa, f, &err);
+		check(e == 0 && err == 0, "wait_agrees", "WAIT: %s, job error %d", strerror(e), err);
+	}
+	*gate = 1;
+
+	/* A timeline syncobj: the job adds point 1. */
+	b = batch + 512, n = 0;
+	b[n++] = HDR(OP_DELAY, 50000000);
+	b[n++] = HDR(OP_STORE, 0);
+	b[n++] = SYNC_DATA_VA + 4;
+	b[n++] = 2;
+	b[n++] = HDR(OP_END, 0);
+	sy[0] = (struct drm_svmgpu_sync){ .handle = s_tl, .flags = SVMGPU_SYNC_SIGNAL, .point = 1 };
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA + 4096, n * 8, sy, 1, &f);
+	e = e ? e : syncobj_timeline_wait(fd, s_tl, 1, deadline(10000000000ll));
+	{
+		uint64_t point = 0;
+		struct drm_syncobj_timeline_array qa_ = {
+			.handles = (uint64_t)(uintptr_t)&s_tl, .points = (uint64_t)(uintptr_t)&point,
+			.count_handles = 1,
+		};
+		e2 = io(fd, DRM_IOCTL_SYNCOBJ_QUERY, &qa_);
+		check(e == 0 && data[1] == 2 && e2 == 0 && point == 1, "syncobj_timeline_wait_point_1",
+		      "EXEC + DRM_IOCTL_SYNCOBJ_TIMELINE_WAIT(point 1): %s, word %u (want 2), QUERY %s: %llu",
+		      strerror(e), data[1], strerror(e2), (unsigned long long)point);
+	}
+
+	/* An in-syncobj orders two queues: A delays 300 ms then stores 1, B copies it. */
+	b = batch, n = 0;
+	b[n++] = HDR(OP_DELAY, 300000000);
+	b[n++] = HDR(OP_STORE, 0);
+	b[n++] = SYNC_DATA_VA + 8;
+	b[n++] = 1;
+	b[n++] = HDR(OP_END, 0);
+	b = batch + 512, n = 0;
+	b[n++] = HDR(OP_COPY, 0);
+	b[n++] = SYNC_DATA_VA + 12;
+	b[n++] = SYNC_DATA_VA + 8;
+	b[n++] = 4;
+	b[n++] = HDR(OP_END, 0);
+	sy[0] = (struct drm_svmgpu_sync){ .handle = s_in, .flags = SVMGPU_SYNC_SIGNAL };
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA, 5 * 8, sy, 1, &f);
+	sy[0].flags = 0;
+	e = e ? e : exec_syncs(fd, qb, SYNC_BATCH_VA + 4096, n * 8, sy, 1, &fb);
+	e = e ? e : wait_fence(fd, qb, fb, &errb);
+	e = e ? e : wait_fence(fd, qa, f, &err);
+	check(e == 0 && err == 0 && errb == 0 && data[3] == 1, "in_syncobj_orders_queues",
+	      "EXEC/WAIT %s, jobs %d %d, queue B copied %u (want 1)", strerror(e), err, errb, data[3]);
+
+	/* Errors: an unknown handle, too many syncs; neither touches the out-syncobj. */
+	sy[0] = (struct drm_svmgpu_sync){ .handle = s_err, .flags = SVMGPU_SYNC_SIGNAL };
+	sy[1] = (struct drm_svmgpu_sync){ .handle = 0xdead };
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA + 4096, n * 8, sy, 2, &f);
+	e2 = syncobj_wait(fd, s_err, 0);
+	check(e == ENOENT && e2 == EINVAL, "exec_unknown_syncobj_is_enoent",
+	      "EXEC: %s (want ENOENT); then the out-syncobj's wait: %s (want EINVAL: no fence)",
+	      strerror(e), strerror(e2));
+	for (n = 1; n <= SVMGPU_MAX_SYNCS; n++)
+		sy[n] = (struct drm_svmgpu_sync){ .handle = s_tl, .flags = SVMGPU_SYNC_SIGNAL, .point = 10 + n };
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA + 4096, 5 * 8, sy, SVMGPU_MAX_SYNCS + 1, &f);
+	e2 = syncobj_wait(fd, s_err, 0);
+	check(e == EINVAL && e2 == EINVAL, "exec_too_many_syncs_is_einval",
+	      "EXEC with %d syncs: %s (want EINVAL); then the out-syncobj's wait: %s (want EINVAL)",
+	      SVMGPU_MAX_SYNCS + 1, strerror(e), strerror(e2));
+
+	/* A job that faults signals its out-syncobj with the job's error. */
+	b = batch, n = 0;
+	b[n++] = HDR(OP_STORE, 0);
+	b[n++] = 0x70000000;
+	b[n++] = 1;
+	b[n++] = HDR(OP_END, 0);
+	e = exec_syncs(fd, qa, SYNC_BATCH_VA, n * 8, sy, 1, &f);
+	e = e ? e : syncobj_wait(fd, s_err, deadline(10000000000ll));
+	sf = e ? -1 : export_sync_file(fd, s_err);
+	{
+		struct sync_fence_info fi = { 0 };
+		struct sync_file_info info = { .num_fences = 1, .sync_fence_info = (uint64_t)(uintptr_t)&fi };
+		e2 = sf < 0 ? errno : io(sf, SYNC_IOC_FILE_INFO, &info);
+		check(e == 0 && e2 == 0 && info.status == -EFAULT && fi.status == -EFAULT,
+		      "failed_job_fence_error_is_efault",
+		      "EXEC + DRM_IOCTL_SYNCOBJ_WAIT: %s, sync_file info: %s, status %d, fence %d (want %d)",
+		      strerror(e), strerror(e2), info.status, fi.status, -EFAULT);
+	}
+	if (sf >= 0)
+		close(sf);
+out:
+	*gate = 1;
+	if (s_bin)
+		syncobj_destroy(fd, s_bin);
+	if (s_tl)
+		syncobj_destroy(fd, s_tl);
+	if (s_in)
+		syncobj_destroy(fd, s_in);
+	if (s_err)
+		syncobj_destroy(fd, s_err);
+	if (qb)
+		queue_destroy(fd, qb);
+	if (qa)
+		queue_destroy(fd, qa);
+	if (vm)
+		vm_destroy(fd, vm);
+	munmap(batch, 4 * 4096);
+	munmap(data, 4096);
+}
+
 static void one_device(int fd, const char *path, int index)
 {
 	char name[64] = { 0 };
@@ -337,6 +610,7 @@ static void one_device(int fd, const char *path, int index)
 	fault_mode_fill_checksum(fd);
 	userptr_bindings(fd);
 	argument_errors(fd);
+	syncobjs(fd);
 	fprintf(out, "    1..%d\n", case_no);
 	fprintf(out, "%s %d %s\n", case_failed ? "not ok" : "ok", index, path);
 	fflush(out);

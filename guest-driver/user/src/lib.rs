@@ -1,14 +1,16 @@
 //! `svmgpu`: a userspace library over the svmgpu DRM uAPI
 //! (`guest-driver/uapi/svmgpu_drm.h`): find the devices' render nodes, create VMs and exec
 //! queues, bind CPU memory (userptr), build batches, submit them and wait for their
-//! fences. Used by the guest test runner and the `svmgpu` CLI.
+//! fences, or signal and wait for DRM syncobjs (the job's completion as a `dma_fence`:
+//! [`Device::exec_with_syncs`], the `syncobj_*` methods, [`sync_file_info`]). Used by the
+//! guest test runner and the `svmgpu` CLI.
 
 pub mod uapi;
 
 use std::{
     fs::File,
     io,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 pub use svmgpu_spec as spec;
@@ -75,6 +77,13 @@ impl Query {
 pub struct Device {
     file: File,
     path: PathBuf,
+}
+
+impl AsFd for Device {
+    /// The open file (for ioctls this crate does not wrap).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 /// The outcome of a fence.
@@ -333,6 +342,30 @@ impl Device {
         })
     }
 
+    /// Submits the batch with in- and out-syncobjs (`uapi::Sync`, out ones with
+    /// [`uapi::SVMGPU_SYNC_SIGNAL`]); returns its fence. Waits (in the kernel) until every
+    /// in-fence signalled before the job is queued.
+    pub fn exec_with_syncs(
+        &self,
+        queue_id: u32,
+        batch_va: u64,
+        batch_len: u32,
+        syncs: &[uapi::Sync],
+    ) -> io::Result<u64> {
+        self.exec_raw(&mut uapi::Exec {
+            queue_id,
+            batch_va,
+            batch_len,
+            syncs: if syncs.is_empty() {
+                0
+            } else {
+                syncs.as_ptr() as u64
+            },
+            num_syncs: u32::try_from(syncs.len()).map_err(|_| einval())?,
+            ..Default::default()
+        })
+    }
+
     /// Like [`Device::exec`], retrying while the queue is full (EBUSY).
     pub fn exec_retry(&self, queue_id: u32, batch_va: u64, batch_len: u32) -> io::Result<u64> {
         loop {
@@ -362,6 +395,326 @@ impl Device {
             timeout_ns,
             ..Default::default()
         })
+    }
+
+    /// A DRM capability (DRM_IOCTL_GET_CAP), e.g. `uapi::DRM_CAP_SYNCOBJ_TIMELINE`.
+    pub fn get_cap(&self, capability: u64) -> io::Result<u64> {
+        let mut a = uapi::GetCap {
+            capability,
+            value: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_GET_CAP, &mut a)?;
+        Ok(a.value)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_CREATE: a new syncobj of this file, with no fence, or (if
+    /// `signaled`) an already signalled one.
+    pub fn syncobj_create(&self, signaled: bool) -> io::Result<u32> {
+        let mut a = uapi::SyncobjCreate {
+            handle: 0,
+            flags: if signaled {
+                uapi::DRM_SYNCOBJ_CREATE_SIGNALED
+            } else {
+                0
+            },
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_CREATE, &mut a)?;
+        Ok(a.handle)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_DESTROY.
+    pub fn syncobj_destroy(&self, handle: u32) -> io::Result<()> {
+        let mut a = uapi::SyncobjDestroy { handle, pad: 0 };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_DESTROY, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_WAIT on binary syncobjs until the ABSOLUTE CLOCK_MONOTONIC time
+    /// `timeout_abs_ns` ([`deadline_ns`] makes one from a relative time; 0 only polls).
+    /// `flags`: `uapi::DRM_SYNCOBJ_WAIT_FLAGS_*` (WAIT_ALL: every one, else any one).
+    /// Returns the index of the first signalled one (without WAIT_ALL). Errors: ETIME
+    /// (timed out), EINVAL (a syncobj has no fence and WAIT_FOR_SUBMIT is not set).
+    pub fn syncobj_wait(
+        &self,
+        handles: &[u32],
+        timeout_abs_ns: i64,
+        flags: u32,
+    ) -> io::Result<u32> {
+        let mut a = uapi::SyncobjWait {
+            handles: handles.as_ptr() as u64,
+            timeout_nsec: timeout_abs_ns,
+            count_handles: u32::try_from(handles.len()).map_err(|_| einval())?,
+            flags,
+            ..Default::default()
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_WAIT, &mut a)?;
+        Ok(a.first_signaled)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_TIMELINE_WAIT on `(handle, point)` pairs (point 0: a binary
+    /// syncobj), as [`Device::syncobj_wait`].
+    pub fn syncobj_timeline_wait(
+        &self,
+        points: &[(u32, u64)],
+        timeout_abs_ns: i64,
+        flags: u32,
+    ) -> io::Result<u32> {
+        let handles: Vec<u32> = points.iter().map(|p| p.0).collect();
+        let pts: Vec<u64> = points.iter().map(|p| p.1).collect();
+        let mut a = uapi::SyncobjTimelineWait {
+            handles: handles.as_ptr() as u64,
+            points: pts.as_ptr() as u64,
+            timeout_nsec: timeout_abs_ns,
+            count_handles: u32::try_from(points.len()).map_err(|_| einval())?,
+            flags,
+            ..Default::default()
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_TIMELINE_WAIT, &mut a)?;
+        Ok(a.first_signaled)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD with `EXPORT_SYNC_FILE`: the syncobj's current fence
+    /// (binary) as a sync_file (poll() it: readable once signalled; [`sync_file_info`]).
+    /// EINVAL if it has no fence.
+    pub fn syncobj_export_sync_file(&self, handle: u32) -> io::Result<OwnedFd> {
+        self.syncobj_export(
+            handle,
+            uapi::DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_EXPORT_SYNC_FILE,
+            0,
+        )
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD with `EXPORT_SYNC_FILE | TIMELINE`: the fence at a
+    /// timeline point as a sync_file.
+    pub fn syncobj_export_sync_file_point(&self, handle: u32, point: u64) -> io::Result<OwnedFd> {
+        self.syncobj_export(
+            handle,
+            uapi::DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_EXPORT_SYNC_FILE
+                | uapi::DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_TIMELINE,
+            point,
+        )
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD without flags: the syncobj itself as an fd (for
+    /// another process or device file: [`Device::syncobj_import`]).
+    pub fn syncobj_to_fd(&self, handle: u32) -> io::Result<OwnedFd> {
+        self.syncobj_export(handle, 0, 0)
+    }
+
+    fn syncobj_export(&self, handle: u32, flags: u32, point: u64) -> io::Result<OwnedFd> {
+        let mut a = uapi::SyncobjHandle {
+            handle,
+            flags,
+            fd: -1,
+            pad: 0,
+            point,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD, &mut a)?;
+        // SAFETY: The kernel returned a new fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(a.fd) })
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_FD_TO_HANDLE without flags: a syncobj fd of
+    /// [`Device::syncobj_to_fd`] as a handle of this file.
+    pub fn syncobj_import(&self, fd: &OwnedFd) -> io::Result<u32> {
+        let mut a = uapi::SyncobjHandle {
+            fd: fd.as_raw_fd(),
+            ..Default::default()
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_FD_TO_HANDLE, &mut a)?;
+        Ok(a.handle)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_FD_TO_HANDLE with `IMPORT_SYNC_FILE`: puts the sync_file's fence
+    /// in the existing syncobj `handle` (binary).
+    pub fn syncobj_import_sync_file(&self, handle: u32, sync_file: &OwnedFd) -> io::Result<()> {
+        let mut a = uapi::SyncobjHandle {
+            handle,
+            flags: uapi::DRM_SYNCOBJ_FD_TO_HANDLE_FLAGS_IMPORT_SYNC_FILE,
+            fd: sync_file.as_raw_fd(),
+            ..Default::default()
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_FD_TO_HANDLE, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_QUERY of one timeline syncobj: its last signalled point, or with
+    /// `uapi::DRM_SYNCOBJ_QUERY_FLAGS_LAST_SUBMITTED` in `flags` its last submitted one.
+    pub fn syncobj_query(&self, handle: u32, flags: u32) -> io::Result<u64> {
+        let handles = [handle];
+        let mut points = [0u64];
+        let mut a = uapi::SyncobjTimelineArray {
+            handles: handles.as_ptr() as u64,
+            points: points.as_mut_ptr() as u64,
+            count_handles: 1,
+            flags,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_QUERY, &mut a)?;
+        Ok(points[0])
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_TIMELINE_SIGNAL: adds an already signalled fence at `(handle,
+    /// point)` (for a binary syncobj use [`Device::syncobj_signal`]: point 0 here adds to
+    /// the syncobj's chain rather than replacing its fence).
+    pub fn syncobj_timeline_signal(&self, points: &[(u32, u64)]) -> io::Result<()> {
+        let handles: Vec<u32> = points.iter().map(|p| p.0).collect();
+        let pts: Vec<u64> = points.iter().map(|p| p.1).collect();
+        let mut a = uapi::SyncobjTimelineArray {
+            handles: handles.as_ptr() as u64,
+            points: pts.as_ptr() as u64,
+            count_handles: u32::try_from(points.len()).map_err(|_| einval())?,
+            flags: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_TIMELINE_SIGNAL, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_SIGNAL: gives binary syncobjs an already signalled fence.
+    pub fn syncobj_signal(&self, handles: &[u32]) -> io::Result<()> {
+        let mut a = uapi::SyncobjArray {
+            handles: handles.as_ptr() as u64,
+            count_handles: u32::try_from(handles.len()).map_err(|_| einval())?,
+            pad: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_SIGNAL, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_RESET: removes the fence of binary syncobjs.
+    pub fn syncobj_reset(&self, handles: &[u32]) -> io::Result<()> {
+        let mut a = uapi::SyncobjArray {
+            handles: handles.as_ptr() as u64,
+            count_handles: u32::try_from(handles.len()).map_err(|_| einval())?,
+            pad: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_RESET, &mut a)
+    }
+
+    /// DRM_IOCTL_SYNCOBJ_TRANSFER: copies the fence at `src_point` of `src` to
+    /// `dst_point` of `dst` (point 0: binary), e.g. a timeline point into a binary syncobj.
+    pub fn syncobj_transfer(
+        &self,
+        src: u32,
+        src_point: u64,
+        dst: u32,
+        dst_point: u64,
+    ) -> io::Result<()> {
+        let mut a = uapi::SyncobjTransfer {
+            src_handle: src,
+            dst_handle: dst,
+            src_point,
+            dst_point,
+            flags: 0,
+            pad: 0,
+        };
+        self.ioctl(uapi::DRM_IOCTL_SYNCOBJ_TRANSFER, &mut a)
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// The current CLOCK_MONOTONIC time in nanoseconds (the clock of syncobj wait timeouts).
+pub fn monotonic_ns() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+}
+
+/// The absolute timeout of a syncobj wait that ends `rel_ns` from now.
+pub fn deadline_ns(rel_ns: i64) -> i64 {
+    monotonic_ns().saturating_add(rel_ns)
+}
+
+/// One fence of a sync_file, as SYNC_IOC_FILE_INFO describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncFence {
+    /// The fence's driver (`dma_fence_ops::get_driver_name`).
+    pub driver: String,
+    /// Its timeline (`get_timeline_name`).
+    pub timeline: String,
+    /// 0 active, 1 signalled, < 0 signalled with that error.
+    pub status: i32,
+}
+
+/// What SYNC_IOC_FILE_INFO tells about a sync_file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncFileStatus {
+    /// 0 active, 1 signalled, < 0 signalled with an error (the first fence's error).
+    pub status: i32,
+    pub fences: Vec<SyncFence>,
+}
+
+fn c_str(b: &[u8]) -> String {
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// SYNC_IOC_FILE_INFO (linux/sync_file.h) on a sync_file: its status and each fence's.
+pub fn sync_file_info(fd: &OwnedFd) -> io::Result<SyncFileStatus> {
+    let info = |a: &mut uapi::SyncFileInfo| {
+        // SAFETY: `a` is a `struct sync_file_info`; its `sync_fence_info` is 0 or points
+        // to `num_fences` entries.
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                uapi::SYNC_IOC_FILE_INFO as libc::Ioctl,
+                std::ptr::from_mut(a),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    let mut a = uapi::SyncFileInfo::default();
+    info(&mut a)?;
+    let mut fences = vec![uapi::SyncFenceInfo::default(); a.num_fences as usize];
+    let mut b = uapi::SyncFileInfo {
+        num_fences: a.num_fences,
+        sync_fence_info: fences.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    if !fences.is_empty() {
+        info(&mut b)?;
+    }
+    Ok(SyncFileStatus {
+        status: if fences.is_empty() {
+            a.status
+        } else {
+            b.status
+        },
+        fences: fences
+            .iter()
+            .map(|f| SyncFence {
+                driver: c_str(&f.driver_name),
+                timeline: c_str(&f.obj_name),
+                status: f.status,
+            })
+            .collect(),
+    })
+}
+
+/// Whether the fd is readable within `timeout_ms` (poll; a sync_file is readable once
+/// its fences signalled).
+pub fn poll_readable(fd: &OwnedFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: One valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+        if rc >= 0 {
+            return Ok(rc > 0 && p.revents & libc::POLLIN != 0);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
 }
 

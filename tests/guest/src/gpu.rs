@@ -337,7 +337,7 @@ pub fn exec_and_wait_reject_bad_arguments(_env: &Env, name: &str, k: &mut K) {
             batch_va,
             batch_len,
             pad,
-            fence: 0,
+            ..Default::default()
         })
     };
     let wait = |queue_id: u32, flags: u32, fence: u64, timeout_ns: i64| {

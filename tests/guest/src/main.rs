@@ -13,6 +13,7 @@ mod pause;
 mod regions;
 mod soak;
 mod svm;
+mod syncobj;
 mod tests;
 mod util;
 

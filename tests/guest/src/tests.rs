@@ -167,6 +167,38 @@ pub const ALL: &[(&str, Test)] = &[
         "invalidation_flood_is_back_pressure",
         crate::holes::invalidation_flood_is_back_pressure,
     ),
+    (
+        "out_syncobj_binary_signals_on_completion",
+        crate::syncobj::out_syncobj_binary_signals_on_completion,
+    ),
+    (
+        "out_syncobj_timeline_point",
+        crate::syncobj::out_syncobj_timeline_point,
+    ),
+    (
+        "in_syncobj_orders_jobs_across_queues",
+        crate::syncobj::in_syncobj_orders_jobs_across_queues,
+    ),
+    (
+        "in_sync_file_orders_jobs_across_devices",
+        crate::syncobj::in_sync_file_orders_jobs_across_devices,
+    ),
+    (
+        "sync_file_export_polls",
+        crate::syncobj::sync_file_export_polls,
+    ),
+    (
+        "failed_job_fence_carries_error",
+        crate::syncobj::failed_job_fence_carries_error,
+    ),
+    (
+        "exec_syncs_reject_bad_arguments",
+        crate::syncobj::exec_syncs_reject_bad_arguments,
+    ),
+    (
+        "exec_interrupted_in_fence_wait_has_no_effect",
+        crate::syncobj::exec_interrupted_in_fence_wait_has_no_effect,
+    ),
     ("svm_mode_single", crate::svm::mode_single),
     ("svm_mode_per_device", crate::svm::mode_per_device),
     ("svm_mode_shared", crate::svm::mode_shared),
