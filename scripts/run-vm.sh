@@ -62,7 +62,7 @@ Options:
 
 Examples:
   scripts/run-vm.sh --gpus 4 --share . -- ./my-test        your own static program, 4 vGPUs
-  scripts/run-vm.sh --gpus 2 -- svmgpu-c-client --gpus 2   the C client (tests/c/)
+  scripts/run-vm.sh --gpus 2 -- svmgpu-client --gpus 2     the C client (tests/c/)
   scripts/run-vm.sh --gpus 1 --gdb                         then the printed gdb command
 EOF
 }
