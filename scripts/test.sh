@@ -208,6 +208,20 @@ check_run() {
     return "$rc"
 }
 
+# record LABEL RC SUMMARY [NOTE]: prints a guest run's summary (check_run) and adds its KTAP
+# totals and outcome to the results (NOTE in brackets after the totals).
+record() {
+    local label=$1 rc=$2 summary=$3 note=${4:+ ($4)} line
+    echo "$summary"
+    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
+    results+=("${line:-$label: no KTAP summary}$note")
+    count "$line"
+    if [[ $rc -ne 0 ]]; then
+        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
+        tail -n 40 "$OUT/$label.out" >&2 || true
+    fi
+}
+
 selftest() { "$SVMGPU_ROOT/scripts/lib/selftest-checks.sh"; }
 if step "self-test of the host-side checkers (each must fail on a broken input)" selftest \
         >"$OUT/selftest.log" 2>&1; then
@@ -261,16 +275,7 @@ guest_suite() {
     }
     step "guest suite, $n vGPU(s), $kernel kernel" run || rc=$?
     summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
-    echo "$summary"
-    if [[ $rc -ne 0 ]]; then
-        failed=1
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
-    local line
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    results+=("${line:-$label: no KTAP summary}")
-    count "$line"
-    [[ $rc -eq 0 ]] || results+=("$label: FAILED (see $OUT/$label.out)")
+    record "$label" "$rc" "$summary"
 }
 
 # gpusvm_suite N KERNEL [TIMEOUT]: the SVM tests (GPUSVM_TESTS) on N vGPUs against
@@ -289,16 +294,7 @@ gpusvm_suite() {
     if ! grep -q 'svm_impl=gpusvm' "$dir/console.log" 2>/dev/null; then
         rc=1; summary+=$'\n'"$label: the module was not loaded with svm_impl=gpusvm"
     fi
-    echo "$summary"
-    if [[ $rc -ne 0 ]]; then
-        failed=1
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
-    local line
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    results+=("${line:-$label: no KTAP summary} (svm_impl=gpusvm)")
-    count "$line"
-    [[ $rc -eq 0 ]] || results+=("$label: FAILED (see $OUT/$label.out)")
+    record "$label" "$rc" "$summary" "svm_impl=gpusvm"
 }
 
 # inject_suite KERNEL TIMEOUT [--gpusvm] NAME...: one 2-vGPU guest per injection entry
@@ -361,17 +357,9 @@ client_run() {
     if [[ $(cat "$tmp/added.txt" 2>/dev/null) != "$token" ]]; then
         rc=1; summary+=$'\n'"$label: the --add file did not reach /root in the guest"
     fi
-    echo "$summary"
     cp "$tmp"/*.ktap "$tmp"/*.txt "$dir"/ 2>/dev/null || true
     rm -rf "$tmp"
-    local line
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    count "$line"
-    results+=("${line:-$label: no KTAP summary} (C client, run from a --share folder)")
-    if [[ $rc -ne 0 ]]; then
-        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
+    record "$label" "$rc" "$summary" "C client, run from a --share folder"
 }
 
 # Guest tests that need large device latencies, as the runner lists them (svmgpu-ktap
@@ -408,16 +396,9 @@ latency_suite() {
                 -- /bin/svmgpu-ktap $margs --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
         }
         step "large-latency tests, $n vGPU(s), $kernel kernel ($LATENCY_DEVICE_ARGS)${margs:+, svm_impl=gpusvm}" run || rc=$?
-        local summary line
+        local summary
         summary=$(check_run "$label" "$dir" "$n" "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
-        echo "$summary"
-        line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-        results+=("${line:-$label: no KTAP summary}")
-        count "$line"
-        if [[ $rc -ne 0 ]]; then
-            failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
-            tail -n 40 "$OUT/$label.out" >&2 || true
-        fi
+        record "$label" "$rc" "$summary"
     done
 }
 
@@ -437,19 +418,12 @@ swiotlb_run() {
             -- /bin/svmgpu-ktap $margs --only "$SWIOTLB_TESTS" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
     }
     step "address model: 2 vGPUs, swiotlb=force, $kernel kernel${margs:+, svm_impl=gpusvm}" run || rc=$?
-    local summary line
+    local summary
     summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
     if ! grep -q 'swiotlb=force' "$dir/console.log" 2>/dev/null; then
         rc=1; summary+=$'\n'"$label: the guest did not boot with swiotlb=force"
     fi
-    echo "$summary"
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    results+=("${line:-$label: no KTAP summary} (swiotlb=force)")
-    count "$line"
-    if [[ $rc -ne 0 ]]; then
-        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
+    record "$label" "$rc" "$summary" "swiotlb=force"
 }
 
 # Pause is not reset (issue 14, section 2): jobs of every kind on 2 vGPUs while the host
@@ -473,7 +447,7 @@ pause_run() {
             -- /bin/svmgpu-ktap --only "$list" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
     }
     step "pause and continue: 2 vGPUs, $PAUSE_ROUNDS QMP stop/cont rounds during the jobs, $kernel kernel" run || rc=$?
-    local summary line stops pauses
+    local summary stops pauses
     summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
     stops=$(grep -c 'stopped while the test ran' "$dir/qmp-hook.log" 2>/dev/null || true)
     if [[ ${stops:-0} -ne $PAUSE_ROUNDS ]] || ! grep -q "$PAUSE_ROUNDS rounds done" "$dir/qmp-hook.log"; then
@@ -483,14 +457,7 @@ pause_run() {
     if [[ ${pauses:-0} -lt $((2 * PAUSE_ROUNDS)) ]]; then
         rc=1; summary+=$'\n'"$label: the devices paused ${pauses:-0} times, want at least $((2 * PAUSE_ROUNDS)) (see $dir/device.log)"
     fi
-    echo "$summary"
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    results+=("${line:-$label: no KTAP summary} (QMP stop/cont: ${stops:-0} stops in the test, ${pauses:-0} device pauses)")
-    count "$line"
-    if [[ $rc -ne 0 ]]; then
-        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
+    record "$label" "$rc" "$summary" "QMP stop/cont: ${stops:-0} stops in the test, ${pauses:-0} device pauses"
 }
 
 # Guest RAM of two regions (issue 14, section 3): qemu-configs/svmgpu-2-numa.cfg (2 vGPUs,
@@ -511,16 +478,9 @@ regions_run() {
             -- /bin/svmgpu-ktap --only "$list,svm_mode_shared" --out /dev/ttyS1 >"$OUT/$label.out" 2>&1
     }
     step "guest RAM in two regions (qemu-configs/svmgpu-2-numa.cfg), 2 vGPUs, $kernel kernel" run || rc=$?
-    local summary line
+    local summary
     summary=$(check_run "$label" "$dir" 2 "$kernel" "$dir/channel.log" "$OUT/$label.out") || rc=1
-    echo "$summary"
-    line=$(grep -E '^[a-z0-9-]+: [0-9]+ passed' <<<"$summary" | tail -n1 || true)
-    results+=("${line:-$label: no KTAP summary} (two RAM regions)")
-    count "$line"
-    if [[ $rc -ne 0 ]]; then
-        failed=1; results+=("$label: FAILED (see $OUT/$label.out)")
-        tail -n 40 "$OUT/$label.out" >&2 || true
-    fi
+    record "$label" "$rc" "$summary" "two RAM regions"
 }
 
 # Mutation testing (scripts/mutants.sh): --quick kills four seeded driver bugs (one in the gpusvm implementation).

@@ -42,6 +42,8 @@
  *   GPU: DRM_IOCTL_SYNCOBJ_WAIT / TIMELINE_WAIT, export as a sync_file
  *   (DRM_IOCTL_SYNCOBJ_HANDLE_TO_FD with DRM_SYNCOBJ_HANDLE_TO_FD_FLAGS_EXPORT_SYNC_FILE)
  *   for poll() or another driver, import, transfer between binary and timeline syncobjs.
+ *   DRM_IOCTL_VERSION reports 0.2.0 from this version on (0.1.0: EXEC without syncs;
+ *   its shorter struct is still accepted, as the DRM core zero-extends it).
  *
  * Every ioctl validates all its arguments: undefined flags and nonzero padding or
  * reserved fields are EINVAL; so is a nonzero @extensions (the create ioctls carry a
