@@ -29,10 +29,13 @@
 //! GPU fault ([`GSvm::fault`]): VMA lookup (as the native path: `EFAULT`, `EACCES`),
 //! garbage collection of unmapped ranges, `drm_gpusvm_range_find_or_insert()` under the
 //! driver lock, eviction of a range that no longer fits its VMA or overlaps a binding of
-//! the VM, this VM's pages (attached if new), `drm_gpusvm_get_pages()` (writable when the
-//! VMA is), page-table levels allocated, then under the notifier lock (read mode): the
+//! the VM, this VM's pages (attached if new), page-table levels allocated,
+//! `drm_gpusvm_get_pages_locked()` (writable when the VMA is), which returns holding the
+//! notifier lock (read mode) it checked the pages under; then, without dropping it: the
 //! pages still valid (`drm_gpusvm_pages_valid()`, which the first pass of any
-//! invalidation clears) and the range not unmapped, the addresses into the PTEs.
+//! invalidation of the range clears) and the range not unmapped, the addresses into the
+//! PTEs. (Dropping the lock in between let queued invalidations in first: under an
+//! unpaced `MADV_DONTNEED` churn most faults had to fault their pages again.)
 //!
 //! Invalidation (the `drm_gpusvm` callbacks, the notifier lock held in write mode by the
 //! core): for every range hit, marked unmapped on `MMU_NOTIFY_UNMAP`; for every pages
@@ -592,8 +595,30 @@ impl GSvm {
                     continue;
                 }
             }
-            match pages.get_pages(&self.svm, range, &Ctx::new().read_only(!writable)) {
-                Ok(()) => {}
+            // The page-table levels the PTEs need, allocated before the pages are got:
+            // nothing allocates under the notifier lock, which the commit below holds
+            // from the pages' check on.
+            let counts = match vm.nlock.lock().pt.as_ref() {
+                Some(pt) => pt.missing(start as u64, (end - start) as u64),
+                None => return Err(ENODEV),
+            };
+            let mut pre = Prealloc::alloc(acc.dma_dev(), counts)?;
+            let ctx = Ctx::new().read_only(!writable);
+            // `drm_gpusvm_get_pages_locked()` returns holding the notifier lock from its
+            // own check that no invalidation hit the range since the walk, so the PTEs
+            // are written before any can. The test hook `race_delay_us` needs a window
+            // there instead: with it set, the pages are got unlocked and the lock is taken
+            // again after the delay, and the validity check below catches what landed.
+            let got = if vm.gpu.race_delay_armed() {
+                pages.get_pages(&self.svm, range, &ctx).map(|()| {
+                    vm.gpu.race_delay();
+                    self.svm.notifier_lock()
+                })
+            } else {
+                pages.get_pages_locked(&self.svm, range, &ctx)
+            };
+            let g = match got {
+                Ok(g) => g,
                 // Invalidations kept racing for the core's timeout: the access faults again.
                 Err(e) if e == EBUSY => return Err(EAGAIN),
                 // Detached since `pages_for` (the range was unmapped and collected, or
@@ -601,17 +626,10 @@ impl GSvm {
                 // the VMA lookup.
                 Err(e) if e == EINVAL => return Ok(false),
                 Err(e) => return Err(e),
-            }
+            };
             if writable {
                 d.got_writable.store(true, Relaxed);
             }
-            vm.gpu.race_delay();
-            let counts = match vm.nlock.lock().pt.as_ref() {
-                Some(pt) => pt.missing(start as u64, (end - start) as u64),
-                None => return Err(ENODEV),
-            };
-            let mut pre = Prealloc::alloc(acc.dma_dev(), counts)?;
-            let g = self.svm.notifier_lock();
             if range.is_unmapped() || pages.is_unmapped() {
                 return Ok(false);
             }

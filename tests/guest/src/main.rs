@@ -48,6 +48,17 @@ fn main() {
                     std::process::exit(2);
                 }
             },
+            "--cases" => match args.next().map(|l| svm::select_cases(&l)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    eprintln!("svmgpu-ktap: --cases: {e} (svmgpu-ktap --help lists them)");
+                    std::process::exit(2);
+                }
+                None => {
+                    eprintln!("svmgpu-ktap: --cases needs SVM case names");
+                    std::process::exit(2);
+                }
+            },
             "--module-args" => match args.next() {
                 Some(list) => {
                     util::set_module_args(list.split_whitespace().map(str::to_owned).collect())
@@ -60,9 +71,13 @@ fn main() {
             "--soak" => soak = args.next().and_then(|v| v.parse().ok()),
             "--seed" => seed = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
             "-h" | "--help" => {
-                println!("usage: svmgpu-ktap [--out FILE] [--only TEST[,TEST...]] [--module-args 'PARAM=VALUE ...']\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\n--module-args: reload svmgpu.ko with these parameters first, and add them to every reload\n  by a test that does not set them itself (e.g. 'svm_impl=gpusvm': the SVM tests run on drm_gpusvm)\ntests:");
+                println!("usage: svmgpu-ktap [--out FILE] [--only TEST[,TEST...]] [--module-args 'PARAM=VALUE ...']\n       [--cases CASE[,CASE...]]\n       svmgpu-ktap [--out FILE] --soak SECONDS [--seed S]   (scripts/soak.sh)\n--module-args: reload svmgpu.ko with these parameters first, and add them to every reload\n  by a test that does not set them itself (e.g. 'svm_impl=gpusvm': the SVM tests run on drm_gpusvm)\n--cases: run only these cases in the suites svm_mode_single, svm_mode_per_device and\n  svm_mode_shared (names below)\ntests:");
                 for t in tests::ALL {
                     println!("  {}", t.0);
+                }
+                println!("SVM cases (of svm_mode_single, svm_mode_per_device, svm_mode_shared):");
+                for c in svm::case_names() {
+                    println!("  {c}");
                 }
                 println!("fault-injection tests (only with --only, in a guest started with the spec scripts/test.sh pairs with them):");
                 for t in tests::INJECT {

@@ -61,7 +61,30 @@ const CASES: &[(&str, Case)] = &[
     ("multi_gpu_invalidation_on_cpu_write", multi_gpu_invalidate),
 ];
 
-/// One KTAP test per mode: reload with `svm_mode=<mode>` and run every case.
+/// The cases `svmgpu-ktap --cases` keeps in every mode's suite (all when unset).
+static SELECTED: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// Restricts the mode suites to the cases named in `list` (comma separated). `Err` names
+/// one that does not exist, so that a typo cannot pass an empty suite.
+pub fn select_cases(list: &str) -> Result<(), String> {
+    let mut sel = Vec::new();
+    for name in list.split(',') {
+        match CASES.iter().find(|c| c.0 == name) {
+            Some(c) => sel.push(c.0),
+            None => return Err(format!("no SVM case named {name:?}")),
+        }
+    }
+    let _ = SELECTED.set(sel);
+    Ok(())
+}
+
+/// The names of every case, for `--help`.
+pub fn case_names() -> impl Iterator<Item = &'static str> {
+    CASES.iter().map(|c| c.0)
+}
+
+/// One KTAP test per mode: reload with `svm_mode=<mode>` and run every case (or those
+/// [`select_cases`] kept).
 pub fn mode_single(env: &Env, name: &str, k: &mut K) {
     run_mode(env, name, k, "single")
 }
@@ -111,7 +134,8 @@ fn run_mode(env: &Env, name: &str, k: &mut K, mode: &str) {
         Err(e) => return k.result(name, &Outcome::Fail(format!("enumerate: {e}"))),
     };
     let mut cases = Vec::new();
-    for (case, f) in CASES {
+    let selected = |case: &str| SELECTED.get().is_none_or(|s| s.contains(&case));
+    for (case, f) in CASES.iter().filter(|c| selected(c.0)) {
         let t0 = now_ns();
         let r = f(&devs);
         let r = match r {
