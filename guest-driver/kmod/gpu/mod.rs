@@ -217,11 +217,6 @@ impl Drop for GpuAccess<'_> {
 }
 
 impl Gpu {
-    /// Whether the test hook `race_delay_us` is set.
-    pub(crate) fn race_delay_armed(&self) -> bool {
-        self.race_delay_us.load(Relaxed) > 0
-    }
-
     /// The test hook `race_delay_us` (debugfs): sleeps that long, if set. Called between
     /// `hmm_range_fault` and the notifier lock (no lock of the notifier path held), and
     /// in removal after the waiters were failed.
@@ -230,6 +225,11 @@ impl Gpu {
         if us > 0 {
             kernel::time::delay::fsleep(kernel::time::Delta::from_micros(i64::from(us)));
         }
+    }
+
+    /// Whether the test hook `race_delay_us` is set.
+    pub(crate) fn race_delay_armed(&self) -> bool {
+        self.race_delay_us.load(Relaxed) > 0
     }
 
     /// Enters the device: `ENODEV` once removal started.
